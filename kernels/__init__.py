@@ -1,0 +1,27 @@
+"""fast_srt.kernels: fused log-prob/entropy and advantage kernels (Triton) with torch twins of the same signature.
+
+Installed as `fast_srt.kernels` (never a bare `kernels`, which is a different PyPI package). Pick implementations
+once per device with `select_logprobs_impl` / `select_advantages_impl`.
+"""
+
+from .advantages import (
+    group_advantages,
+    group_advantages_ref,
+    reinforce_pp_advantages,
+    reinforce_pp_advantages_ref,
+    select_advantages_impl,
+)
+from .logprobs import fused_logprobs, logprobs_naive, logprobs_native, logprobs_ref, select_logprobs_impl
+
+__all__ = [
+    "fused_logprobs",
+    "logprobs_ref",
+    "logprobs_naive",
+    "logprobs_native",
+    "select_logprobs_impl",
+    "reinforce_pp_advantages",
+    "reinforce_pp_advantages_ref",
+    "group_advantages",
+    "group_advantages_ref",
+    "select_advantages_impl",
+]
