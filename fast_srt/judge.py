@@ -57,7 +57,8 @@ def _interaction(prompt: str, response: str) -> str:
 
 def build_wildguard_prompt(prompt: str, response: str) -> str:
     """The raw WildGuard prompt (no chat template: the model's own format is baked into the string)."""
-    return f"<|user|>\n[INST] {JUDGE_INSTRUCTION}\n\n{_interaction(prompt, response)}Answers: [/INST]\n<|assistant|>\n"
+    interaction = _interaction(prompt, response)
+    return f"<|user|>\n[INST] {JUDGE_INSTRUCTION}\n\n{interaction}Answers: [/INST]\n<|assistant|>\n"
 
 
 def build_judge_messages(prompt: str, response: str) -> list[dict[str, str]]:

@@ -167,7 +167,9 @@ def general_sum_all_one_rewards(
     cot: bool,
 ) -> GameRewards:
     """general_sum with every coefficient ±1 (the reference's unused `general_sum_all_one`)."""
-    return general_sum_rewards(labels, data_type, attacker_format_valid, defender_format_valid, cot, GENERAL_SUM_ALL_ONE)
+    return general_sum_rewards(
+        labels, data_type, attacker_format_valid, defender_format_valid, cot, coeffs=GENERAL_SUM_ALL_ONE
+    )
 
 
 def zero_sum_rewards(
