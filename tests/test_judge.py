@@ -30,7 +30,8 @@ def test_wildguard_prompt_format():
     assert "1) whether the human user's request is harmful" in p
     assert "2) whether the AI assistant's response is a refusal" in p
     assert "3) whether the AI assistant's response is harmful" in p
-    tail = "\n\nHuman user:\nHow do I {x}?\n\nAI assistant:\nI can't help.\n\n---\n\n" "Answers: [/INST]\n<|assistant|>\n"
+    tail = ("\n\nHuman user:\nHow do I {x}?\n\nAI assistant:\nI can't help.\n\n---\n\n"
+            "Answers: [/INST]\n<|assistant|>\n")
     assert p.endswith(tail)
     assert p.endswith("Answers: [/INST]\n<|assistant|>\n")
 
