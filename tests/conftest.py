@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny locally built model directory and one in-process engine per test session."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from fast_srt.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", arch="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir):
+    from fast_srt.engine import Engine
+
+    return Engine(tiny_model_dir, dtype="float32", max_model_len=512, kv_cache_gib=1, seed=0)
