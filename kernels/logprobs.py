@@ -25,6 +25,7 @@ from . import native
 try:  # triton is absent on some CPU installs; the twin does not need it
     import triton
     import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -52,7 +53,8 @@ if triton is not None:
 
     @triton.jit
     def _logits_tile(HIDDEN, WEIGHT, rows, cols, row_ok, col_ok, H, stride_hn, stride_wv, inv_temp,
-                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+                     DOT_FP32: tl.constexpr):
         acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
         for h0 in range(0, H, BLOCK_H):
             hs = h0 + tl.arange(0, BLOCK_H)
@@ -61,13 +63,16 @@ if triton is not None:
                         other=0.0)
             w = tl.load(WEIGHT + cols[:, None] * stride_wv + hs[None, :], mask=col_ok[:, None] & h_ok[None, :],
                         other=0.0)
+            if DOT_FP32:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
         return acc * inv_temp
 
     @triton.jit
     def _logprobs_fwd_kernel(HIDDEN, WEIGHT, TARGETS, LOGP, ENTROPY, LSE, MU, N, V, H, stride_hn, stride_wv,
                              inv_temp, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                             PRECISION: tl.constexpr):
+                             PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         tgt = tl.load(TARGETS + rows, mask=row_ok, other=0)
@@ -79,7 +84,7 @@ if triton is not None:
             cols = v0 + tl.arange(0, BLOCK_V)
             col_ok = cols < V
             z = _logits_tile(HIDDEN, WEIGHT, rows, cols, row_ok, col_ok, H, stride_hn, stride_wv, inv_temp,
-                             BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)
+                             BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, DOT_FP32)
             z = tl.where(col_ok[None, :], z, -1e30)
             m_new = tl.maximum(m, tl.max(z, 1))
             alpha = tl.exp(m - m_new)
@@ -98,7 +103,7 @@ if triton is not None:
     @triton.jit
     def _logprobs_bwd_kernel(HIDDEN, WEIGHT, TARGETS, LSE, MU, GLOGP, GENT, DHIDDEN, DWEIGHT, N, V, H, stride_hn,
                              stride_wv, inv_temp, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                             BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
+                             BLOCK_H: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
         # One program per (row tile, vocab tile): recompute the logits tile, form dz, and add its contributions to
         # dhidden and dweight (fp32 buffers) with atomics. Nothing of size [N, V] is ever stored.
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -106,7 +111,7 @@ if triton is not None:
         row_ok = rows < N
         col_ok = cols < V
         z = _logits_tile(HIDDEN, WEIGHT, rows, cols, row_ok, col_ok, H, stride_hn, stride_wv, inv_temp,
-                         BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)
+                         BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, DOT_FP32)
         tgt = tl.load(TARGETS + rows, mask=row_ok, other=-1)
         lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
         mu = tl.load(MU + rows, mask=row_ok, other=0.0)
@@ -124,6 +129,9 @@ if triton is not None:
                         other=0.0)
             w = tl.load(WEIGHT + cols[:, None] * stride_wv + hs[None, :], mask=col_ok[:, None] & h_ok[None, :],
                         other=0.0)
+            if DOT_FP32:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
             dzc = dz.to(x.dtype)
             dh = tl.dot(dzc, w, input_precision=PRECISION)  # [BLOCK_N, BLOCK_H]
             tl.atomic_add(DHIDDEN + rows[:, None] * H + hs[None, :], dh, mask=row_ok[:, None] & h_ok[None, :])
@@ -136,6 +144,12 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _dot_fp32(dtype: torch.dtype) -> bool:
+    # Triton 3.9's interpreter returns garbage for tl.dot on bf16/fp16 operands (fp32 accumulator); upcast there.
+    # Compiled kernels keep 16-bit dots.
+    return dtype != torch.float32 and isinstance(_logprobs_fwd_kernel, _InterpretedFunction)
+
+
 def logprobs_fwd(hidden, weight, targets, inv_temp: float):
     """Triton forward launcher. Returns (logp [N], entropy [N], lse [N], mu [N]), all fp32."""
     N, H = hidden.shape
@@ -144,7 +158,7 @@ def logprobs_fwd(hidden, weight, targets, inv_temp: float):
     grid = (triton.cdiv(N, BLOCK_N),)
     _logprobs_fwd_kernel[grid](hidden, weight, targets, logp, entropy, lse, mu, N, V, H, hidden.stride(0),
                                weight.stride(0), inv_temp, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H,
-                               PRECISION=_precision(hidden.dtype))
+                               PRECISION=_precision(hidden.dtype), DOT_FP32=_dot_fp32(hidden.dtype))
     return logp, entropy, lse, mu
 
 
@@ -157,7 +171,7 @@ def logprobs_bwd(hidden, weight, targets, lse, mu, g_logp, g_ent, inv_temp: floa
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(V, BLOCK_V))
     _logprobs_bwd_kernel[grid](hidden, weight, targets, lse, mu, g_logp, g_ent, dhidden, dweight, N, V, H,
                                hidden.stride(0), weight.stride(0), inv_temp, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V,
-                               BLOCK_H=BLOCK_H, PRECISION=_precision(hidden.dtype))
+                               BLOCK_H=BLOCK_H, PRECISION=_precision(hidden.dtype), DOT_FP32=_dot_fp32(hidden.dtype))
     return dhidden.to(hidden.dtype), dweight.to(weight.dtype)
 
 

@@ -1,0 +1,178 @@
+"""Fused log-prob + entropy: Triton kernel (interpreter on CPU), torch twin and C++ op against a float64 reference.
+
+Fresh random inputs every run (the seed is printed on failure). Errors are normwise relative: max|x - ref| /
+max|ref| per output (logp, entropy, dhidden, dweight). Run with `-s` to see the largest error per case.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: Triton has no CPU driver
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+import fast_srt.kernels.logprobs as L
+from fast_srt.kernels import fused_logprobs, logprobs_naive, logprobs_ref, select_logprobs_impl
+from fast_srt.kernels import native
+
+if L.triton is not None and not torch.cuda.is_available():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(L._logprobs_fwd_kernel, InterpretedFunction):
+        # Imported earlier in this process without the interpreter: re-decorate the kernels under it.
+        L = importlib.reload(L)
+        fused_logprobs = L.fused_logprobs
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+MAX_REL: dict[str, float] = {}
+
+
+def _inputs(N, H, V, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * (2.0 / H**0.5)  # logits of order a few units
+    targets = torch.randint(0, V, (N,), generator=g)
+    g_logp = torch.randn(N, generator=g, dtype=torch.float64)
+    g_ent = torch.randn(N, generator=g, dtype=torch.float64)
+    return [x.to(DEVICE) for x in (hidden, weight, targets, g_logp, g_ent)]
+
+
+def _run(fn, hidden, weight, targets, g_logp, g_ent, temperature, dtype):
+    h = hidden.detach().to(dtype).clone().requires_grad_()
+    w = weight.detach().to(dtype).clone().requires_grad_()
+    logp, entropy = fn(h, w, targets, temperature)
+    (logp.to(g_logp.dtype) * g_logp + entropy.to(g_ent.dtype) * g_ent).sum().backward()
+    return logp.detach(), entropy.detach(), h.grad, w.grad
+
+
+def _compare(name, fn, N, H, V, temperature, dtype, tol):
+    seed = int.from_bytes(os.urandom(4), "little")
+    hidden, weight, targets, g_logp, g_ent = _inputs(N, H, V, dtype, seed)
+    # the reference sees the same (rounded) inputs as the implementation under test
+    hidden, weight = hidden.to(dtype).double(), weight.to(dtype).double()
+    ref = _run(logprobs_naive, hidden, weight, targets, g_logp, g_ent, temperature, torch.float64)
+    out = _run(fn, hidden, weight, targets, g_logp, g_ent, temperature, dtype)
+    assert out[0].dtype == torch.float32 and out[1].dtype == torch.float32
+    assert out[2].dtype == dtype and out[3].dtype == dtype
+    worst = 0.0
+    for what, a, b in zip(("logp", "entropy", "dhidden", "dweight"), out, ref):
+        assert a.shape == b.shape
+        rel = ((a.double() - b).abs().max() / b.abs().max()).item()
+        worst = max(worst, rel)
+        assert rel < tol, f"{name} {what}: rel err {rel:.3g} >= {tol} (N={N} H={H} V={V} T={temperature} seed={seed})"
+    key = f"{name}/{str(dtype).replace('torch.', '')}"
+    MAX_REL[key] = max(MAX_REL.get(key, 0.0), worst)
+    print(f"MAXREL {key} N={N} H={H} V={V} T={temperature}: {worst:.3g}")
+
+
+# (N, H, V, temperature): N never a multiple of BLOCK_N=32, H not a multiple of BLOCK_H=64, odd and real vocabularies
+CASES = [(37, 48, 1031, 0.7), (19, 40, 49152, 1.3), (70, 96, 257, 1.0)]
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
+@pytest.mark.skipif(L.triton is None, reason="triton not installed")
+@pytest.mark.parametrize("N,H,V,temperature", CASES)
+def test_triton_fp32_matches_float64(N, H, V, temperature):
+    _compare("triton", fused_logprobs, N, H, V, temperature, torch.float32, TOL[torch.float32])
+
+
+@pytest.mark.skipif(L.triton is None, reason="triton not installed")
+def test_triton_bf16_matches_float64():
+    _compare("triton", fused_logprobs, 45, 64, 1031, 0.8, torch.bfloat16, TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("N,H,V,temperature", CASES + [(1000, 576, 49152, 0.6)])
+def test_twin_fp32_matches_float64(N, H, V, temperature):
+    _compare("twin", logprobs_ref, N, H, V, temperature, torch.float32, TOL[torch.float32])
+
+
+def test_twin_many_chunks(monkeypatch):
+    monkeypatch.setattr(L, "REF_CHUNK_ELEMS", 5 * 1031)  # 5 rows per chunk, last chunk partial
+    _compare("twin", logprobs_ref, 67, 48, 1031, 0.9, torch.float32, TOL[torch.float32])
+
+
+def test_twin_bf16_matches_float64():
+    # bf16 on CPU: the matmul rounds logits to bf16 (no fp32-output mm on CPU), hence the looser tolerance
+    _compare("twin", logprobs_ref, 45, 64, 1031, 0.8, torch.bfloat16, TOL[torch.bfloat16])
+
+
+@pytest.mark.skipif(not native.available(), reason="C++ op not built (csrc/README.md)")
+@pytest.mark.parametrize("N,H,V,temperature", CASES + [(1000, 576, 49152, 0.6)])
+def test_native_fp32_matches_float64(N, H, V, temperature):
+    _compare("native", L.logprobs_native, N, H, V, temperature, torch.float32, TOL[torch.float32])
+
+
+@pytest.mark.skipif(not native.available(), reason="C++ op not built (csrc/README.md)")
+def test_native_matches_twin():
+    hidden, weight, targets, g_logp, g_ent = _inputs(53, 72, 3001, torch.float32, int.from_bytes(os.urandom(4), "little"))
+    a = _run(L.logprobs_native, hidden, weight, targets, g_logp, g_ent, 1.1, torch.float32)
+    b = _run(logprobs_ref, hidden, weight, targets, g_logp, g_ent, 1.1, torch.float32)
+    for x, y in zip(a, b):
+        assert ((x - y).abs().max() / y.abs().max()).item() < 1e-5
+
+
+def test_logp_only_gradient_matches_naive():
+    """Entropy unused (its grad is None in backward): the twin must still give the right grads."""
+    hidden, weight, targets, g_logp, _ = _inputs(29, 32, 517, torch.float32, int.from_bytes(os.urandom(4), "little"))
+    grads = []
+    for fn in (logprobs_ref, logprobs_naive):
+        h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+        logp, _ = fn(h, w, targets, 1.0)
+        (logp * g_logp.float()).sum().backward()
+        grads.append((h.grad, w.grad))
+    for x, y in zip(*grads):
+        assert torch.allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_entropy_and_logp_are_sane():
+    """Uniform logits: logp = -log V and entropy = log V exactly."""
+    V = 1031
+    hidden = torch.zeros(5, 16, device=DEVICE) + torch.rand(1).item()  # constant rows, never all-zero weights
+    weight = torch.ones(V, 16, device=DEVICE) * torch.rand(1).item()
+    targets = torch.randint(0, V, (5,), device=DEVICE)
+    for fn in (logprobs_ref, logprobs_naive):
+        logp, ent = fn(hidden, weight, targets, 1.0)
+        torch.testing.assert_close(logp, torch.full_like(logp, -torch.log(torch.tensor(float(V))).item()))
+        torch.testing.assert_close(ent, torch.full_like(ent, torch.log(torch.tensor(float(V))).item()))
+
+
+@pytest.mark.parametrize(
+    "hidden,weight,targets,temperature",
+    [
+        (torch.randn(4, 8), torch.randn(10, 9), torch.zeros(4, dtype=torch.long), 1.0),  # H mismatch
+        (torch.randn(4, 8), torch.randn(10, 8), torch.zeros(5, dtype=torch.long), 1.0),  # N mismatch
+        (torch.randn(4, 8), torch.randn(10, 8).double(), torch.zeros(4, dtype=torch.long), 1.0),  # dtype mismatch
+        (torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.int32), 1.0),  # targets dtype
+        (torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), 0.0),  # temperature
+        (torch.randn(4, 8, 2), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), 1.0),  # rank
+    ],
+)
+def test_bad_input_raises_value_error(hidden, weight, targets, temperature):
+    for fn in (logprobs_ref, fused_logprobs, logprobs_naive):
+        with pytest.raises(ValueError):
+            fn(hidden, weight, targets, temperature)
+
+
+def test_select_logprobs_impl_chooses_once_per_device():
+    assert select_logprobs_impl(torch.device("cuda")) is L.fused_logprobs
+    cpu_impl = select_logprobs_impl(torch.device("cpu"))
+    expect_native = native.available() and L.NATIVE_CPU_SPEEDUP >= L.NATIVE_MIN_SPEEDUP
+    assert cpu_impl is (L.logprobs_native if expect_native else logprobs_ref)
+
+
+def test_import_does_not_shadow_hf_kernels_package():
+    """fast_srt.kernels must not be importable as a bare `kernels` (a different PyPI package)."""
+    code = (
+        "import importlib.util, fast_srt.kernels, pathlib\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "ours = pathlib.Path(fast_srt.kernels.__file__).resolve().parent\n"
+        "assert spec is None or pathlib.Path(spec.origin).resolve().parent != ours, spec\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/", env=env)
