@@ -32,7 +32,9 @@ class NativeLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature):
-        hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
+        # detached: the op's internal out= matmuls must not see tensors that require grad
+        hidden, weight = hidden.detach().contiguous(), weight.detach().contiguous()
+        targets = targets.contiguous()
         inv_temp = 1.0 / float(temperature)
         logp, entropy, lse, mu = torch.ops.fast_srt.logprobs_fwd(hidden, weight, targets, inv_temp)
         ctx.save_for_backward(hidden, weight, targets, lse, mu)
