@@ -141,20 +141,34 @@ def test_incomplete_and_corrupted_fall_back_to_previous(tmp_path):
 
 def test_sigkill_during_save_keeps_previous(tmp_path):
     """A real SIGKILL in the middle of writing step 2: step 1 stays the loadable checkpoint."""
+    # The child uses a stand-in model (save_pretrained writes config.json + safetensors) so that it needs no
+    # transformers import: the test is about the file protocol, not the model.
     script = textwrap.dedent(f"""
-        import sys, time, torch
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from test_checkpoint import setup
+        import json, os, sys, time, torch
+        from safetensors.torch import save_file
         from fast_srt import checkpoint as ck
-        model, opt, sched = setup()
-        ck.save_checkpoint({str(tmp_path)!r}, 1, model, None, opt, sched, {{"n": 1}}, {{}})
+
+        class Config:
+            use_cache = False
+
+        class StandIn(torch.nn.Linear):
+            config = Config()
+            def save_pretrained(self, out):
+                os.makedirs(out, exist_ok=True)
+                save_file({{"weight": self.weight.detach().contiguous()}}, os.path.join(out, "model.safetensors"))
+                with open(os.path.join(out, "config.json"), "w") as f:
+                    json.dump({{"architectures": ["StandIn"]}}, f)
+
+        model = StandIn(4, 4)
+        opt = torch.optim.AdamW(model.parameters())
+        ck.save_checkpoint({str(tmp_path)!r}, 1, model, None, opt, None, {{"n": 1}}, {{}})
         real_save = torch.save
         def slow_save(obj, f, *a, **k):
             real_save(obj, f, *a, **k)
             print("MIDWAY", flush=True)
             time.sleep(60)
         ck.torch.save = slow_save
-        ck.save_checkpoint({str(tmp_path)!r}, 2, model, None, opt, sched, {{"n": 2}}, {{}})
+        ck.save_checkpoint({str(tmp_path)!r}, 2, model, None, opt, None, {{"n": 2}}, {{}})
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
