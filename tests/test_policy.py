@@ -133,3 +133,20 @@ def test_optimizer_groups_and_schedule():
     assert lrs[0] == 0.0 and lrs[1] == pytest.approx(5e-4) and lrs[2] == pytest.approx(1e-3)
     assert lrs[6] == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
     assert lrs[10] == pytest.approx(1e-4) and lrs[11] == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_project_kernel_matches_full_logits(tie):
+    """token_logprobs with the project's selected log-prob implementation == the full-logits reference."""
+    from fast_srt.kernels import select_logprobs_impl
+
+    results = []
+    for fn in (full_logits_logprobs, select_logprobs_impl(torch.device("cpu"))):
+        model = tiny_model("qwen2", tie)
+        batch = pack(ragged_samples())
+        logp, entropy = token_logprobs(model, batch, fn, temperature=0.7)
+        (logp.sum() + 0.1 * entropy.sum()).backward()
+        results.append((logp.detach(), entropy.detach(), model.get_output_embeddings().weight.grad.clone(),
+                        model.get_input_embeddings().weight.grad.clone()))
+    for ref, got in zip(*results):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
