@@ -96,3 +96,184 @@ def replace(cfg, **changes):
         return dataclasses.replace(cfg, **changes)
     except TypeError as e:
         raise UserError(str(e)) from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlgoConfig:
+    estimator: Literal["reinforce_pp", "grpo", "rloo"] = "reinforce_pp"
+    """Advantage estimator: REINFORCE++ (KL in the per-token reward, return = reverse cumsum, whitened per role),
+    or GRPO / RLOO group baselines over `samples_per_prompt` plays of each seed."""
+    samples_per_prompt: int = 1
+    """Plays of each seed per step (GRPO/RLOO need >= 2; REINFORCE++ uses 1, as the reference)."""
+    kl_coef: float = 0.01
+    """beta: KL to the frozen initial policy, folded into the per-token reward (k1 estimator). 0 skips the
+    reference model entirely."""
+    whiten: bool = True
+    """Whiten REINFORCE++ advantages per role (token-level mean/std)."""
+    clip_eps: float = 0.2
+    """PPO clip range."""
+    importance_correction: bool = True
+    """Truncated token-level importance weights between vLLM's sampled-token log-probs and the trainer's."""
+    tis_cap: float = 2.0
+    """Upper bound of the truncated importance weight."""
+    remove_ties: bool = True
+    """Drop every experience of a game with a None judge label (the reference default)."""
+    sft_coef: float = 0.0
+    """Weight of the auxiliary SFT (PTX) loss; 0 turns it off. Must be 0 without CoT."""
+    sft_data: str = "builtin"
+    """SFT data: 'builtin' (the shipped CoT-formatted set) or a JSONL file of {"prompt", "response"}."""
+    sft_samples_per_micro_step: int = 4
+    """SFT samples packed with each training micro-batch."""
+
+    def __post_init__(self):
+        _require(self.samples_per_prompt >= 1, f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        _require(self.estimator == "reinforce_pp" or self.samples_per_prompt >= 2,
+                 f"estimator {self.estimator} needs samples_per_prompt >= 2 (a group baseline of one is 0)")
+        _require(self.kl_coef >= 0, f"kl_coef must be >= 0, got {self.kl_coef}")
+        _require(0 < self.clip_eps < 1, f"clip_eps must be in (0, 1), got {self.clip_eps}")
+        _require(self.tis_cap >= 1, f"tis_cap must be >= 1, got {self.tis_cap}")
+        _require(self.sft_coef >= 0, f"sft_coef must be >= 0, got {self.sft_coef}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    lr: float = 5e-7
+    """Peak learning rate (AdamW)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay on matrices."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    warmup_ratio: float = 0.03
+    """Linear warm-up as a share of all optimizer steps."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay floor as a share of lr."""
+    updates_per_step: int = 6
+    """Optimizer steps per rollout (the batch is split into this many mini-batches; slightly off-policy)."""
+    micro_batch_tokens: int = 4096
+    """Packed tokens per forward/backward (gradient accumulation inside a mini-batch); no padding."""
+    lr_horizon_scale: float = 1.5
+    """Scheduler horizon = steps * updates_per_step * this (the reference's 1.5 for the extra attacker samples)."""
+
+    def __post_init__(self):
+        _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _require(self.updates_per_step >= 1, f"updates_per_step must be >= 1, got {self.updates_per_step}")
+        _require(self.micro_batch_tokens >= 64, f"micro_batch_tokens must be >= 64, got {self.micro_batch_tokens}")
+        _require(self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Self-play RL training (Self-RedTeam) in one process."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    game: GameConfig = field(default_factory=GameConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 200
+    """Self-play steps (rollout + update + weight sync each)."""
+    run_dir: str = "runs/default"
+    """Where metrics.jsonl, games.jsonl and checkpoints go."""
+    resume: bool = False
+    """Continue from the latest complete checkpoint in run_dir (its weights, optimizer, RNG, step, metrics)."""
+    save_every: int = 100
+    """Checkpoint every N steps (and at the last step)."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept on disk."""
+    seed: int = 8888
+    """Seed for seed sampling, generation and torch."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (saves memory, costs ~30% more compute)."""
+    log_games: int = 4
+    """Games per step written to games.jsonl (seed, both turns, labels, rewards)."""
+    inject_nan_loss_at_step: int = -1
+    """Testing aid: make the loss NaN at this step (the step must be skipped and reported). -1: never."""
+
+    def __post_init__(self):
+        _require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _require(self.save_every >= 1, f"save_every must be >= 1, got {self.save_every}")
+        _require(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        _require(self.game.cot or self.algo.sft_coef == 0,
+                 "the no-CoT ablation (game.cot False) needs algo.sft_coef 0: the SFT targets are CoT-formatted")
+        _require(self.sampling.games_per_step % self.algo.samples_per_prompt == 0,
+                 f"games_per_step ({self.sampling.games_per_step}) must be a multiple of samples_per_prompt "
+                 f"({self.algo.samples_per_prompt})")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Presets: functions returning a TrainConfig. `fast-srt train PRESET --field value` overrides any field.
+
+def cpu_default() -> TrainConfig:
+    """The offline default: SmolLM2-135M-Instruct on CPU, a few minutes for a handful of steps."""
+    return TrainConfig(
+        model=ModelConfig(model="default", dtype="bfloat16", max_model_len=1024, kv_cache_gib=1.0),
+        sampling=SamplingConfig(games_per_step=8, max_new_tokens=48, judge_max_tokens=24),
+        algo=AlgoConfig(sft_coef=0.0),
+        optim=OptimConfig(lr=1e-6, updates_per_step=2, micro_batch_tokens=4096, warmup_ratio=0.0),
+        steps=5, save_every=5, run_dir="runs/cpu_default", log_games=2,
+    )
+
+
+def llama8b_reference() -> TrainConfig:
+    """The reference run's hyper-parameters (GAME_SPEC §4): abliterated Llama-3.1-8B, 128 games/step, lr 5e-7,
+    REINFORCE++ with beta 0.01, 6 updates per rollout, PTX-SFT coefficient 1, 200 steps; judge WildGuard."""
+    return TrainConfig(
+        model=ModelConfig(model="mlabonne/Meta-Llama-3.1-8B-Instruct-abliterated", judge_model="allenai/wildguard",
+                          judge_template="wildguard", dtype="bfloat16", max_model_len=4096, kv_cache_gib=20.0),
+        sampling=SamplingConfig(games_per_step=128, max_new_tokens=2048, judge_max_tokens=32),
+        algo=AlgoConfig(kl_coef=0.01, sft_coef=1.0),
+        optim=OptimConfig(lr=5e-7, updates_per_step=6, micro_batch_tokens=16384),
+        steps=200, save_every=100, run_dir="runs/llama8b_reference", gradient_checkpointing=True,
+    )
+
+
+def _ablation(base: TrainConfig, **game) -> TrainConfig:
+    return dataclasses.replace(base, game=dataclasses.replace(base.game, **game))
+
+
+def attacker_only() -> TrainConfig:
+    """Ablation: only the attacker trains, against a frozen base-model defender without CoT."""
+    return _ablation(cpu_default(), mode="attacker_only")
+
+
+def defender_only() -> TrainConfig:
+    """Ablation: every seed goes verbatim to the defender (static attacker = the data)."""
+    return _ablation(cpu_default(), mode="defender_only")
+
+
+def no_cot() -> TrainConfig:
+    """Ablation: no hidden chain-of-thought, no format reward, no SFT."""
+    cfg = _ablation(cpu_default(), cot=False)
+    return dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, sft_coef=0.0))
+
+
+def rl_with_sft() -> TrainConfig:
+    """The main method's auxiliary loss on the CPU default: self-play RL plus PTX-SFT (coefficient 1)."""
+    cpu = cpu_default()
+    return dataclasses.replace(cpu, algo=dataclasses.replace(cpu.algo, sft_coef=1.0, sft_samples_per_micro_step=2))
+
+
+def rl_only() -> TrainConfig:
+    """Ablation: RL without SFT (the CPU default already has sft_coef 0; explicit for the ablation table)."""
+    cpu = cpu_default()
+    return dataclasses.replace(cpu, algo=dataclasses.replace(cpu.algo, sft_coef=0.0))
+
+
+def grpo() -> TrainConfig:
+    """GRPO instead of REINFORCE++: 2 plays per seed, group-normalised rewards."""
+    cpu = cpu_default()
+    return dataclasses.replace(cpu, algo=dataclasses.replace(cpu.algo, estimator="grpo", samples_per_prompt=2))
+
+
+PRESETS = {
+    "cpu_default": cpu_default,
+    "llama8b_reference": llama8b_reference,
+    "attacker_only": attacker_only,
+    "defender_only": defender_only,
+    "no_cot": no_cot,
+    "rl_with_sft": rl_with_sft,
+    "rl_only": rl_only,
+    "grpo": grpo,
+}

@@ -19,7 +19,7 @@ from .engine import Engine
 from .errors import UserError
 from .game import DataType, Seed, assign_data_types
 from .models import resolve_model
-from .rollout import Judge
+from .rollout import Judge, RuleJudge
 from .seeds import load_seeds, mixed_seed_batch
 
 
@@ -38,6 +38,9 @@ def build_engines(mcfg: ModelConfig, game: GameConfig, *, trains: bool, seed: in
     mml = max_model_len or mcfg.max_model_len
     policy = Engine(policy_dir, dtype=mcfg.dtype, max_model_len=mml, kv_cache_gib=mcfg.kv_cache_gib, seed=seed,
                     name="policy")
+    if mcfg.judge_model.startswith("rule:"):
+        frozen = policy_engine_for_frozen_defender(mcfg, game, policy, policy_dir, mml, seed)
+        return Engines(policy, RuleJudge(mcfg.judge_model[5:], policy), frozen, Path(policy_dir), True)
     judge_is_base = mcfg.judge_model == "policy"
     shared = judge_is_base and not trains
     if shared:
@@ -51,10 +54,17 @@ def build_engines(mcfg: ModelConfig, game: GameConfig, *, trains: bool, seed: in
         if judge_is_base and judge_engine is not policy:
             frozen = judge_engine
         else:
-            frozen = Engine(policy_dir, dtype=mcfg.dtype, max_model_len=mml, kv_cache_gib=mcfg.kv_cache_gib,
-                            seed=seed, name="frozen_defender")
+            frozen = policy_engine_for_frozen_defender(mcfg, game, policy, policy_dir, mml, seed)
     judge = Judge(judge_engine, template=mcfg.judge_template, constrained=mcfg.judge_constrained)
     return Engines(policy, judge, frozen, Path(policy_dir), shared)
+
+
+def policy_engine_for_frozen_defender(mcfg, game, policy, policy_dir, mml, seed) -> Engine | None:
+    """attacker_only mode: a separate engine with the frozen base model answers as defender."""
+    if game.mode != "attacker_only":
+        return None
+    return Engine(policy_dir, dtype=mcfg.dtype, max_model_len=mml, kv_cache_gib=mcfg.kv_cache_gib, seed=seed,
+                  name="frozen_defender")
 
 
 class SeedPool:

@@ -1,0 +1,104 @@
+"""Step timing and metric logging: one JSONL line and one console line per step.
+
+Metric keys are namespaced (`reward/defender_mean`, `time/generate_s`, `is/ratio_mean`, ...). Tensors are turned
+into floats once, here (`.item()` is a host sync point: one batch of them per step, not scattered in the loop).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class PhaseTimer:
+    """Wall time per named phase within a step: `with timer("train"): ...`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+
+def to_floats(metrics: dict) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        if hasattr(v, "item"):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None if math.isnan(v) else (1e30 if v > 0 else -1e30)
+        out[k] = v
+    return out
+
+
+class MetricsLog:
+    """Appends one JSON object per step to `path`. On resume, lines after the checkpoint's step are dropped, so the
+    file continues exactly where the checkpoint left off."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    pass  # a line cut by a kill: drop it
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(x + "\n" for x in kept))
+            tmp.replace(self.path)
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+
+
+class Status:
+    """A live one-line progress display on a terminal (plain lines when stdout is not a tty)."""
+
+    def __init__(self, total_steps: int):
+        self.total = total_steps
+        self.tty = sys.stdout.isatty()
+
+    def phase(self, step: int, name: str) -> None:
+        msg = f"step {step}/{self.total}: {name}..."
+        if self.tty:
+            sys.stdout.write("\r\033[K" + msg)
+            sys.stdout.flush()
+
+    def line(self, text: str) -> None:
+        if self.tty:
+            sys.stdout.write("\r\033[K")
+        print(text, flush=True)
+
+
+def console_line(m: dict) -> str:
+    def g(k, fmt="{:+.2f}"):
+        v = m.get(k)
+        return "-" if v is None else fmt.format(v)
+
+    return (f"step {m['step']:>4} | R_att {g('reward/attacker_mean')} R_def {g('reward/defender_mean')} | "
+            f"fmt-viol a {g('format/attacker_violation_rate', '{:.2f}')} d {g('format/defender_violation_rate', '{:.2f}')} | "
+            f"kl {g('kl/mean', '{:.4f}')} clip {g('loss/clip_frac', '{:.3f}')} IS {g('is/ratio_mean', '{:.3f}')} "
+            f"mism {g('is/logp_mismatch_mean_abs', '{:.1e}')} ent {g('policy/entropy', '{:.2f}')} | "
+            f"gen {g('time/generate_s', '{:.1f}')}s judge {g('time/judge_s', '{:.1f}')}s lp {g('time/logprob_s', '{:.1f}')}s "
+            f"train {g('time/train_s', '{:.1f}')}s sync {g('time/sync_s', '{:.2f}')}s | "
+            f"{g('perf/tokens_per_s', '{:.0f}')} tok/s")
