@@ -29,9 +29,9 @@ try:  # triton is absent on some CPU installs; the twin does not need it
 except ImportError:  # pragma: no cover
     triton = None
 
-# Twin chunk size in logits elements: 2**22 fp32 = 16 MiB per buffer, two live buffers = 32 MiB, i.e. 1/48 of the
-# 1.5 GiB [8192, 49152] fp32 logits. Larger chunks did not run faster on the 2-core CPU (bench/results).
-REF_CHUNK_ELEMS = 1 << 22
+# Twin chunk size in logits elements: 2**23 fp32 = 32 MiB per buffer, two live buffers = 64 MiB, i.e. 1/24 of the
+# 1.5 GiB [8192, 49152] fp32 logits (170 rows per chunk at V = 49152: big enough for an efficient GEMM).
+REF_CHUNK_ELEMS = 1 << 23
 
 # Measured speed of the C++ op relative to the twin on the CPU in bench/results/logprobs_cpu_2026-11.md
 # (p50 fwd+bwd at N=8192, V=49152, H=576, fp32, side by side in one run). The C++ op is used on CPU only when this
@@ -221,17 +221,9 @@ def _ref_chunk_rows(V: int) -> int:
     return max(1, REF_CHUNK_ELEMS // max(V, 1))
 
 
-def _chunk_stats(h, weight, tgt, inv_temp):
-    """Logits of one row chunk -> (z [n, V] fp32 scaled logits, lse [n], mu [n], z_tgt [n])."""
-    z = torch.mm(h, weight.t()).float()  # (n, V); bf16 on CPU: mm rounds to bf16 (no fp32-output mm on CPU)
-    z.mul_(inv_temp)
-    m = z.amax(dim=1)
-    z_tgt = z.gather(1, tgt[:, None]).squeeze(1)
-    z.sub_(m[:, None])  # z - m
-    e = torch.exp(z)  # second (n, V) buffer
-    s = e.sum(dim=1)
-    t = torch.linalg.vecdot(e, z)  # sum e * (z - m), no temporary
-    return z, e, m, s, t, z_tgt
+def _chunk_logits(h, weight, inv_temp):
+    """Scaled logits of one row chunk, (n, V) fp32. The temperature is folded into the small (n, H) operand."""
+    return torch.mm(h * inv_temp, weight.t()).float()  # bf16 on CPU: mm rounds to bf16 (no fp32-output mm)
 
 
 class LogprobsRefFunction(torch.autograd.Function):
@@ -243,13 +235,20 @@ class LogprobsRefFunction(torch.autograd.Function):
         entropy, lse, mu = torch.empty_like(logp), torch.empty_like(logp), torch.empty_like(logp)
         step = _ref_chunk_rows(weight.shape[0])
         for i in range(0, N, step):
-            z, e, m, s, t, z_tgt = _chunk_stats(hidden[i:i + step], weight, targets[i:i + step], inv_temp)
+            sl = slice(i, i + step)
+            z = _chunk_logits(hidden[sl], weight, inv_temp)  # (n, V)
+            m = z.amax(dim=1)
+            z_tgt = z.gather(1, targets[sl, None]).squeeze(1)
+            z.sub_(m[:, None])  # z - m
+            e = torch.exp(z)  # second (n, V) buffer
+            s = e.sum(dim=1)
+            t = z.mul_(e).sum(dim=1)  # sum e * (z - m), in place: no third buffer
             del z, e
             log_s = torch.log(s)
-            lse[i:i + step] = m + log_s
-            mu[i:i + step] = m + t / s
-            logp[i:i + step] = z_tgt - m - log_s
-            entropy[i:i + step] = log_s - t / s
+            lse[sl] = m + log_s
+            mu[sl] = m + t / s
+            logp[sl] = z_tgt - m - log_s
+            entropy[sl] = log_s - t / s
         ctx.save_for_backward(hidden, weight, targets, lse, mu)
         ctx.inv_temp = inv_temp
         return logp, entropy
@@ -266,22 +265,22 @@ class LogprobsRefFunction(torch.autograd.Function):
         dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         step = _ref_chunk_rows(weight.shape[0])
         for i in range(0, N, step):
-            h = hidden[i:i + step]
             sl = slice(i, i + step)
-            z = torch.mm(h, weight.t()).float()  # (n, V)
-            z.mul_(inv_temp)
+            h = hidden[sl]
+            z = _chunk_logits(h, weight, inv_temp)  # (n, V)
             p = torch.sub(z, lse[sl, None]).exp_()  # softmax, second (n, V) buffer
-            # dz = -p * (g_logp + g_ent * (z - mu)) + g_logp * onehot(target), then / T
-            z.sub_(mu[sl, None]).mul_(g_ent[sl, None]).add_(g_logp[sl, None]).mul_(p).neg_()
-            z.scatter_add_(1, targets[sl, None], g_logp[sl, None])
-            z.mul_(inv_temp)
+            # dz*T = -p * (g_logp + g_ent * (z - mu)) + g_logp * onehot(target); the 1/T goes into the GEMMs
+            g_e = g_ent[sl, None]
+            z.mul_(-g_e).add_(g_e * mu[sl, None] - g_logp[sl, None]).mul_(p)
             del p
+            z.scatter_add_(1, targets[sl, None], g_logp[sl, None])
             if need_h:
                 dz = z if hidden.dtype == torch.float32 else z.to(hidden.dtype)
                 torch.mm(dz, weight, out=dhidden[sl])
+                dhidden[sl].mul_(inv_temp)
                 del dz
             if need_w:  # fp32 accumulation for every input dtype
-                dweight.addmm_(z.t(), h if h.dtype == torch.float32 else h.float())
+                dweight.addmm_(z.t(), h if h.dtype == torch.float32 else h.float(), alpha=inv_temp)
         if need_w and weight.dtype != torch.float32:
             dweight = dweight.to(weight.dtype)
         return dhidden, dweight, None, None
