@@ -16,7 +16,7 @@ import pytest
 
 from fast_srt.metrics import read_metrics
 
-LEARN_STEPS = 40
+LEARN_STEPS = 30
 LEARN_TARGET = 0.9 * 2.0  # the rule judge's defender optimum is +2 per game (no CoT, no format term)
 
 
