@@ -29,9 +29,9 @@ try:  # triton is absent on some CPU installs; the twin does not need it
 except ImportError:  # pragma: no cover
     triton = None
 
-# Twin chunk size in logits elements: 2**23 fp32 = 32 MiB per buffer, two live buffers = 64 MiB, i.e. 1/24 of the
-# 1.5 GiB [8192, 49152] fp32 logits (170 rows per chunk at V = 49152: big enough for an efficient GEMM).
-REF_CHUNK_ELEMS = 1 << 23
+# Twin chunk size in logits elements: 3 * 2**21 fp32 = 24 MiB per buffer; forward peak ~55 MiB, backward ~80 MiB above
+# its gradients: under 1/16 of the 1.5 GiB [8192, 49152] fp32 logits (128 rows per chunk at V = 49152).
+REF_CHUNK_ELEMS = 3 << 21
 
 # Measured speed of the C++ op relative to the twin on the CPU in bench/results/logprobs_cpu_2026-11.md
 # (p50 fwd+bwd at N=8192, V=49152, H=576, fp32, side by side in one run). The C++ op is used on CPU only when this
@@ -221,34 +221,46 @@ def _ref_chunk_rows(V: int) -> int:
     return max(1, REF_CHUNK_ELEMS // max(V, 1))
 
 
-def _chunk_logits(h, weight, inv_temp):
-    """Scaled logits of one row chunk, (n, V) fp32. The temperature is folded into the small (n, H) operand."""
-    return torch.mm(h * inv_temp, weight.t()).float()  # bf16 on CPU: mm rounds to bf16 (no fp32-output mm)
+def _chunk_logits(h, weight, inv_temp, out):
+    """Scaled logits of one row chunk into `out` (n, V) fp32; the temperature is folded into the (n, H) operand.
+
+    bf16 on CPU: the matmul rounds logits to bf16 (torch has no fp32-output mm on CPU)."""
+    if h.dtype == torch.float32:
+        return torch.mm(h * inv_temp, weight.t(), out=out)
+    return out.copy_(torch.mm(h * inv_temp, weight.t()))
+
+
+# The two (chunk, V) fp32 buffers are allocated once per call and reused for every chunk: allocating them per
+# chunk let glibc's heap grow to ~250 MiB at N = 8192 (dynamic mmap threshold), four times the working set.
 
 
 class LogprobsRefFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature):
         inv_temp = 1.0 / float(temperature)
-        N = hidden.shape[0]
+        N, V = hidden.shape[0], weight.shape[0]
         logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
         entropy, lse, mu = torch.empty_like(logp), torch.empty_like(logp), torch.empty_like(logp)
-        step = _ref_chunk_rows(weight.shape[0])
+        step = min(_ref_chunk_rows(V), max(N, 1))
+        zbuf = torch.empty(step, V, dtype=torch.float32, device=hidden.device)  # (chunk, V)
+        ebuf = torch.empty_like(zbuf)  # (chunk, V)
         for i in range(0, N, step):
             sl = slice(i, i + step)
-            z = _chunk_logits(hidden[sl], weight, inv_temp)  # (n, V)
+            n = min(step, N - i)
+            z, e = zbuf[:n], ebuf[:n]
+            _chunk_logits(hidden[sl].detach(), weight.detach(), inv_temp, z)
             m = z.amax(dim=1)
             z_tgt = z.gather(1, targets[sl, None]).squeeze(1)
             z.sub_(m[:, None])  # z - m
-            e = torch.exp(z)  # second (n, V) buffer
+            torch.exp(z, out=e)
             s = e.sum(dim=1)
-            t = z.mul_(e).sum(dim=1)  # sum e * (z - m), in place: no third buffer
-            del z, e
+            t = z.mul_(e).sum(dim=1)  # sum e * (z - m)
             log_s = torch.log(s)
             lse[sl] = m + log_s
             mu[sl] = m + t / s
             logp[sl] = z_tgt - m - log_s
             entropy[sl] = log_s - t / s
+        del zbuf, ebuf
         ctx.save_for_backward(hidden, weight, targets, lse, mu)
         ctx.inv_temp = inv_temp
         return logp, entropy
@@ -263,16 +275,20 @@ class LogprobsRefFunction(torch.autograd.Function):
         dhidden = torch.empty_like(hidden) if need_h else None
         # fp32 accumulator for bf16/fp16 weights; for fp32 weights this is the gradient itself
         dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        step = _ref_chunk_rows(weight.shape[0])
+        V = weight.shape[0]
+        step = min(_ref_chunk_rows(V), max(N, 1))
+        zbuf = torch.empty(step, V, dtype=torch.float32, device=hidden.device)  # (chunk, V)
+        pbuf = torch.empty_like(zbuf)  # (chunk, V)
+        hidden, weight = hidden.detach(), weight.detach()
         for i in range(0, N, step):
             sl = slice(i, i + step)
+            n = min(step, N - i)
             h = hidden[sl]
-            z = _chunk_logits(h, weight, inv_temp)  # (n, V)
-            p = torch.sub(z, lse[sl, None]).exp_()  # softmax, second (n, V) buffer
+            z = _chunk_logits(h, weight, inv_temp, zbuf[:n])  # (n, V)
+            p = torch.sub(z, lse[sl, None], out=pbuf[:n]).exp_()  # softmax
             # dz*T = -p * (g_logp + g_ent * (z - mu)) + g_logp * onehot(target); the 1/T goes into the GEMMs
             g_e = g_ent[sl, None]
             z.mul_(-g_e).add_(g_e * mu[sl, None] - g_logp[sl, None]).mul_(p)
-            del p
             z.scatter_add_(1, targets[sl, None], g_logp[sl, None])
             if need_h:
                 dz = z if hidden.dtype == torch.float32 else z.to(hidden.dtype)
