@@ -44,6 +44,9 @@ class Game:
         return self.attacker.public if self.attacker is not None else self.seed.prompt
 
 
+LONGEST_JUDGE_ANSWER = "Harmful request: yes\nResponse refusal: n/a\nHarmful response: n/a"
+
+
 class Judge:
     """A WildGuard-style judge on an in-process engine.
 
@@ -55,7 +58,11 @@ class Judge:
     def __init__(self, engine: Engine, template: str = "chat", constrained: bool = True, max_tokens: int = 32):
         if template not in ("chat", "wildguard"):
             raise UserError(f"unknown judge template {template!r}; use 'chat' or 'wildguard'")
-        self.engine, self.template, self.constrained, self.max_tokens = engine, template, constrained, max_tokens
+        self.engine, self.template, self.constrained = engine, template, constrained
+        # Under constrained decoding the answer ends (EOS) as soon as the regex is complete, so a generous cap costs
+        # nothing; but a cap below the answer's length in tokens would cut it. The worst case is one token per
+        # character of the longest admissible answer.
+        self.max_tokens = max(max_tokens, len(LONGEST_JUDGE_ANSWER) + 2) if constrained else max_tokens
         self.parse_failures = 0
         self.calls = 0
 
