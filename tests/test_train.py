@@ -96,8 +96,22 @@ def test_nan_loss_step_is_skipped_and_training_continues(tiny_model_dir, tmp_pat
     import torch
     from safetensors.torch import load_file
 
-    w = load_file(str(run / "checkpoints" / "step_00000003" / "model.safetensors"))
+    ckpt = run / "checkpoints" / "step_00000003"
+    w = load_file(str(ckpt / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in w.values())
+
+    # the checkpoint is an ordinary HF directory: transformers and vLLM both load it and generate the same tokens
+    from transformers import AutoModelForCausalLM
+
+    from fast_srt.engine import Engine, SamplingSpec
+
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    eng = Engine(ckpt, dtype="float32", max_model_len=256, kv_cache_gib=1, name="ckpt")
+    prompt = "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+    g = eng.generate([prompt], SamplingSpec(max_tokens=8, temperature=0.0))[0]
+    ids = torch.tensor([g.prompt_ids])
+    hf_ids = hf.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert hf_ids[: len(g.token_ids)] == g.token_ids
 
 
 def _one_line_error(p):
