@@ -280,7 +280,8 @@ def train(cfg: TrainConfig) -> Path:
 
     for step in range(start_step + 1, cfg.steps + 1):
         timer, t0 = PhaseTimer(), time.perf_counter()
-        gen_before = {id(e): dict(e.stats.per_phase) for e in (engines.policy, engines.judge.engine)}
+        gen_before = {id(e): {k: dict(v) for k, v in e.stats.per_phase.items()}
+                      for e in (engines.policy, engines.judge.engine)}
         # 1-2) play and judge one batch of games
         status.phase(step, "play + judge")
         n_seeds = cfg.sampling.games_per_step // cfg.algo.samples_per_prompt
