@@ -7,11 +7,12 @@
 3. `token_logprobs` gathers the loss positions (batch.loss_index) and hands hidden [N, H] and the output
    projection weight [V, H] to `logprob_fn` (the fused kernel or its torch twin): [T, V] logits never exist.
 
-Why per-sample SDPA on CPU (measured on the 2-core dev machine, torch 2.13, one attention layer with 9 query /
-3 kv heads of dim 64, forward + backward, ms):
-    8 x 300 tokens fp32: per-sample 872, dense block-diagonal [T, T] mask 772
-    8 ragged (50..600, T=2400) fp32: per-sample 465, dense 1062;  bf16: 433 vs 1033
-    32 x 64 tokens fp32: per-sample 134, dense 604
+Why per-sample SDPA on CPU. Measured on the 2-core dev machine (torch 2.13) while other jobs loaded it, so as
+single-thread process CPU time, min of 3: one attention layer, 9 query / 3 kv heads of dim 64, forward + backward,
+ms, per-sample SDPA over split() views / the same over slices / one SDPA with a dense block-diagonal [T, T] mask:
+    8 x 300 tokens          fp32  82 / 90 / 654     bf16  92 / 99 / 543
+    8 ragged 50..600, T=2400 fp32 102 / 111 / 670    bf16 115 / 120 / 551
+    32 x 64 tokens          fp32  23 / 46 / 482     bf16  52 / 74 / 403
     flex attention: "FlexAttention does not support backward on CPU" (eager and torch.compile alike).
 Per-sample SDPA does no work on cross-sample blocks and allocates no [T, T] mask, so it wins with ragged lengths.
 """
@@ -49,13 +50,11 @@ def _varlen_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
         raise ValueError(f"packed attention expects batch 1, got query {tuple(query.shape)}")
     gqa = query.shape[1] != key.shape[1]
     p = dropout if module.training else 0.0
-    outs, start = [], 0
-    for n in seqlens:
-        end = start + n
-        outs.append(scaled_dot_product_attention(  # [1, Hq, n, D]
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-            dropout_p=p, is_causal=True, scale=scaling, enable_gqa=gqa))
-        start = end
+    # split (not slicing in a loop): its backward is one cat, where S slices would each zero-fill and add a
+    # full-size [1, H, T, D] gradient
+    qs, ks, vs = (x.split(list(seqlens), dim=2) for x in (query, key, value))
+    outs = [scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=gqa)
+            for q, k, v in zip(qs, ks, vs)]  # [1, Hq, n, D] each
     out = torch.cat(outs, dim=2)  # [1, Hq, T, D]
     return out.transpose(1, 2).contiguous(), None  # [1, T, Hq, D]
 
