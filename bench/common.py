@@ -110,12 +110,13 @@ def environment() -> dict:
 
 
 def print_table(rows: list[BenchRow]) -> None:
-    head = f"{'op':<14}{'provider':<10}{'mode':<9}{'shape':<22}{'p20 ms':>11}{'p50 ms':>11}{'p80 ms':>11}{'extra MiB':>11}  note"
+    head = (f"{'op':<18}{'provider':<10}{'mode':<9}{'shape':<22}{'p20 ms':>11}{'p50 ms':>11}{'p80 ms':>11}"
+            f"{'extra MiB':>11}  note")
     print(head)
     print("-" * len(head))
     for r in rows:
         mem = "" if r.extra_mib is None else f"{r.extra_mib:.1f}"
-        print(f"{r.op:<14}{r.provider:<10}{r.mode:<9}{r.shape:<22}{r.p20_ms:>11.2f}{r.p50_ms:>11.2f}{r.p80_ms:>11.2f}"
+        print(f"{r.op:<18}{r.provider:<10}{r.mode:<9}{r.shape:<22}{r.p20_ms:>11.2f}{r.p50_ms:>11.2f}{r.p80_ms:>11.2f}"
               f"{mem:>11}  {r.note}")
 
 

@@ -16,7 +16,8 @@ std::tuple<at::Tensor, at::Tensor> logprobs_bwd(const at::Tensor& hidden, const 
 }  // namespace fast_srt
 
 TORCH_LIBRARY(fast_srt, m) {
-  m.def("logprobs_fwd(Tensor hidden, Tensor weight, Tensor targets, float inv_temp) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("logprobs_fwd(Tensor hidden, Tensor weight, Tensor targets, float inv_temp) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("logprobs_bwd(Tensor hidden, Tensor weight, Tensor targets, Tensor lse, Tensor mu, Tensor g_logp, "
         "Tensor g_ent, float inv_temp) -> (Tensor, Tensor)");
 }

@@ -13,7 +13,8 @@ def check_logprobs_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         raise ValueError("fused_logprobs: hidden and weight must be tensors")
     if hidden.dim() != 2 or weight.dim() != 2:
         raise ValueError(
-            f"fused_logprobs: hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+            "fused_logprobs: hidden must be [N, H] and weight [V, H], "
+            f"got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
     if hidden.shape[1] != weight.shape[1]:
         raise ValueError(
@@ -40,7 +41,9 @@ def check_packed(name: str, cu_seqlens: torch.Tensor, loss_mask: torch.Tensor, n
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name}: cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
     if loss_mask.dim() != 1 or loss_mask.dtype != torch.bool:
-        raise ValueError(f"{name}: loss_mask must be a 1-D bool tensor [T], got {loss_mask.dtype} {tuple(loss_mask.shape)}")
+        raise ValueError(
+            f"{name}: loss_mask must be a 1-D bool tensor [T], got {loss_mask.dtype} {tuple(loss_mask.shape)}"
+        )
     # One host read of the last offset: cheap, and it catches the most common packing bug (T mismatch).
     if n_samples > 0 and int(cu_seqlens[-1]) != loss_mask.shape[0]:
         raise ValueError(f"{name}: cu_seqlens[-1]={int(cu_seqlens[-1])} but there are T={loss_mask.shape[0]} tokens")

@@ -110,7 +110,8 @@ def test_native_fp32_matches_float64(N, H, V, temperature):
 
 @pytest.mark.skipif(not native.available(), reason="C++ op not built (csrc/README.md)")
 def test_native_matches_twin():
-    hidden, weight, targets, g_logp, g_ent = _inputs(53, 72, 3001, torch.float32, int.from_bytes(os.urandom(4), "little"))
+    seed = int.from_bytes(os.urandom(4), "little")
+    hidden, weight, targets, g_logp, g_ent = _inputs(53, 72, 3001, torch.float32, seed)
     a = _run(L.logprobs_native, hidden, weight, targets, g_logp, g_ent, 1.1, torch.float32)
     b = _run(logprobs_ref, hidden, weight, targets, g_logp, g_ent, 1.1, torch.float32)
     for x, y in zip(a, b):
