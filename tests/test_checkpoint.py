@@ -15,7 +15,7 @@ import torch
 
 from fast_srt import checkpoint as ck
 from fast_srt.errors import UserError
-from fast_srt.policy import build_optimizer, build_scheduler, pick_attention, prepare_for_training
+from fast_srt.policy import build_optimizer, build_scheduler, load_policy, pick_attention, prepare_for_training
 
 VOCAB = 300
 
@@ -59,7 +59,7 @@ def setup(tie=True):
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_round_trip_is_exact(tmp_path, tie):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     model, opt, sched = setup(tie)
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
@@ -74,7 +74,8 @@ def test_round_trip_is_exact(tmp_path, tie):
 
     ckpt_dir, state = ck.load_checkpoint(tmp_path, model=model)
     assert ckpt_dir == path and state["step"] == 7
-    loaded = prepare_for_training(AutoModelForCausalLM.from_pretrained(ckpt_dir, attn_implementation=pick_attention("cpu")))
+    loaded = load_policy(str(ckpt_dir), dtype=torch.float32, device="cpu")
+    assert loaded.config._attn_implementation == pick_attention("cpu") and loaded.training
     assert AutoTokenizer.from_pretrained(ckpt_dir).convert_tokens_to_ids("w3") == 6
     for (n1, p1), (n2, p2) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2), n1
@@ -190,6 +191,12 @@ def test_different_model_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match=r"different model \(vocab_size: checkpoint 300 vs current model 320\)"):
         ck.load_checkpoint(tmp_path, model=other)
     ck.load_checkpoint(tmp_path, model=tiny_model(seed=1))  # other weights, same architecture: fine
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    with pytest.raises(UserError, match=r"model_type: checkpoint 'llama' vs current model 'qwen2'.*Qwen2ForCausalLM"):
+        ck.load_checkpoint(tmp_path, model=qwen)
 
 
 def test_missing_checkpoint_is_a_user_error(tmp_path):
