@@ -68,7 +68,8 @@ def test_on_policy_ratio_one_is_plain_policy_gradient():
     logp = torch.tensor([-1.0, -2.0, -3.0], requires_grad=True)
     adv = torch.tensor([1.0, -2.0, 0.5])
     mask = torch.tensor([True, True, True])
-    loss, m = ppo_clip_loss(logp, logp.detach(), adv, mask, vllm_logp=logp.detach(), entropy=torch.tensor([1., 2., 3.]))
+    entropy = torch.tensor([1.0, 2.0, 3.0])
+    loss, m = ppo_clip_loss(logp, logp.detach(), adv, mask, vllm_logp=logp.detach(), entropy=entropy)
     assert loss.item() == pytest.approx(-(1.0 - 2.0 + 0.5) / 3)
     assert m["loss/clip_frac"].item() == 0 and m["loss/approx_kl"].item() == 0
     assert m["is/ratio_mean"].item() == 1 and m["is/trunc_frac"].item() == 0
