@@ -48,7 +48,8 @@ def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
     """PPO-clip surrogate (eps = clip_eps) with TIS against vllm_logp when given. See the module docstring."""
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be bool (True = counts in the loss), got {mask.dtype}")
-    old_logp, advantages = old_logp.detach(), advantages.detach()
+    old_logp = old_logp.detach()
+    advantages = torch.where(mask, advantages.detach(), 0.0)  # junk off the mask must not reach any gradient
     log_ratio = (logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [T] f32
     ratio = torch.exp(log_ratio)  # [T]
     surr = ratio * advantages  # [T]

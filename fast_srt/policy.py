@@ -152,8 +152,9 @@ def token_logprobs(model, batch: PackedBatch, logprob_fn: LogprobFn, temperature
     weight = model.get_output_embeddings().weight  # [V, H]
     logp_n, ent_n = logprob_fn(h, weight, targets, temperature)  # [N] f32 each
     T = batch.num_tokens
-    logp = logp_n.new_zeros(T).index_copy(0, batch.loss_index, logp_n.float())  # [T] f32
-    entropy = ent_n.new_zeros(T).index_copy(0, batch.loss_index, ent_n.float())  # [T] f32
+    zeros = torch.zeros(T, dtype=torch.float32, device=hidden.device)  # [T] f32
+    logp = zeros.index_copy(0, batch.loss_index, logp_n.float())  # [T] f32
+    entropy = zeros.index_copy(0, batch.loss_index, ent_n.float())  # [T] f32
     return logp, entropy
 
 
