@@ -188,6 +188,9 @@ class TrainConfig:
     """Recompute activations in backward (saves memory, costs ~30% more compute)."""
     log_games: int = 4
     """Games per step written to games.jsonl (seed, both turns, labels, rewards)."""
+    logprob_impl: Literal["auto", "naive", "twin", "native", "triton"] = "auto"
+    """Log-prob + entropy implementation, chosen once: auto = Triton on CUDA, else the C++ op when built and
+    measured faster, else the chunked torch twin; naive = full [tokens, vocab] logits (for comparison only)."""
     inject_nan_loss_at_step: int = -1
     """Testing aid: make the loss NaN at this step (the step must be skipped and reported). -1: never."""
 

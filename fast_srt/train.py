@@ -173,6 +173,21 @@ def update_policy(cfg, step, model, optimizer, scheduler, samples, old, advs, lo
     return out
 
 
+def pick_logprob_impl(name: str, device: torch.device):
+    from . import kernels
+    from .kernels import native
+
+    if name == "auto":
+        return kernels.select_logprobs_impl(device)
+    if name == "triton" and device.type != "cuda":
+        raise UserError("logprob_impl 'triton' needs CUDA (on CPU the Triton kernels only run in the interpreter, "
+                        "in tests); use auto, twin, native or naive")
+    if name == "native" and not native.available():
+        raise UserError("logprob_impl 'native' needs the C++ op: build it with `make native`, or use auto/twin")
+    return {"naive": kernels.logprobs_naive, "twin": kernels.logprobs_ref, "native": kernels.logprobs_native,
+            "triton": kernels.fused_logprobs}[name]
+
+
 def sync_weights(engine, model) -> float:
     """Write the trainer's weights into the live engine, in place (see weight_sync.py)."""
     engine.wake_weights()
@@ -212,7 +227,7 @@ def memory_plan(model, ref, engines, cfg) -> str:
 # ------------------------------------------------------------------------------------------------ the loop
 
 def train(cfg: TrainConfig) -> Path:
-    from .kernels import select_advantages_impl, select_logprobs_impl
+    from .kernels import select_advantages_impl
     from .models import resolve_model
 
     t_start = time.perf_counter()
@@ -255,7 +270,7 @@ def train(cfg: TrainConfig) -> Path:
         extra = restore_trainer_state(state, optimizer, scheduler)
         start_step = int(state["step"])
         pool.rng.setstate(_tuple_state(extra["seed_rng"]))
-    logprob_fn = select_logprobs_impl(device)  # chosen once: Triton on CUDA, the torch twin / C++ op on CPU
+    logprob_fn = pick_logprob_impl(cfg.logprob_impl, device)  # chosen once, never per call
     adv_fns = select_advantages_impl(device)
     tokenizer = engines.policy.tokenizer
     sft_stream = None

@@ -148,3 +148,31 @@ def test_bad_input_checkpoint_from_another_model(tiny_model_dir, tmp_path):
     err = _one_line_error(_train(_tiny_args(other, run, "--steps", "2", "--resume"), timeout=600))
     assert "different model" in err
     assert sorted(x.name for x in (run / "checkpoints").iterdir()) == before  # nothing touched
+
+
+@pytest.mark.parametrize("variant", [
+    ["selfplay_cot_sft", "rl_with_sft", "--algo.sft-coef", "0.5", "--algo.sft-samples-per-micro-step", "2"],
+    ["grpo", "grpo", "--game.no-cot"],
+    ["rloo", "grpo", "--algo.estimator", "rloo", "--game.no-cot"],
+    ["attacker_only", "attacker_only", "--game.no-cot"],
+], ids=lambda v: v[0])
+def test_variants_run_two_steps(tiny_model_dir, tmp_path, variant):
+    """Every estimator, the SFT loss and the attacker-only game run through the same loop and log every step."""
+    _, preset, *extra = variant
+    run = tmp_path / "run"
+    args = [preset, "--model.model", str(tiny_model_dir), "--model.judge-model", "rule:vowel_refusal",
+            "--model.dtype", "float32", "--model.max-model-len", "2048", "--model.kv-cache-gib", "1",
+            "--sampling.games-per-step", "8", "--sampling.max-new-tokens", "8", "--steps", "2", "--save-every", "2",
+            "--optim.lr", "1e-3", "--run-dir", str(run), *extra]
+    p = _train(args, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = read_metrics(run / "metrics.jsonl")
+    assert [x["step"] for x in m] == [1, 2]
+    for x in m:
+        assert x["optim/updates"] >= 1 and x["time/sync_s"] > 0
+        if preset == "rl_with_sft":
+            assert x["loss/sft"] > 0
+        if preset == "attacker_only":
+            assert x["samples/defender"] == 0 and x["samples/attacker"] > 0
+        else:
+            assert x["samples/defender"] > 0
