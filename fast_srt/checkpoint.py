@@ -38,6 +38,7 @@ COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.pt"
 RUN_CONFIG_FILE = "fast_srt_config.json"
 LATEST = "latest"
+LORA_ADAPTER_FILE = "lora_adapter.safetensors"
 FORMAT_VERSION = 1
 # config.json fields that must agree for a checkpoint to be "the same model" as the one being trained
 IDENTITY_FIELDS = ("model_type", "architectures", "vocab_size", "hidden_size", "num_hidden_layers",
@@ -111,7 +112,15 @@ def _save_model(model, out: Path) -> None:
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = True
     try:
-        model.save_pretrained(out)
+        from .lora import adapter_state_dict, has_lora, merged_state_dict
+
+        if has_lora(model):  # the merged model loads anywhere; the adapter alone resumes training
+            from safetensors.torch import save_file
+
+            model.save_pretrained(out, state_dict=merged_state_dict(model))
+            save_file(adapter_state_dict(model), str(out / LORA_ADAPTER_FILE))
+        else:
+            model.save_pretrained(out)
     finally:
         model.config.use_cache = use_cache
 

@@ -188,6 +188,12 @@ class TrainConfig:
     """Recompute activations in backward (saves memory, costs ~30% more compute)."""
     log_games: int = 4
     """Games per step written to games.jsonl (seed, both turns, labels, rewards)."""
+    lora_rank: int = 0
+    """LoRA rank; 0 trains every weight. With LoRA the KL reference is the same model with adapters off."""
+    lora_alpha: float = 32.0
+    """LoRA scale numerator (scale = alpha / rank)."""
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    """Names of the linear layers that get adapters."""
     logprob_impl: Literal["auto", "naive", "twin", "native", "triton"] = "auto"
     """Log-prob + entropy implementation, chosen once: auto = Triton on CUDA, else the C++ op when built and
     measured faster, else the chunked torch twin; naive = full [tokens, vocab] logits (for comparison only)."""
@@ -197,6 +203,7 @@ class TrainConfig:
     def __post_init__(self):
         _require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         _require(self.save_every >= 1, f"save_every must be >= 1, got {self.save_every}")
+        _require(self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}")
         _require(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         _require(self.game.cot or self.algo.sft_coef == 0,
                  "the no-CoT ablation (game.cot False) needs algo.sft_coef 0: the SFT targets are CoT-formatted")
@@ -270,6 +277,16 @@ def grpo() -> TrainConfig:
     return dataclasses.replace(cpu, algo=dataclasses.replace(cpu.algo, estimator="grpo", samples_per_prompt=2))
 
 
+def lora_small_gpu() -> TrainConfig:
+    """LoRA (rank 16) on a 7-8B model for a single 24-48 GB GPU: rank-sized optimizer states, no reference copy."""
+    ref = llama8b_reference()
+    return dataclasses.replace(
+        ref, lora_rank=16, lora_alpha=32.0, run_dir="runs/lora_small_gpu",
+        model=dataclasses.replace(ref.model, model="Qwen/Qwen2.5-7B-Instruct", kv_cache_gib=6.0, max_model_len=2048),
+        sampling=dataclasses.replace(ref.sampling, games_per_step=32, max_new_tokens=512),
+        optim=dataclasses.replace(ref.optim, lr=1e-5, micro_batch_tokens=8192))
+
+
 PRESETS = {
     "cpu_default": cpu_default,
     "llama8b_reference": llama8b_reference,
@@ -279,4 +296,5 @@ PRESETS = {
     "rl_with_sft": rl_with_sft,
     "rl_only": rl_only,
     "grpo": grpo,
+    "lora_small_gpu": lora_small_gpu,
 }

@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 
 from .batch import ROLE_IDS, Sample, pack, split_micro_batches
-from .checkpoint import find_latest, load_checkpoint, restore_trainer_state, save_checkpoint
+from .checkpoint import LORA_ADAPTER_FILE, find_latest, load_checkpoint, restore_trainer_state, save_checkpoint
 from .config import PRESETS, TrainConfig
 from .engine import SamplingSpec
 from .errors import UserError
 from .game import GameOptions
+from .lora import adapters_disabled, apply_lora
 from .loss import ppo_clip_loss, sft_loss
 from .metrics import MetricsLog, PhaseTimer, Status, console_line, to_floats
 from .policy import build_optimizer, build_scheduler, load_policy, token_logprobs
@@ -254,12 +255,19 @@ def train(cfg: TrainConfig) -> Path:
                         gradient_checkpointing=cfg.gradient_checkpointing)
     if ckpt_dir is not None:
         ckpt_dir, state = load_checkpoint(run_dir, model=model)  # checks it is the same model
-        model = load_policy(str(ckpt_dir), dtype=torch.float32, device=device,
-                            gradient_checkpointing=cfg.gradient_checkpointing)
+        if not cfg.lora_rank:
+            model = load_policy(str(ckpt_dir), dtype=torch.float32, device=device,
+                                gradient_checkpointing=cfg.gradient_checkpointing)
+    if cfg.lora_rank:
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        if ckpt_dir is not None:
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(str(Path(ckpt_dir) / LORA_ADAPTER_FILE)), strict=False)
     engines = build_engines(cfg.model, cfg.game, trains=True, seed=cfg.seed,
                             policy_dir=Path(ckpt_dir) if ckpt_dir is not None else base_dir)
     ref = None
-    if cfg.algo.estimator == "reinforce_pp" and cfg.algo.kl_coef > 0:
+    if cfg.algo.estimator == "reinforce_pp" and cfg.algo.kl_coef > 0 and not cfg.lora_rank:
         ref = load_policy(str(base_dir), dtype=compute_dtype, device=device).eval().requires_grad_(False)
     optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
     total_updates = max(1, int(cfg.steps * cfg.optim.updates_per_step * cfg.optim.lr_horizon_scale))
@@ -313,8 +321,13 @@ def train(cfg: TrainConfig) -> Path:
             model.eval()
             with timer("logprob"):
                 old = per_sample_logprobs(model, samples, logprob_fn, cfg.optim.micro_batch_tokens, autocast)
-                refl = (per_sample_logprobs(ref, samples, logprob_fn, cfg.optim.micro_batch_tokens, autocast)
-                        if ref is not None else None)
+                refl = None
+                if ref is not None:
+                    refl = per_sample_logprobs(ref, samples, logprob_fn, cfg.optim.micro_batch_tokens, autocast)
+                elif cfg.lora_rank and cfg.algo.estimator == "reinforce_pp" and cfg.algo.kl_coef > 0:
+                    with adapters_disabled(model):  # the base model is the reference: no second copy
+                        refl = per_sample_logprobs(model, samples, logprob_fn, cfg.optim.micro_batch_tokens,
+                                                   autocast)
             # 5) advantages
             with timer("advantage"):
                 advs, adv_metrics = compute_advantages(cfg, samples, old, refl, adv_fns)

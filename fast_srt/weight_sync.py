@@ -37,8 +37,11 @@ def engine_model(llm) -> torch.nn.Module:
 
 def named_weights_for_engine(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Checkpoint-format (name, tensor) pairs of an HF causal LM, detached, lm_head included even when tied."""
+    from .lora import has_lora, merged_state_dict
+
     sent_head = False
-    for name, p in model.state_dict(keep_vars=False).items():
+    state = merged_state_dict(model) if has_lora(model) else model.state_dict(keep_vars=False)
+    for name, p in state.items():
         if name == "lm_head.weight":
             sent_head = True
         yield name, p.detach()

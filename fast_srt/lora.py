@@ -1,0 +1,93 @@
+"""LoRA for small device budgets: frozen base weights, trainable low-rank A/B on chosen linear layers.
+
+The model keeps its HF structure (each target `nn.Linear` is replaced by `LoRALinear` holding the original layer as
+`base`), so packing, the fused log-prob and checkpointing work unchanged. What changes:
+- only A/B train: optimizer states and gradients are rank-sized, not model-sized;
+- the KL reference is the same model with the adapters switched off (`adapters_disabled`): no second copy;
+- the engine receives merged weights W + (alpha/r) B A (`merged_state_dict`), written in place as usual;
+- checkpoints hold the merged model (loadable by transformers and vLLM as is) plus `lora_adapter.safetensors`.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.scale = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=torch.float32))  # [r, in]
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=torch.float32))  # [out, r]: starts at W
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.enabled = True
+
+    def forward(self, x):
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        return y + (x.to(self.lora_A.dtype) @ self.lora_A.t() @ self.lora_B.t()).to(y.dtype) * self.scale
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        return self.base.weight + (self.lora_B @ self.lora_A).to(self.base.weight.dtype) * self.scale
+
+
+def apply_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ...]) -> int:
+    """Freeze the model and put LoRA on every nn.Linear whose attribute name is in `targets`; returns how many."""
+    model.requires_grad_(False)
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if name in targets and isinstance(child, nn.Linear):
+                setattr(parent, name, LoRALinear(child, rank, alpha).to(child.weight.device))
+                n += 1
+    if n == 0:
+        raise ValueError(f"no linear layer named any of {targets} in {type(model).__name__}")
+    return n
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """The frozen base model (the KL reference) without a second copy of the weights."""
+    mods = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in mods:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.enabled = True
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """HF-named weights with every adapter merged in (what the engine and a saved checkpoint need)."""
+    out: dict[str, torch.Tensor] = {}
+    lora_prefixes = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            lora_prefixes[name] = m
+    for name, t in model.state_dict().items():
+        if ".lora_A" in name or ".lora_B" in name:
+            continue
+        if ".base." in name:
+            prefix, leaf = name.rsplit(".base.", 1)
+            m = lora_prefixes[prefix]
+            out[f"{prefix}.{leaf}"] = m.merged_weight() if leaf == "weight" else t
+        else:
+            out[name] = t
+    return out
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if ".lora_A" in k or ".lora_B" in k}
