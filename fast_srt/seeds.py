@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Sequence, TypeVar
 
-from fast_srt.errors import UserError
+from fast_srt.errors import UserError, decode_utf8, read_user_text
 from fast_srt.game import Seed
 
 BUILTIN_SEED_SETS = ("donotanswer", "benign")
@@ -36,25 +36,12 @@ def _data_dir() -> Any:
 
 
 def _decode(raw: bytes, where: str) -> str:
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{where} is not UTF-8 text (bad byte at offset {e.start}); re-save it as UTF-8") from None
+    return decode_utf8(raw, where)
 
 
 def _read_text(path: Path) -> str:
-    if not path.exists():
-        raise UserError(
-            f"seed file {str(path)!r} not found; pass an existing .jsonl/.txt file or a builtin set "
-            f"({', '.join(BUILTIN_SEED_SETS)})"
-        )
-    if not path.is_file():
-        raise UserError(f"seed path {str(path)!r} is not a file; pass a .jsonl or .txt file")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read seed file {str(path)!r} ({e.strerror}); check its permissions") from None
-    return _decode(raw, f"seed file {str(path)!r}")
+    return read_user_text(path, "seed file", f"an existing .jsonl/.txt file or a builtin set "
+                                              f"({', '.join(BUILTIN_SEED_SETS)})")
 
 
 def _check_prompt(value: Any, where: str, field: str) -> str:

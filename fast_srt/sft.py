@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fast_srt.batch import Sample
-from fast_srt.errors import UserError
+from fast_srt.errors import UserError, decode_utf8, read_user_text
 from fast_srt.game import FORMAT_TAGS, build_defender_prompt
 
 BUILTIN_SFT_SET = "builtin"
@@ -36,22 +36,11 @@ DEFAULT_THINKING = (
 
 
 def _decode(raw: bytes, where: str) -> str:
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{where} is not UTF-8 text (bad byte at offset {e.start}); re-save it as UTF-8") from None
+    return decode_utf8(raw, where)
 
 
 def _read_user_file(path: Path) -> str:
-    if not path.exists():
-        raise UserError(f"SFT file {str(path)!r} not found; pass an existing .jsonl file or {BUILTIN_SFT_SET!r}")
-    if not path.is_file():
-        raise UserError(f"SFT path {str(path)!r} is not a file; pass a .jsonl file (one object a line)")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read SFT file {str(path)!r} ({e.strerror}); check its permissions") from None
-    return _decode(raw, f"SFT file {str(path)!r}")
+    return read_user_text(path, "SFT file", f"an existing .jsonl file (one object a line) or {BUILTIN_SFT_SET!r}")
 
 
 def _check_text(obj: dict, field: str, where: str, required: bool) -> str | None:
