@@ -118,6 +118,11 @@ def test_native_matches_twin():
         assert ((x - y).abs().max() / y.abs().max()).item() < 1e-5
 
 
+@pytest.mark.skipif(not native.available(), reason="C++ op not built (csrc/README.md)")
+def test_native_bf16_falls_back_to_twin():
+    _compare("native", L.logprobs_native, 45, 64, 1031, 0.8, torch.bfloat16, TOL[torch.bfloat16])
+
+
 def test_logp_only_gradient_matches_naive():
     """Entropy unused (its grad is None in backward): the twin must still give the right grads."""
     hidden, weight, targets, g_logp, _ = _inputs(29, 32, 517, torch.float32, int.from_bytes(os.urandom(4), "little"))
