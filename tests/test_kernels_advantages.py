@@ -3,29 +3,33 @@ per-sample float64 loop reference, on fresh random packed batches (odd lengths, 
 group sizes). Run with `-s` to see the largest relative error per implementation."""
 
 import os
+import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: Triton has no CPU driver
+# TRITON_INTERPRET must be set before triton is first imported (triton.language's own @jit helpers are decorated
+# then). If another module (vllm, say) imported triton first, the Triton tests run in a fresh process instead.
+if "triton" in sys.modules:  # already imported: usable here only if it was imported under the interpreter
+    from triton.language import standard as _tl_std
+    from triton.runtime.interpreter import InterpretedFunction as _Interp
 
-import importlib
+    _INTERP_SAFE = isinstance(_tl_std.sum, _Interp)
+else:
+    _INTERP_SAFE = True
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton has no CPU driver: never launch outside the interpreter
+
 import math
+import subprocess
 
 import pytest
 
 import fast_srt.kernels.advantages as A
 
-if A.triton is not None and not torch.cuda.is_available():
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(A._whiten_kernel, InterpretedFunction):
-        A = importlib.reload(A)  # imported earlier without the interpreter: re-decorate under it
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(A.triton is None, reason="triton not installed")
-REINFORCE = [A.reinforce_pp_advantages_ref] + ([A.reinforce_pp_advantages] if A.triton is not None else [])
-GROUP = [A.group_advantages_ref] + ([A.group_advantages] if A.triton is not None else [])
+TRITON_IN_PROCESS = A.triton is not None and (torch.cuda.is_available() or _INTERP_SAFE)
+REINFORCE = [A.reinforce_pp_advantages_ref] + ([A.reinforce_pp_advantages] if TRITON_IN_PROCESS else [])
+GROUP = [A.group_advantages_ref] + ([A.group_advantages] if TRITON_IN_PROCESS else [])
 
 
 def _t(x, dtype=None):
@@ -206,8 +210,8 @@ def test_group_random_matches_float64(fn, kind, group_size):
 
 
 def test_triton_and_twin_agree_on_large_batch():
-    if A.triton is None:
-        pytest.skip("triton not installed")
+    if not TRITON_IN_PROCESS:
+        pytest.skip("triton missing or imported before TRITON_INTERPRET=1 (see test_triton_tests_in_fresh_process)")
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     logp, ref_logp, rewards, cu, mask, roles = _random_batch(64, 2, gen)
     args = [x.to(DEVICE) for x in (logp.float(), ref_logp.float(), rewards.float(), cu, mask, roles)]
@@ -253,3 +257,13 @@ def test_group_bad_input_raises_value_error(fn):
 def test_select_advantages_impl():
     assert A.select_advantages_impl(torch.device("cpu")) == (A.reinforce_pp_advantages_ref, A.group_advantages_ref)
     assert A.select_advantages_impl(torch.device("cuda")) == (A.reinforce_pp_advantages, A.group_advantages)
+
+
+def test_triton_tests_in_fresh_process():
+    """When triton was imported before TRITON_INTERPRET=1 in this process, run this file's tests in a fresh one."""
+    if TRITON_IN_PROCESS or A.triton is None:
+        pytest.skip("the Triton tests ran in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-4000:]
