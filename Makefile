@@ -32,7 +32,7 @@ test-all: $(STAMP)
 	$(VENV)/bin/pytest -q
 
 native: $(STAMP)
-	cmake -S . -B build -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" -DPython_EXECUTABLE=$(PY)
+	cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	cmake --build build -j2
 
 bench: $(STAMP)

@@ -90,6 +90,7 @@ class Engine:
                       logprobs_mode="processed_logprobs")
         if not on_cpu:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+            kwargs["enable_sleep_mode"] = True  # lets the KV cache be released while training
         if enable_lora:
             kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank)
         t0 = time.perf_counter()
@@ -100,6 +101,7 @@ class Engine:
         self.startup_s = time.perf_counter() - t0
         self.tokenizer = self.llm.get_tokenizer()
         self.stats = EngineStats()
+        self._kv_sleeping = False
 
     def generate(self, prompts: list[str], spec: SamplingSpec, lora=None, phase: str = "generate",
                  ) -> list[Generation]:
@@ -137,20 +139,19 @@ class Engine:
         return gens
 
     def release_for_training(self) -> None:
-        """GPU only (vLLM has no sleep mode on CPU): discard the KV cache while training.
+        """GPU only (vLLM has no sleep mode on CPU): discard the KV cache while training; the weights stay resident.
 
-        Level 1 keeps the weights (copied to pinned host memory, restored on wake); level 2 would discard them and
-        is never used (PEERS.md §7: gibberish or stale weights after a level-2 wake)."""
-        if cuda_available():
+        vLLM has no KV-only sleep: level 1 offloads both, so the weights are woken at once (a host round trip of
+        the weights, about 1 s for 8B over PCIe). Level 2 would discard the weights and is never used (PEERS.md §7:
+        gibberish or stale weights after a level-2 wake). Weight writes therefore never land on a sleeping engine."""
+        if cuda_available() and not self._kv_sleeping:
             self.llm.sleep(level=1)
-
-    def wake_weights(self) -> None:
-        """Restore the weights before a weight write: a write must never land on a sleeping engine."""
-        if cuda_available() and self.llm.llm_engine.is_sleeping():
             self.llm.wake_up(tags=["weights"])
+            self._kv_sleeping = True
 
     def wake_kv_cache(self) -> None:
         """Re-allocate the KV cache after the weight write, so old weights, new weights and the KV cache are never
         resident together."""
-        if cuda_available() and self.llm.llm_engine.is_sleeping():
+        if self._kv_sleeping:
             self.llm.wake_up(tags=["kv_cache"])
+            self._kv_sleeping = False

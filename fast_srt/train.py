@@ -191,7 +191,6 @@ def pick_logprob_impl(name: str, device: torch.device):
 
 def sync_weights(engine, model) -> float:
     """Write the trainer's weights into the live engine, in place (see weight_sync.py)."""
-    engine.wake_weights()
     dt = push_weights(engine.llm, named_weights_for_engine(model))
     engine.wake_kv_cache()
     return dt
@@ -370,6 +369,12 @@ def train(cfg: TrainConfig) -> Path:
         log.write(metrics)
         _log_games(games_log, step, games[: cfg.log_games])
         status.line(console_line(metrics))
+    from .cli import _child_processes, throughput_lines
+
+    for line in throughput_lines(engines):
+        print(line)
+    print(f"one process: pid {os.getpid()}, child processes {_child_processes()}; judge parse failures "
+          f"{engines.judge.parse_failures}/{engines.judge.calls}")
     print(f"done: {cfg.steps - start_step} steps in {time.perf_counter() - t_start:.1f} s; metrics in "
           f"{run_dir / 'metrics.jsonl'}, games in {games_log}, checkpoints in {run_dir / 'checkpoints'}")
     return run_dir
