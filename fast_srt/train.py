@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
 import time
@@ -226,19 +225,39 @@ def memory_plan(model, ref, engines, cfg) -> str:
 
 # ------------------------------------------------------------------------------------------------ the loop
 
-def train(cfg: TrainConfig) -> Path:
+@dataclasses.dataclass
+class Run:
+    """Everything a run builds once, before its first step."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    autocast: object  # () -> autocast context: matmuls in the compute dtype over fp32 master weights
+    pool: SeedPool
+    options: GameOptions
+    reward_fn: object
+    model: torch.nn.Module
+    ref: torch.nn.Module | None
+    engines: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    start_step: int
+    resumed: bool
+    logprob_fn: object
+    adv_fns: tuple
+    sft_stream: object
+
+
+def setup_run(cfg: TrainConfig) -> Run:
+    """Resume point, seeds, trainer model (+ LoRA), engines, reference, optimizer, kernels; all chosen once."""
     from .kernels import select_advantages_impl
     from .models import resolve_model
 
-    t_start = time.perf_counter()
     run_dir = Path(cfg.run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     compute_dtype = getattr(torch, cfg.model.dtype)
     # fp32 master weights; matmuls in the compute dtype under autocast (bf16 updates at lr 5e-7 would vanish)
     autocast = lambda: torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)  # noqa
-
-    # ---- resume point, seeds, engines, models
     base_dir = resolve_model(cfg.model.model, cfg.model.dtype)
     ckpt_dir, state = None, None
     if cfg.resume:
@@ -248,8 +267,6 @@ def train(cfg: TrainConfig) -> Path:
     elif find_latest(run_dir) is not None:
         raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue or a new --run-dir")
     pool = SeedPool(cfg.game, rng_seed=cfg.seed)
-    options = GameOptions(mode=cfg.game.mode, cot=cfg.game.cot)
-    reward_fn = reward_function(cfg.game.reward)
     model = load_policy(str(base_dir), dtype=torch.float32, device=device,
                         gradient_checkpointing=cfg.gradient_checkpointing)
     if ckpt_dir is not None:
@@ -277,67 +294,81 @@ def train(cfg: TrainConfig) -> Path:
         extra = restore_trainer_state(state, optimizer, scheduler)
         start_step = int(state["step"])
         pool.rng.setstate(_tuple_state(extra["seed_rng"]))
-    logprob_fn = pick_logprob_impl(cfg.logprob_impl, device)  # chosen once, never per call
-    adv_fns = select_advantages_impl(device)
-    tokenizer = engines.policy.tokenizer
     sft_stream = None
     if cfg.algo.sft_coef > 0:
         from .sft import SFTStream, build_sft_samples, load_sft_records
 
-        sft_stream = SFTStream(build_sft_samples(load_sft_records(cfg.algo.sft_data), tokenizer), seed=cfg.seed)
+        samples = build_sft_samples(load_sft_records(cfg.algo.sft_data), engines.policy.tokenizer)
+        sft_stream = SFTStream(samples, seed=cfg.seed)
+    return Run(cfg, run_dir, autocast, pool, GameOptions(mode=cfg.game.mode, cot=cfg.game.cot),
+               reward_function(cfg.game.reward), model, ref, engines, optimizer, scheduler, start_step,
+               state is not None, pick_logprob_impl(cfg.logprob_impl, device),  # chosen once, never per call
+               select_advantages_impl(device), sft_stream)
+
+
+def old_and_ref_logprobs(run: Run, samples) -> tuple[list, list | None]:
+    """Trainer log-probs at experience time, and under the frozen reference when the KL term needs them."""
+    cfg, mb = run.cfg, run.cfg.optim.micro_batch_tokens
+    old = per_sample_logprobs(run.model, samples, run.logprob_fn, mb, run.autocast)
+    if run.ref is not None:
+        return old, per_sample_logprobs(run.ref, samples, run.logprob_fn, mb, run.autocast)
+    if cfg.lora_rank and cfg.algo.estimator == "reinforce_pp" and cfg.algo.kl_coef > 0:
+        with adapters_disabled(run.model):  # the base model is the reference: no second copy
+            return old, per_sample_logprobs(run.model, samples, run.logprob_fn, mb, run.autocast)
+    return old, None
+
+
+def train(cfg: TrainConfig) -> Path:
+    t_start = time.perf_counter()
+    run = setup_run(cfg)
+    model, engines, run_dir = run.model, run.engines, run.run_dir
     spec = SamplingSpec(max_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
                         top_p=cfg.sampling.top_p)
     probe = [engines.policy.tokenizer.apply_chat_template([{"role": "user", "content": PROBE_PROMPT}],
                                                           tokenize=False, add_generation_prompt=True)]
     greedy = SamplingSpec(max_tokens=16, temperature=0.0, logprobs=False)
     prev_probe = engines.policy.generate(probe, greedy, phase="probe")[0].text
-    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if state is not None else None)
+    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=run.start_step if run.resumed else None)
     games_log = run_dir / "games.jsonl"
     status = Status(cfg.steps)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    print(memory_plan(model, ref, engines, cfg))
-    print(f"start-up {time.perf_counter() - t_start:.1f} s; torch threads {torch.get_num_threads()}; "
-          f"log-prob impl {getattr(logprob_fn, '__name__', logprob_fn)}; from step {start_step}", flush=True)
+    print(memory_plan(model, run.ref, engines, cfg))
+    print(f"start-up {time.perf_counter() - t_start:.1f} s; torch threads {torch.get_num_threads()}; log-prob "
+          f"impl {getattr(run.logprob_fn, '__name__', run.logprob_fn)}; from step {run.start_step}", flush=True)
 
-    for step in range(start_step + 1, cfg.steps + 1):
+    for step in range(run.start_step + 1, cfg.steps + 1):
         timer, t0 = PhaseTimer(), time.perf_counter()
         gen_before = {id(e): {k: dict(v) for k, v in e.stats.per_phase.items()}
                       for e in (engines.policy, engines.judge.engine)}
         # 1-2) play and judge one batch of games
         status.phase(step, "play + judge")
         n_seeds = cfg.sampling.games_per_step // cfg.algo.samples_per_prompt
-        seeds = pool.batch(n_seeds)
+        seeds = run.pool.batch(n_seeds)
         seeds = [s for s in seeds for _ in range(cfg.algo.samples_per_prompt)]
         group_of = [i // cfg.algo.samples_per_prompt for i in range(len(seeds))]
-        games = play_games(engines.policy, engines.judge, seeds, options, spec, reward_fn, engines.frozen_defender)
+        games = play_games(engines.policy, engines.judge, seeds, run.options, spec, run.reward_fn,
+                           engines.frozen_defender)
         # 3) samples of both roles, ties and parse failures dropped
-        samples, skipped = games_to_samples(games, options, cfg.algo.remove_ties, group_of)
+        samples, skipped = games_to_samples(games, run.options, cfg.algo.remove_ties, group_of)
         metrics = {"step": step, **rollout_metrics(games, samples, skipped, engines.judge)}
         if samples:
             # 4) old and reference log-probs (no grad), packed
             status.phase(step, "log-probs")
             model.eval()
             with timer("logprob"):
-                old = per_sample_logprobs(model, samples, logprob_fn, cfg.optim.micro_batch_tokens, autocast)
-                refl = None
-                if ref is not None:
-                    refl = per_sample_logprobs(ref, samples, logprob_fn, cfg.optim.micro_batch_tokens, autocast)
-                elif cfg.lora_rank and cfg.algo.estimator == "reinforce_pp" and cfg.algo.kl_coef > 0:
-                    with adapters_disabled(model):  # the base model is the reference: no second copy
-                        refl = per_sample_logprobs(model, samples, logprob_fn, cfg.optim.micro_batch_tokens,
-                                                   autocast)
+                old, refl = old_and_ref_logprobs(run, samples)
             # 5) advantages
             with timer("advantage"):
-                advs, adv_metrics = compute_advantages(cfg, samples, old, refl, adv_fns)
+                advs, adv_metrics = compute_advantages(cfg, samples, old, refl, run.adv_fns)
             metrics.update(adv_metrics)
             # 6) PPO-clip updates
             status.phase(step, "train")
             model.train()
             engines.policy.release_for_training()
             with timer("train"):
-                metrics.update(update_policy(cfg, step, model, optimizer, scheduler, samples, old, advs, logprob_fn,
-                                             autocast, sft_stream))
+                metrics.update(update_policy(cfg, step, model, run.optimizer, run.scheduler, samples, old, advs,
+                                             run.logprob_fn, run.autocast, run.sft_stream))
             # 7) weights into the live engine, in place
             status.phase(step, "weight sync")
             with timer("sync"):
@@ -357,13 +388,14 @@ def train(cfg: TrainConfig) -> Path:
         metrics.update({f"time/{k}_s": v for k, v in timer.seconds.items()})
         metrics.update({"time/generate_s": gen_s, "time/judge_s": judge_s, "time/step_s": wall,
                         "tokens/generated": gen_tok, "tokens/trained": trained,
-                        "perf/tokens_per_s": (gen_tok + trained) / wall, "perf/gen_tokens_per_s": gen_tok / max(gen_s, 1e-9)})
+                        "perf/tokens_per_s": (gen_tok + trained) / wall,
+                        "perf/gen_tokens_per_s": gen_tok / max(gen_s, 1e-9)})
         metrics = to_floats(metrics)
         if step % cfg.save_every == 0 or step == cfg.steps:
             status.phase(step, "checkpoint")
             with timer("checkpoint"):
-                save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler,
-                                {"seed_rng": _list_state(pool.rng.getstate())}, dataclasses.asdict(cfg),
+                save_checkpoint(run_dir, step, model, engines.policy.tokenizer, run.optimizer, run.scheduler,
+                                {"seed_rng": _list_state(run.pool.rng.getstate())}, dataclasses.asdict(cfg),
                                 keep_last=cfg.keep_checkpoints)
             metrics["time/checkpoint_s"] = timer.seconds["checkpoint"]
         log.write(metrics)
@@ -375,7 +407,7 @@ def train(cfg: TrainConfig) -> Path:
         print(line)
     print(f"one process: pid {os.getpid()}, child processes {_child_processes()}; judge parse failures "
           f"{engines.judge.parse_failures}/{engines.judge.calls}")
-    print(f"done: {cfg.steps - start_step} steps in {time.perf_counter() - t_start:.1f} s; metrics in "
+    print(f"done: {cfg.steps - run.start_step} steps in {time.perf_counter() - t_start:.1f} s; metrics in "
           f"{run_dir / 'metrics.jsonl'}, games in {games_log}, checkpoints in {run_dir / 'checkpoints'}")
     return run_dir
 
