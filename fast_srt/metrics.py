@@ -41,8 +41,9 @@ def to_floats(metrics: dict) -> dict:
 
 
 class MetricsLog:
-    """Appends one JSON object per step to `path`. On resume, lines after the checkpoint's step are dropped, so the
-    file continues exactly where the checkpoint left off."""
+    """Appends JSON objects with a "step" key to `path` (metrics, game logs). On resume, lines after the
+    checkpoint's step are dropped, so the file continues exactly where the checkpoint left off; a new run starts
+    the file afresh."""
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)

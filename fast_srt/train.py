@@ -329,7 +329,7 @@ def train(cfg: TrainConfig) -> Path:
     greedy = SamplingSpec(max_tokens=16, temperature=0.0, logprobs=False)
     prev_probe = engines.policy.generate(probe, greedy, phase="probe")[0].text
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=run.start_step if run.resumed else None)
-    games_log = run_dir / "games.jsonl"
+    games_log = MetricsLog(run_dir / "games.jsonl", resume_step=run.start_step if run.resumed else None)
     status = Status(cfg.steps)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -399,7 +399,8 @@ def train(cfg: TrainConfig) -> Path:
                                 keep_last=cfg.keep_checkpoints)
             metrics["time/checkpoint_s"] = timer.seconds["checkpoint"]
         log.write(metrics)
-        _log_games(games_log, step, games[: cfg.log_games])
+        for g in games[: cfg.log_games]:
+            games_log.write(game_record(step, g))
         status.line(console_line(metrics))
     from .cli import _child_processes, throughput_lines
 
@@ -408,7 +409,7 @@ def train(cfg: TrainConfig) -> Path:
     print(f"one process: pid {os.getpid()}, child processes {_child_processes()}; judge parse failures "
           f"{engines.judge.parse_failures}/{engines.judge.calls}")
     print(f"done: {cfg.steps - run.start_step} steps in {time.perf_counter() - t_start:.1f} s; metrics in "
-          f"{run_dir / 'metrics.jsonl'}, games in {games_log}, checkpoints in {run_dir / 'checkpoints'}")
+          f"{run_dir / 'metrics.jsonl'}, games in {games_log.path}, checkpoints in {run_dir / 'checkpoints'}")
     return run_dir
 
 
@@ -427,16 +428,13 @@ def _engine_deltas(engines, before) -> tuple[float, float, int]:
     return gen_s, judge_s, gen_tok
 
 
-def _log_games(path: Path, step: int, games) -> None:
-    with path.open("a") as f:
-        for g in games:
-            f.write(json.dumps({
-                "step": step, "data_type": g.data_type, "seed": g.seed.prompt,
-                "attacker_raw": g.attacker.gen.text if g.attacker else None,
-                "attacker_public": g.attacker.public if g.attacker else None,
-                "defender_raw": g.defender.gen.text, "defender_public": g.defender.public,
-                "judge": g.judge_text, "outcome": g.rewards.outcome,
-                "reward_attacker": g.rewards.attacker, "reward_defender": g.rewards.defender}) + "\n")
+def game_record(step: int, g) -> dict:
+    return {"step": step, "data_type": g.data_type, "seed": g.seed.prompt,
+            "attacker_raw": g.attacker.gen.text if g.attacker else None,
+            "attacker_public": g.attacker.public if g.attacker else None,
+            "defender_raw": g.defender.gen.text, "defender_public": g.defender.public,
+            "judge": g.judge_text, "outcome": g.rewards.outcome,
+            "reward_attacker": g.rewards.attacker, "reward_defender": g.rewards.defender}
 
 
 def _list_state(s):

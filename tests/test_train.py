@@ -80,6 +80,8 @@ def test_sigkill_mid_step_then_resume(tiny_model_dir, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     steps = [m["step"] for m in read_metrics(metrics)]
     assert steps == [1, 2, 3, 4, 5, 6], steps  # metrics continue exactly where the checkpoint left off
+    game_steps = [g["step"] for g in read_metrics(run / "games.jsonl")]
+    assert game_steps == sorted(game_steps) and set(game_steps) == {1, 2, 3, 4, 5, 6}
     assert int(find_latest(run).name.split("_")[1]) == 6
 
 
