@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $(STAMP)
 
+# each demo run gets its own run directory (a run directory that already holds checkpoints needs --resume)
 demo: $(STAMP)
-	$(VENV)/bin/fast-srt train
+	$(VENV)/bin/fast-srt train --run-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 play: $(STAMP)
 	$(VENV)/bin/fast-srt play
