@@ -90,14 +90,6 @@ class PlayConfig:
     """How many games to print in full."""
 
 
-def replace(cfg, **changes):
-    """dataclasses.replace that turns invalid values into a UserError."""
-    try:
-        return dataclasses.replace(cfg, **changes)
-    except TypeError as e:
-        raise UserError(str(e)) from None
-
-
 @dataclass(frozen=True, kw_only=True)
 class AlgoConfig:
     estimator: Literal["reinforce_pp", "grpo", "rloo"] = "reinforce_pp"

@@ -50,7 +50,7 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     desc = "Self-play RL training in one process. Presets (first argument): " + "; ".join(
-        f"{k}: {(f.__doc__ or '').strip().splitlines()[0]}" for k, f in PRESETS.items())
+        f"{k}: {' '.join((f.__doc__ or '').split())}" for k, f in PRESETS.items())
     return tyro.cli(TrainConfig, default=PRESETS[preset](), args=argv, prog=f"fast-srt train {preset}",
                     description=desc)
 

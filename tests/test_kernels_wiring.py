@@ -14,7 +14,6 @@ if not torch.cuda.is_available():
 
 import importlib
 
-import pytest
 
 from fast_srt.batch import Sample, pack
 from fast_srt.loss import ppo_clip_loss

@@ -4,13 +4,11 @@ Every test drives the real `fast-srt train` entry point (the same loop as the de
 each run has its own in-process vLLM engine and a kill is a real kill.
 """
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
