@@ -54,3 +54,10 @@ def check_1d(name: str, what: str, t: torch.Tensor, length: int, dtypes: tuple) 
         raise ValueError(f"{name}: {what} must be [{length}], got {tuple(t.shape)}")
     if t.dtype not in dtypes:
         raise ValueError(f"{name}: {what} must have dtype in {dtypes}, got {t.dtype}")
+
+
+def _grads_or_zeros(g_logp, g_ent, like):
+    """Output gradients for a (logp, entropy) backward: fp32, contiguous, zeros for an output that got none."""
+    g_logp = torch.zeros_like(like) if g_logp is None else g_logp.float().contiguous()
+    g_ent = torch.zeros_like(like) if g_ent is None else g_ent.float().contiguous()
+    return g_logp, g_ent

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import FLOAT_DTYPES, check_logprobs_inputs
+from ._utils import FLOAT_DTYPES, _grads_or_zeros, check_logprobs_inputs
 from . import native
 
 try:  # triton is absent on some CPU installs; the twin does not need it
@@ -175,12 +175,6 @@ def logprobs_bwd(hidden, weight, targets, lse, mu, g_logp, g_ent, inv_temp: floa
                                hidden.stride(0), weight.stride(0), inv_temp, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V,
                                BLOCK_H=BLOCK_H, PRECISION=_precision(hidden.dtype), DOT_FP32=_dot_fp32(hidden.dtype))
     return dhidden.to(hidden.dtype), dweight.to(weight.dtype)
-
-
-def _grads_or_zeros(g_logp, g_ent, like):
-    g_logp = torch.zeros_like(like) if g_logp is None else g_logp.float().contiguous()
-    g_ent = torch.zeros_like(like) if g_ent is None else g_ent.float().contiguous()
-    return g_logp, g_ent
 
 
 class LogprobsFunction(torch.autograd.Function):

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ._utils import _grads_or_zeros
+
 LIB_NAME = "libfast_srt_native.so"
 LIB_PATH = Path(__file__).resolve().parent / "_native" / LIB_NAME
 
@@ -44,8 +46,7 @@ class NativeLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         hidden, weight, targets, lse, mu = ctx.saved_tensors
-        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
-        g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.float().contiguous()
+        g_logp, g_ent = _grads_or_zeros(g_logp, g_ent, lse)
         dhidden, dweight = torch.ops.fast_srt.logprobs_bwd(hidden, weight, targets, lse, mu, g_logp, g_ent,
                                                            ctx.inv_temp)
         return dhidden, dweight, None, None
