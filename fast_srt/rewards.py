@@ -124,6 +124,17 @@ def _total(terms: dict[str, float], role: str) -> float:
     return float(sum(v for k, v in terms.items() if k.startswith(role + "/")))
 
 
+def _game_rewards(terms: dict[str, float], labels: JudgeLabels, attacker_plays: bool) -> GameRewards:
+    return GameRewards(
+        attacker=_total(terms, "attacker") if attacker_plays else None,
+        defender=_total(terms, "defender"),
+        tie=labels.has_none,
+        dropped=False,
+        outcome=_outcome(labels),
+        terms=terms,
+    )
+
+
 def general_sum_rewards(
     labels: JudgeLabels,
     data_type: DataType,
@@ -149,14 +160,7 @@ def general_sum_rewards(
             terms["attacker/harmfulness"] = _pm(bool(h), c.attacker_harmfulness)
     terms.update(_defender_interaction(labels, c))
     terms.update(_format_terms(attacker_format_valid, defender_format_valid, cot, attacker_plays, c))
-    return GameRewards(
-        attacker=_total(terms, "attacker") if attacker_plays else None,
-        defender=_total(terms, "defender"),
-        tie=labels.has_none,
-        dropped=False,
-        outcome=_outcome(labels),
-        terms=terms,
-    )
+    return _game_rewards(terms, labels, attacker_plays)
 
 
 def general_sum_all_one_rewards(
@@ -201,14 +205,7 @@ def zero_sum_rewards(
         if coeffs.faithfulness:
             terms.update(faith)
     terms.update(_format_terms(attacker_format_valid, defender_format_valid, cot, attacker_plays, coeffs))
-    return GameRewards(
-        attacker=_total(terms, "attacker") if attacker_plays else None,
-        defender=_total(terms, "defender"),
-        tie=labels.has_none,
-        dropped=False,
-        outcome=_outcome(labels),
-        terms=terms,
-    )
+    return _game_rewards(terms, labels, attacker_plays)
 
 
 RewardFn = Callable[[JudgeLabels, DataType, "bool | None", "bool | None", bool], GameRewards]
