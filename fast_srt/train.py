@@ -124,10 +124,11 @@ def update_policy(cfg, step, model, optimizer, scheduler, samples, old, advs, lo
         idx = order[m::n_mini]
         mini = [samples[i] for i in idx]
         n_tokens = sum(len(s.response_ids) for s in mini)
+        where = {id(s): i for s, i in zip(mini, idx)}  # sample -> its index in the rollout
         optimizer.zero_grad(set_to_none=True)
         finite = True
         for mb in split_micro_batches(mini, o.micro_batch_tokens):
-            pos = [idx[[id(s) for s in mini].index(id(x))] for x in mb]
+            pos = [where[id(x)] for x in mb]
             batch = pack(mb, device=model.device)
             old_t = batch.scatter_responses([old[i] for i in pos])
             adv_t = batch.scatter_responses([advs[i] for i in pos])
