@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fast_srt import faults
 from fast_srt.errors import UserError
 
 CKPT_SUBDIR = "checkpoints"
@@ -140,6 +141,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer,
     _save_model(model, tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    faults.hit("checkpoint_partial")
     state = {"format": FORMAT_VERSION, "step": int(step), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict() if scheduler is not None else None,
              "rng": rng_state(), "extra": extra_state}

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import faults
 from .errors import UserError
 
 
@@ -119,6 +120,8 @@ class Engine:
         t0 = time.perf_counter()
         outs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=lora)
         dt = time.perf_counter() - t0
+        if phase in ("attacker", "defender"):
+            faults.hit("generate")
         gens = []
         for o in outs:
             c = o.outputs[0]

@@ -42,24 +42,29 @@ def to_floats(metrics: dict) -> dict:
 
 class MetricsLog:
     """Appends JSON objects with a "step" key to `path` (metrics, game logs). On resume, lines after the
-    checkpoint's step are dropped, so the file continues exactly where the checkpoint left off; a new run starts
-    the file afresh."""
+    checkpoint's step are dropped, so the file continues exactly where the checkpoint left off; if the lines of the
+    checkpoint's own step are missing (a kill after the checkpoint, before its lines), `restore` (the records the
+    checkpoint carries) are written in their place. A new run starts the file afresh."""
 
-    def __init__(self, path: Path, resume_step: int | None = None):
+    def __init__(self, path: Path, resume_step: int | None = None, restore: list[dict] | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            kept = []
-            for line in self.path.read_text().splitlines():
+        if resume_step is not None:
+            kept, have_step = [], False
+            for line in self.path.read_text().splitlines() if self.path.exists() else []:
                 try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line)
+                    step = json.loads(line).get("step", 0)
                 except json.JSONDecodeError:
-                    pass  # a line cut by a kill: drop it
+                    continue  # a line cut by a kill: drop it
+                if step <= resume_step:
+                    kept.append(line)
+                    have_step |= step == resume_step
+            if not have_step:
+                kept += [json.dumps(r) for r in restore or [] if r.get("step") == resume_step]
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(x + "\n" for x in kept))
             tmp.replace(self.path)
-        elif resume_step is None and self.path.exists():
+        elif self.path.exists():
             self.path.unlink()
 
     def write(self, record: dict) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .batch import ROLE_IDS, Sample, pack, split_micro_batches
+from . import faults
 from .checkpoint import LORA_ADAPTER_FILE, find_latest, load_checkpoint, restore_trainer_state, save_checkpoint
 from .config import PRESETS, TrainConfig
 from .engine import SamplingSpec
@@ -164,6 +165,7 @@ def update_policy(cfg, step, model, optimizer, scheduler, samples, old, advs, lo
         acc.setdefault("optim/grad_norm", []).append(gn.detach())
         optimizer.step()
         scheduler.step()
+        faults.hit("update")
     out = {}
     for k, vs in acc.items():
         t = torch.stack([v.float() for v in vs])
@@ -191,7 +193,8 @@ def pick_logprob_impl(name: str, device: torch.device):
 
 def sync_weights(engine, model) -> float:
     """Write the trainer's weights into the live engine, in place (see weight_sync.py)."""
-    dt = push_weights(engine.llm, named_weights_for_engine(model))
+    n = len(model.state_dict()) + 1  # + the output head, always sent
+    dt = push_weights(engine.llm, faults.hit_halfway("weight_sync", named_weights_for_engine(model), n))
     engine.wake_kv_cache()
     return dt
 
@@ -246,6 +249,7 @@ class Run:
     logprob_fn: object
     adv_fns: tuple
     sft_stream: object
+    step_records: dict  # the checkpointed step's metrics and game lines (written again if a kill lost them)
 
 
 def setup_run(cfg: TrainConfig) -> Run:
@@ -253,6 +257,7 @@ def setup_run(cfg: TrainConfig) -> Run:
     from .kernels import select_advantages_impl
     from .models import resolve_model
 
+    faults.target()  # a malformed FAST_SRT_KILL_AT is refused before anything starts
     run_dir = Path(cfg.run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
@@ -290,11 +295,12 @@ def setup_run(cfg: TrainConfig) -> Run:
     total_updates = max(1, int(cfg.steps * cfg.optim.updates_per_step * cfg.optim.lr_horizon_scale))
     scheduler = build_scheduler(optimizer, total_updates, int(cfg.optim.warmup_ratio * total_updates),
                                 cfg.optim.min_lr_ratio)
-    start_step = 0
+    start_step, step_records = 0, {}
     if state is not None:
         extra = restore_trainer_state(state, optimizer, scheduler)
         start_step = int(state["step"])
         pool.rng.setstate(_tuple_state(extra["seed_rng"]))
+        step_records = extra.get("step_records") or {}
     sft_stream = None
     if cfg.algo.sft_coef > 0:
         from .sft import SFTStream, build_sft_samples, load_sft_records
@@ -304,7 +310,7 @@ def setup_run(cfg: TrainConfig) -> Run:
     return Run(cfg, run_dir, autocast, pool, GameOptions(mode=cfg.game.mode, cot=cfg.game.cot),
                reward_function(cfg.game.reward), model, ref, engines, optimizer, scheduler, start_step,
                state is not None, pick_logprob_impl(cfg.logprob_impl, device),  # chosen once, never per call
-               select_advantages_impl(device), sft_stream)
+               select_advantages_impl(device), sft_stream, step_records)
 
 
 def old_and_ref_logprobs(run: Run, samples) -> tuple[list, list | None]:
@@ -329,8 +335,10 @@ def train(cfg: TrainConfig) -> Path:
                                                           tokenize=False, add_generation_prompt=True)]
     greedy = SamplingSpec(max_tokens=16, temperature=0.0, logprobs=False)
     prev_probe = engines.policy.generate(probe, greedy, phase="probe")[0].text
-    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=run.start_step if run.resumed else None)
-    games_log = MetricsLog(run_dir / "games.jsonl", resume_step=run.start_step if run.resumed else None)
+    resume_step = run.start_step if run.resumed else None
+    # a kill between the checkpoint and its metrics line loses no line: the checkpoint carries the step's records
+    log = MetricsLog(run_dir / "metrics.jsonl", resume_step, restore=run.step_records.get("metrics"))
+    games_log = MetricsLog(run_dir / "games.jsonl", resume_step, restore=run.step_records.get("games"))
     status = Status(cfg.steps)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -339,6 +347,7 @@ def train(cfg: TrainConfig) -> Path:
           f"impl {getattr(run.logprob_fn, '__name__', run.logprob_fn)}; from step {run.start_step}", flush=True)
 
     for step in range(run.start_step + 1, cfg.steps + 1):
+        faults.enter_step(step)
         timer, t0 = PhaseTimer(), time.perf_counter()
         gen_before = {id(e): {k: dict(v) for k, v in e.stats.per_phase.items()}
                       for e in (engines.policy, engines.judge.engine)}
@@ -392,16 +401,18 @@ def train(cfg: TrainConfig) -> Path:
                         "perf/tokens_per_s": (gen_tok + trained) / wall,
                         "perf/gen_tokens_per_s": gen_tok / max(gen_s, 1e-9)})
         metrics = to_floats(metrics)
+        records = {"metrics": [metrics], "games": [game_record(step, g) for g in games[: cfg.log_games]]}
         if step % cfg.save_every == 0 or step == cfg.steps:
             status.phase(step, "checkpoint")
             with timer("checkpoint"):
                 save_checkpoint(run_dir, step, model, engines.policy.tokenizer, run.optimizer, run.scheduler,
-                                {"seed_rng": _list_state(run.pool.rng.getstate())}, dataclasses.asdict(cfg),
-                                keep_last=cfg.keep_checkpoints)
-            metrics["time/checkpoint_s"] = timer.seconds["checkpoint"]
+                                {"seed_rng": _list_state(run.pool.rng.getstate()), "step_records": records},
+                                dataclasses.asdict(cfg), keep_last=cfg.keep_checkpoints)
+            faults.hit("after_checkpoint")
+            metrics = {**metrics, "time/checkpoint_s": timer.seconds["checkpoint"]}
         log.write(metrics)
-        for g in games[: cfg.log_games]:
-            games_log.write(game_record(step, g))
+        for rec in records["games"]:
+            games_log.write(rec)
         status.line(console_line(metrics))
     from .cli import _child_processes, throughput_lines
 

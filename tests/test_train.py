@@ -8,10 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
+from fast_srt import faults
+from fast_srt.faults import KILL_POINTS
 from fast_srt.metrics import read_metrics
 
 LEARN_STEPS = 30
@@ -26,8 +27,9 @@ def _tiny_args(model_dir, run_dir, *extra):
             "--algo.kl-coef", "0", "--run-dir", str(run_dir), *extra]
 
 
-def _train(args, **kw):
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+def _train(args, extra_env=None, **kw):
+    env = {k: v for k, v in os.environ.items() if k != faults.ENV}  # a kill only where a test asks for one
+    env.update(TOKENIZERS_PARALLELISM="false", **(extra_env or {}))
     return subprocess.run([sys.executable, "-m", "fast_srt.cli", "train", *args], capture_output=True, text=True,
                           env=env, **kw)
 
@@ -48,39 +50,65 @@ def test_defender_learns_rule_judge_optimum(tiny_model_dir, tmp_path, seed):
     assert reached is not None, f"reward never reached {LEARN_TARGET}: {rewards}"
 
 
-def test_sigkill_mid_step_then_resume(tiny_model_dir, tmp_path):
-    run = tmp_path / "run"
-    args = _tiny_args(tiny_model_dir, run, "--steps", "6", "--save-every", "1")
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen([sys.executable, "-m", "fast_srt.cli", "train", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
-    metrics = run / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        assert proc.poll() is None, "trainer ended before it could be killed"
-        time.sleep(0.05)
-    time.sleep(0.3)  # inside step 4: playing, training or writing its checkpoint
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done_before = len(read_metrics(metrics))
-    assert 3 <= done_before < 6
+KILL_STEP = 2
 
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_sigkill_at_each_point_then_resume(tiny_model_dir, tmp_path, point):
+    """FAST_SRT_KILL_AT kills the trainer at `point` of step 2 (a real SIGKILL, no timing); a resume loses at most
+    that step, never picks a partial checkpoint, logs every step exactly once, and ends with loadable weights."""
     from fast_srt.checkpoint import find_latest
 
+    run = tmp_path / "run"
+    args = _tiny_args(tiny_model_dir, run, "--steps", "3", "--save-every", "1", "--sampling.games-per-step", "8",
+                      "--log-games", "2")
+    p = _train(args, timeout=600, extra_env={"FAST_SRT_KILL_AT": f"{point}:{KILL_STEP}"})
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr[-3000:])
+    assert f"SIGKILL at {point}, step {KILL_STEP}" in p.stderr
+    assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1]  # killed before step 2's line
+
     latest = find_latest(run)
-    assert latest is not None and (latest / "model.safetensors").exists()
     ckpt_step = int(latest.name.split("_")[1])
-    assert ckpt_step >= done_before - 1 and ckpt_step >= 3  # at most one step lost
+    assert ckpt_step == (KILL_STEP if point == "after_checkpoint" else KILL_STEP - 1)
+    assert KILL_STEP - ckpt_step <= 1  # at most one step lost
+    partial = list((run / "checkpoints").glob(f".tmp-step_{KILL_STEP:08d}-*"))
+    if point == "checkpoint_partial":  # some files written, the rest not, and never picked
+        assert len(partial) == 1 and (partial[0] / "model.safetensors").is_file()
+        assert not (partial[0] / "COMPLETE").exists() and not (partial[0] / "trainer_state.pt").exists()
+    else:
+        assert not partial
+    print(f"kill point {point}: killed in step {KILL_STEP}, resume from checkpoint step {ckpt_step}, "
+          f"steps lost {KILL_STEP - ckpt_step}")
 
     p = _train(args + ["--resume"], timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    steps = [m["step"] for m in read_metrics(metrics)]
-    assert steps == [1, 2, 3, 4, 5, 6], steps  # metrics continue exactly where the checkpoint left off
-    game_steps = [g["step"] for g in read_metrics(run / "games.jsonl")]
-    assert game_steps == sorted(game_steps) and set(game_steps) == {1, 2, 3, 4, 5, 6}
-    assert int(find_latest(run).name.split("_")[1]) == 6
+    assert f"from step {ckpt_step}" in p.stdout
+    assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
+    games = read_metrics(run / "games.jsonl")
+    assert [g["step"] for g in games] == [1, 1, 2, 2, 3, 3]
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    final = find_latest(run)
+    assert final.name == "step_00000003"
+    assert_loads_in_transformers_and_vllm(final)
+
+
+def assert_loads_in_transformers_and_vllm(ckpt):
+    """Finite weights; transformers and vLLM both load the checkpoint and generate the same greedy tokens."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from fast_srt.engine import Engine, SamplingSpec
+
+    w = load_file(str(ckpt / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in w.values())
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    eng = Engine(ckpt, dtype="float32", max_model_len=256, kv_cache_gib=1, name="ckpt")
+    prompt = "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+    g = eng.generate([prompt], SamplingSpec(max_tokens=8, temperature=0.0))[0]
+    ids = torch.tensor([g.prompt_ids])
+    hf_ids = hf.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert hf_ids[: len(g.token_ids)] == g.token_ids
 
 
 def test_nan_loss_step_is_skipped_and_training_continues(tiny_model_dir, tmp_path):
@@ -93,25 +121,7 @@ def test_nan_loss_step_is_skipped_and_training_continues(tiny_model_dir, tmp_pat
     assert m[1]["optim/skipped_updates"] == 4 and m[1]["optim/updates"] == 0
     assert m[0]["optim/skipped_updates"] == 0 and m[2]["optim/updates"] == 4
     assert "skipped" in p.stdout
-    import torch
-    from safetensors.torch import load_file
-
-    ckpt = run / "checkpoints" / "step_00000003"
-    w = load_file(str(ckpt / "model.safetensors"))
-    assert all(torch.isfinite(t).all() for t in w.values())
-
-    # the checkpoint is an ordinary HF directory: transformers and vLLM both load it and generate the same tokens
-    from transformers import AutoModelForCausalLM
-
-    from fast_srt.engine import Engine, SamplingSpec
-
-    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-    eng = Engine(ckpt, dtype="float32", max_model_len=256, kv_cache_gib=1, name="ckpt")
-    prompt = "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
-    g = eng.generate([prompt], SamplingSpec(max_tokens=8, temperature=0.0))[0]
-    ids = torch.tensor([g.prompt_ids])
-    hf_ids = hf.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
-    assert hf_ids[: len(g.token_ids)] == g.token_ids
+    assert_loads_in_transformers_and_vllm(run / "checkpoints" / "step_00000003")
 
 
 def _one_line_error(p):
