@@ -126,6 +126,49 @@ def _save_model(model, out: Path) -> None:
         model.config.use_cache = use_cache
 
 
+def _write_checkpoint_files(tmp: Path, step, model, tokenizer, optimizer, scheduler, extra_state, config) -> None:
+    _save_model(model, tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    faults.hit("checkpoint_partial")
+    faults.disk_full_check(step)
+    state = {"format": FORMAT_VERSION, "step": int(step), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+             "rng": rng_state(), "extra": extra_state}
+    torch.save(state, tmp / STATE_FILE)
+    (tmp / RUN_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+    (tmp / COMPLETE).write_text(f"{step}\n")
+    _fsync_tree(tmp)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def checkpoint_bytes(model) -> int:
+    """Upper estimate of one checkpoint's size: fp32 weights (merged, with LoRA: plus the adapters), AdamW's two
+    fp32 states per trained parameter, and 64 MiB for the tokenizer and small files."""
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return 4 * total + 2 * 4 * trained + 4 * trained * (trained != total) + (64 << 20)
+
+
+def check_free_space(run_dir: str | Path, need: int) -> None:
+    """UserError before the first step when the run directory's disk cannot hold one more checkpoint (a save writes
+    the new checkpoint in full before an old one is deleted)."""
+    where = Path(run_dir).absolute()
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise UserError(f"run directory {run_dir}: a checkpoint needs about {_gib(need)} GiB and its disk has "
+                        f"{_gib(free)} GiB free; free space or pass a --run-dir on another disk")
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer, scheduler, extra_state: dict,
                     config: dict, keep_last: int = 2) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it, keep the newest `keep_last`. Returns its path."""
@@ -137,18 +180,15 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer,
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     final = root / _step_dir_name(step)
     tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
-
-    _save_model(model, tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    faults.hit("checkpoint_partial")
-    state = {"format": FORMAT_VERSION, "step": int(step), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-             "rng": rng_state(), "extra": extra_state}
-    torch.save(state, tmp / STATE_FILE)
-    (tmp / RUN_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-    (tmp / COMPLETE).write_text(f"{step}\n")
-    _fsync_tree(tmp)
+    try:
+        _write_checkpoint_files(tmp, step, model, tokenizer, optimizer, scheduler, extra_state, config)
+    except OSError as e:  # disk full, quota, permissions: one clear line, the previous checkpoint untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        prev = find_latest(run_dir)
+        raise UserError(f"writing checkpoint step {step} to {root} failed ({e.strerror or e}); "
+                        f"{f'the previous checkpoint {prev.name} is intact' if prev else 'no earlier checkpoint'}"
+                        f"; free space (a checkpoint needs about {_gib(_tree_bytes(prev)) if prev else '?'} GiB) "
+                        f"and run again with --resume") from None
 
     if final.exists():  # re-saving a step (after a resume): swap, never leave a gap without the step
         old = root / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"

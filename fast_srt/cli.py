@@ -10,13 +10,31 @@ import sys
 import textwrap
 import time
 
+from .engine import QUIET_ENV
 from .errors import UserError
 
-USAGE = """usage: fast-srt {train,play} [--help] [options]
+USAGE = """usage: fast-srt {train,play} [--help] [--verbose] [options]
 
   train [PRESET] [--options]   self-play RL training (the main job); `fast-srt train --help` lists presets
   play [--options]             play one batch of real games and print them side by side
+  --verbose                    let vLLM, transformers and torch log at their own levels (quiet by default)
 """
+
+
+def quiet_libraries() -> None:
+    """vLLM, transformers and the hub at error level, set before any of them is imported: the console then holds
+    fast_srt's own lines (the plan, one line per step, the report) and real errors."""
+    import logging
+    import warnings
+
+    for k, v in (("VLLM_LOGGING_LEVEL", "ERROR"), ("TRANSFORMERS_VERBOSITY", "error"),
+                 ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TQDM_DISABLE", "1"), ("TORCH_CPP_LOG_LEVEL", "ERROR"),
+                 (QUIET_ENV, "1")):
+        os.environ.setdefault(k, v)
+    logging.getLogger("vllm").setLevel(logging.ERROR)  # vLLM warns at import, before it configures its logger
+
+    warnings.filterwarnings("ignore")  # libraries' warnings...
+    warnings.filterwarnings("default", module="fast_srt")  # ...but never fast_srt's own (partial checkpoints etc.)
 
 
 def _short(text: str, n: int) -> str:
@@ -89,7 +107,8 @@ def play_main(argv: list[str]) -> None:
     pool = SeedPool(cfg.game, rng_seed=cfg.seed)  # seed files are checked before any model loads
     options = GameOptions(mode=cfg.game.mode, cot=cfg.game.cot)
     reward_fn = reward_function(cfg.game.reward)
-    engines = build_engines(cfg.model, cfg.game, trains=False, seed=cfg.seed)
+    engines = build_engines(cfg.model, cfg.game, trains=False, seed=cfg.seed,
+                            judge_max_tokens=cfg.sampling.judge_max_tokens)
     t_ready = time.perf_counter()
     s = cfg.sampling
     spec = SamplingSpec(max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=None)
@@ -128,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
+    verbose = "--verbose" in argv
+    argv = [a for a in argv if a != "--verbose"]
+    if not verbose:
+        quiet_libraries()
     cmd, rest = argv[0], argv[1:]
     try:
         if cmd == "play":

@@ -35,10 +35,15 @@ class ModelConfig:
     """Longest prompt + generation the engines accept, in tokens."""
     kv_cache_gib: float = 2.0
     """KV-cache budget per engine in GiB (host RAM on CPU, device memory on GPU)."""
+    judge_max_model_len: int = 4096
+    """Longest judge input + answer, in tokens, for a judge on its own engine (capped at the judge model's
+    context). Longer (prompt, response) pairs are cut to fit, and counted (judge/truncated_total)."""
 
     def __post_init__(self):
         _require(self.kv_cache_gib > 0, f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
         _require(self.max_model_len >= 64, f"max_model_len must be >= 64, got {self.max_model_len}")
+        _require(self.judge_max_model_len >= 128,
+                 f"judge_max_model_len must be >= 128, got {self.judge_max_model_len}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,13 +73,15 @@ class SamplingConfig:
     top_p: float = 1.0
     """Nucleus sampling for both roles."""
     judge_max_tokens: int = 24
-    """Generation limit for the judge's three-line answer."""
+    """Generation limit for the judge's three-line answer (raised to the longest constrained answer when the judge
+    is constrained, so it can never be cut)."""
 
     def __post_init__(self):
         _require(self.games_per_step >= 2, f"games_per_step must be >= 2, got {self.games_per_step}")
         _require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         _require(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        _require(self.judge_max_tokens >= 1, f"judge_max_tokens must be >= 1, got {self.judge_max_tokens}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,8 +152,6 @@ class OptimConfig:
     """Optimizer steps per rollout (the batch is split into this many mini-batches; slightly off-policy)."""
     micro_batch_tokens: int = 4096
     """Packed tokens per forward/backward (gradient accumulation inside a mini-batch); no padding."""
-    lr_horizon_scale: float = 1.5
-    """Scheduler horizon = steps * updates_per_step * this (the reference's 1.5 for the extra attacker samples)."""
 
     def __post_init__(self):
         _require(self.lr > 0, f"lr must be > 0, got {self.lr}")

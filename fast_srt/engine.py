@@ -1,8 +1,10 @@
 """The in-process generation engine: a thin wrapper over vLLM's public API (`LLM`, `SamplingParams`).
 
 One `Engine` is one `vllm.LLM` living in the caller's process (V1 multiprocessing off: no child engine process).
-It takes already-templated prompt strings and returns, per prompt, the prompt ids, the generated ids, the text and
-the sampled-token log-probs (after temperature, so the trainer can correct for sampler/trainer mismatch).
+It takes already-templated prompt strings, tokenizes them itself WITHOUT adding special tokens (a chat template
+already writes the BOS token where the model wants one: letting vLLM add another gives Llama-3 prompts two BOS
+tokens) and sends token ids; it returns, per prompt, the prompt ids, the generated ids, the text and the
+sampled-token log-probs (after temperature, so the trainer can correct for sampler/trainer mismatch).
 
 Everything below vLLM's public API (writing weights into the live engine) lives in `weight_sync.py`.
 """
@@ -16,6 +18,9 @@ from pathlib import Path
 
 from . import faults
 from .errors import UserError
+
+
+QUIET_ENV = "FAST_SRT_QUIET"  # set by the CLI unless --verbose: no weight-loading progress bars
 
 
 @dataclass(frozen=True)
@@ -87,8 +92,9 @@ class Engine:
 
         self.name = name
         self.model_dir = str(model_dir)
+        self.dtype, self.max_model_len = dtype, max_model_len
         kwargs = dict(dtype=dtype, max_model_len=max_model_len, seed=seed, enforce_eager=enforce_eager,
-                      logprobs_mode="processed_logprobs")
+                      logprobs_mode="processed_logprobs", use_tqdm_on_load=os.environ.get(QUIET_ENV) != "1")
         if not on_cpu:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
             kwargs["enable_sleep_mode"] = True  # lets the KV cache be released while training
@@ -118,7 +124,13 @@ class Engine:
             structured_outputs=StructuredOutputsParams(regex=spec.regex) if spec.regex else None,
         )
         t0 = time.perf_counter()
-        outs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=lora)
+        ids = [{"prompt_token_ids": self.encode(p)} for p in prompts]
+        too_long = [len(x["prompt_token_ids"]) for x in ids if len(x["prompt_token_ids"]) >= self.max_model_len]
+        if too_long:
+            raise UserError(f"{len(too_long)} prompt(s) of up to {max(too_long)} tokens do not fit the {self.name} "
+                            f"engine's max_model_len {self.max_model_len}; raise --model.max-model-len or shorten "
+                            f"the seeds")
+        outs = self.llm.generate(ids, params, use_tqdm=False, lora_request=lora)
         dt = time.perf_counter() - t0
         if phase in ("attacker", "defender"):
             faults.hit("generate")
@@ -140,6 +152,10 @@ class Engine:
         ph["seconds"] += dt
         ph["sequences"] += len(gens)
         return gens
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of an already-templated prompt, no special tokens added."""
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
     def release_for_training(self) -> None:
         """GPU only (vLLM has no sleep mode on CPU): discard the KV cache while training; the weights stay resident.

@@ -11,6 +11,11 @@ POINT is one of KILL_POINTS:
     after_checkpoint    after the checkpoint is complete and `latest` points at it, before the step's metrics line
     weight_sync         during the weight write into the live engine: half of the tensors written, the rest not
 
+    FAST_SRT_DISK_FULL_AT=STEP fast-srt train ...
+
+makes the checkpoint write of step STEP fail with ENOSPC after the weights are written, as a full disk would
+(the trainer must turn it into one clear line and keep the previous checkpoint).
+
 The kill is a real SIGKILL of the trainer's own process (no handler runs, no file is closed): crash tests put the
 fault exactly where it must happen instead of sleeping and hoping the trainer is there. Unset: every hook is a
 no-op costing one comparison.
@@ -18,6 +23,7 @@ no-op costing one comparison.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -25,6 +31,7 @@ import sys
 from .errors import UserError
 
 ENV = "FAST_SRT_KILL_AT"
+DISK_FULL_ENV = "FAST_SRT_DISK_FULL_AT"
 KILL_POINTS = ("generate", "update", "checkpoint_partial", "after_checkpoint", "weight_sync")
 
 _step: int | None = None  # the step the trainer is in (set by the loop)
@@ -61,6 +68,17 @@ def hit(point: str) -> None:
     print(f"[{ENV}] SIGKILL at {point}, step {_step}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def disk_full_check(step: int) -> None:
+    """Raise ENOSPC if FAST_SRT_DISK_FULL_AT names this checkpoint step."""
+    value = os.environ.get(DISK_FULL_ENV)
+    if not value:
+        return
+    if not value.isdigit():
+        raise UserError(f"{DISK_FULL_ENV}={value!r}: expected a step number; unset it to train normally")
+    if int(value) == step:
+        raise OSError(errno.ENOSPC, f"No space left on device (injected by {DISK_FULL_ENV})")
 
 
 def hit_halfway(point: str, items, n: int):

@@ -96,3 +96,14 @@ def is_finite_loss(loss: torch.Tensor) -> torch.Tensor:
     """0-dim bool tensor, True when loss has no NaN/inf. Reading it (bool(...) / .item()) is a host sync:
     do it once per micro-step, before backward, so a bad micro-batch is skipped without touching gradients."""
     return torch.isfinite(loss.detach()).all()
+
+
+def kl_k3_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+               num_tokens: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """KL(pi || pi_ref) as a loss term (the GRPO way, k3 estimator, unbiased and >= 0 per token):
+    k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1, token mean over the mask (or sum / num_tokens)."""
+    d = (ref_logp.detach() - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [T]
+    k3 = torch.exp(d) - d - 1.0  # [T]
+    loss = torch.where(mask, k3, 0.0).sum() / _denominator(mask, num_tokens)
+    return loss, {"loss/kl_k3": loss.detach()}
+

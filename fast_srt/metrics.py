@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,22 +79,38 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 class Status:
-    """A live one-line progress display on a terminal (plain lines when stdout is not a tty)."""
+    """A live progress line on a terminal: the step, its phase and the seconds spent in it, refreshed every second
+    while a long phase runs (plain step lines only when stdout is not a tty)."""
 
     def __init__(self, total_steps: int):
         self.total = total_steps
         self.tty = sys.stdout.isatty()
+        self._msg, self._t0 = "", 0.0
+        self._lock = threading.Lock()
+        if self.tty:
+            threading.Thread(target=self._tick, daemon=True).start()
+
+    def _tick(self) -> None:
+        while True:
+            time.sleep(1.0)
+            with self._lock:
+                if self._msg:
+                    sys.stdout.write(f"\r\033[K{self._msg} {time.perf_counter() - self._t0:.0f} s")
+                    sys.stdout.flush()
 
     def phase(self, step: int, name: str) -> None:
-        msg = f"step {step}/{self.total}: {name}..."
-        if self.tty:
-            sys.stdout.write("\r\033[K" + msg)
-            sys.stdout.flush()
+        with self._lock:
+            self._msg, self._t0 = f"step {step}/{self.total}: {name}...", time.perf_counter()
+            if self.tty:
+                sys.stdout.write("\r\033[K" + self._msg)
+                sys.stdout.flush()
 
     def line(self, text: str) -> None:
-        if self.tty:
-            sys.stdout.write("\r\033[K")
-        print(text, flush=True)
+        with self._lock:
+            self._msg = ""
+            if self.tty:
+                sys.stdout.write("\r\033[K")
+            print(text, flush=True)
 
 
 def console_line(m: dict) -> str:

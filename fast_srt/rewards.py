@@ -60,8 +60,9 @@ GENERAL_SUM_ALL_ONE = RewardCoeffs(faithfulness=1.0, attacker_refusal=1.0)
 
 @dataclass(frozen=True)
 class GameRewards:
-    """attacker is None for vanilla games (no attacker turn) and for dropped games; defender is None only when
-    dropped. outcome: one of OUTCOME_NAMES' values, "tie", or "dropped"."""
+    """attacker is None for vanilla games (no attacker turn) and for dropped games; defender is None when dropped
+    and when the attacker's prompt was empty. outcome: one of OUTCOME_NAMES' values, "tie", "dropped" or
+    "empty_attack"."""
 
     attacker: float | None
     defender: float | None
@@ -72,6 +73,14 @@ class GameRewards:
 
 
 DROPPED = GameRewards(attacker=None, defender=None, tie=False, dropped=True, outcome="dropped", terms={})
+
+
+def empty_attack_rewards(c: float = 1.0) -> GameRewards:
+    """An attacker turn whose public text is empty (no answer, or an empty <answer></answer>): a format violation
+    (-c for the attacker, with or without CoT), never a tie that would hide it. The defender answered nothing and
+    gets no reward (its turn is not trained)."""
+    return GameRewards(attacker=-c, defender=None, tie=False, dropped=False, outcome="empty_attack",
+                       terms={"attacker/format": -c})
 
 
 def _pm(good: bool, c: float) -> float:

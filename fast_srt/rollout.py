@@ -15,7 +15,7 @@ from .errors import UserError
 from .game import (DataType, FormatResult, GameOptions, Seed, build_attacker_prompt, build_defender_prompt,
                    check_format, is_generated)
 from .judge import JUDGE_OUTPUT_REGEX, JudgeLabels, build_judge_messages, build_wildguard_prompt, parse_judge_output
-from .rewards import GameRewards, RewardFn
+from .rewards import GameRewards, RewardFn, empty_attack_rewards
 
 
 @dataclass
@@ -65,6 +65,8 @@ class Judge:
         self.max_tokens = max(max_tokens, len(LONGEST_JUDGE_ANSWER) + 2) if constrained else max_tokens
         self.parse_failures = 0
         self.calls = 0
+        self.truncated = 0  # pairs cut to fit the judge engine's length
+        self.too_long = 0  # pairs that could not fit at all (not judged: a tie)
 
     def prompt(self, prompt: str, response: str) -> str:
         if self.template == "wildguard":
@@ -80,17 +82,51 @@ class Judge:
         an n/a prompt label (WildGuard's own answer for an empty response), which makes the game a tie."""
         spec = SamplingSpec(max_tokens=self.max_tokens, temperature=0.0, logprobs=False,
                             regex=JUDGE_OUTPUT_REGEX if self.constrained else None)
-        todo = [i for i, (p, r) in enumerate(pairs) if p.strip() and r.strip()]
-        gens = self.engine.generate([self.prompt(*pairs[i]) for i in todo], spec, phase="judge")
-        out: list[tuple[JudgeLabels, str]] = []
-        for p, r in pairs:
-            out.append((JudgeLabels(None, None, None), "<empty: not judged>"))
+        out: list[tuple[JudgeLabels, str]] = [(JudgeLabels(None, None, None), "<empty: not judged>")] * len(pairs)
+        todo, texts = [], []
+        for i, (p, r) in enumerate(pairs):
+            if not (p.strip() and r.strip()):
+                continue
+            text = self.fit(p, r)
+            if text is None:
+                out[i] = (JudgeLabels(None, None, None), "<too long for the judge: not judged>")
+                continue
+            todo.append(i)
+            texts.append(text)
+        gens = self.engine.generate(texts, spec, phase="judge")
         for i, g in zip(todo, gens):
             labels = parse_judge_output(g.text)
             self.parse_failures += labels.parse_error
             out[i] = (labels, g.text)
         self.calls += len(todo)
         return out
+
+    def fit(self, prompt: str, response: str) -> str | None:
+        """The judge input for the pair, cut to leave room for the answer within the engine's max_model_len: the
+        response loses its tail first (down to 16 tokens), then the prompt. None if even that cannot fit."""
+        limit = self.engine.max_model_len - self.max_tokens - 1
+        text = self.prompt(prompt, response)
+        n = len(self.engine.encode(text))
+        if n <= limit:
+            return text
+        self.truncated += 1
+        tok = self.engine.tokenizer
+        for _ in range(4):  # re-encoding a cut text can shift a token or two
+            over = n - limit + 4
+            p_ids = tok(prompt, add_special_tokens=False).input_ids
+            r_ids = tok(response, add_special_tokens=False).input_ids
+            cut_r = min(over, max(0, len(r_ids) - 16))
+            cut_p = min(over - cut_r, len(p_ids) - 1)
+            if cut_r <= 0 and cut_p <= 0:
+                break
+            prompt = tok.decode(p_ids[: len(p_ids) - max(cut_p, 0)])
+            response = tok.decode(r_ids[: len(r_ids) - cut_r])
+            text = self.prompt(prompt, response)
+            n = len(self.engine.encode(text))
+            if n <= limit:
+                return text
+        self.too_long += 1
+        return None
 
 
 def _vowel_refusal(prompt: str, response: str) -> JudgeLabels:
@@ -112,8 +148,7 @@ class RuleJudge:
         if name not in RULES:
             raise UserError(f"unknown rule judge {name!r}; rules: {', '.join(RULES)}")
         self.rule, self.engine = RULES[name], engine
-        self.parse_failures = 0
-        self.calls = 0
+        self.parse_failures = self.calls = self.truncated = self.too_long = 0
 
     def score(self, pairs: list[tuple[str, str]]) -> list[tuple[JudgeLabels, str]]:
         self.calls += len(pairs)
@@ -157,10 +192,13 @@ def play_games(policy: Engine, judge: Judge, seeds: list[tuple[Seed, DataType]],
         a = attackers.get(i)
         a_fmt = a.fmt.valid if a is not None and a.fmt is not None else None
         d_fmt = d.fmt.valid if d.fmt is not None else None
+        if a is not None and not a.public.strip():  # nothing to defend against, nothing to judge
+            game = Game(seed, dt, a, d, labels, jtext, empty_attack_rewards(c=1.0))
+            game.notes.append("empty attacker prompt: format penalty for the attacker, defender turn not trained")
+            games.append(game)
+            continue
         game = Game(seed, dt, a, d, labels, jtext, reward_fn(labels, dt, a_fmt, d_fmt, cot))
         if not d.public.strip():
             game.notes.append("empty defender answer")
-        if a is not None and not a.public.strip():
-            game.notes.append("empty attacker prompt")
         games.append(game)
     return games

@@ -33,37 +33,54 @@ class Engines:
 
 
 def build_engines(mcfg: ModelConfig, game: GameConfig, *, trains: bool, seed: int, max_model_len: int | None = None,
-                  policy_dir: Path | None = None) -> Engines:
-    policy_dir = policy_dir or resolve_model(mcfg.model, mcfg.dtype)
+                  policy_dir: Path | None = None, base_dir: Path | None = None, judge_max_tokens: int = 24,
+                  ) -> Engines:
+    """policy_dir: the weights the policy engine starts from (a checkpoint on resume); base_dir: the policy's base
+    model, which the base-model judge and attacker_only's frozen defender always hold (never a checkpoint)."""
+    base_dir = Path(base_dir or resolve_model(mcfg.model, mcfg.dtype))
+    policy_dir = Path(policy_dir or base_dir)
     mml = max_model_len or mcfg.max_model_len
     policy = Engine(policy_dir, dtype=mcfg.dtype, max_model_len=mml, kv_cache_gib=mcfg.kv_cache_gib, seed=seed,
                     name="policy")
     if mcfg.judge_model.startswith("rule:"):
-        frozen = policy_engine_for_frozen_defender(mcfg, game, policy, policy_dir, mml, seed)
-        return Engines(policy, RuleJudge(mcfg.judge_model[5:], policy), frozen, Path(policy_dir), True)
+        frozen = frozen_defender_engine(mcfg, game, base_dir, mml, seed)
+        return Engines(policy, RuleJudge(mcfg.judge_model[5:], policy), frozen, policy_dir, True)
     judge_is_base = mcfg.judge_model == "policy"
     shared = judge_is_base and not trains
     if shared:
         judge_engine = policy
     else:
-        judge_dir = resolve_model(mcfg.model if judge_is_base else mcfg.judge_model, mcfg.dtype)
-        judge_engine = Engine(judge_dir, dtype=mcfg.dtype, max_model_len=mml, kv_cache_gib=mcfg.kv_cache_gib,
-                              seed=seed, name="judge")
+        judge_dir = base_dir if judge_is_base else resolve_model(mcfg.judge_model, mcfg.dtype)
+        judge_engine = Engine(judge_dir, dtype=mcfg.dtype, max_model_len=judge_context(judge_dir, mcfg),
+                              kv_cache_gib=mcfg.kv_cache_gib, seed=seed, name="judge")
     frozen = None
     if game.mode == "attacker_only":
         if judge_is_base and judge_engine is not policy:
             frozen = judge_engine
         else:
-            frozen = policy_engine_for_frozen_defender(mcfg, game, policy, policy_dir, mml, seed)
-    judge = Judge(judge_engine, template=mcfg.judge_template, constrained=mcfg.judge_constrained)
-    return Engines(policy, judge, frozen, Path(policy_dir), shared)
+            frozen = frozen_defender_engine(mcfg, game, base_dir, mml, seed)
+    judge = Judge(judge_engine, template=mcfg.judge_template, constrained=mcfg.judge_constrained,
+                  max_tokens=judge_max_tokens)
+    return Engines(policy, judge, frozen, policy_dir, shared)
 
 
-def policy_engine_for_frozen_defender(mcfg, game, policy, policy_dir, mml, seed) -> Engine | None:
+def judge_context(judge_dir: Path, mcfg: ModelConfig) -> int:
+    """The judge engine's own length: judge_max_model_len, capped at the judge model's context window."""
+    import json
+
+    try:
+        cfg = json.loads((Path(judge_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    ctx = cfg.get("max_position_embeddings") or cfg.get("text_config", {}).get("max_position_embeddings")
+    return min(mcfg.judge_max_model_len, int(ctx)) if ctx else mcfg.judge_max_model_len
+
+
+def frozen_defender_engine(mcfg, game, base_dir, mml, seed) -> Engine | None:
     """attacker_only mode: a separate engine with the frozen base model answers as defender."""
     if game.mode != "attacker_only":
         return None
-    return Engine(policy_dir, dtype=mcfg.dtype, max_model_len=mml, kv_cache_gib=mcfg.kv_cache_gib, seed=seed,
+    return Engine(base_dir, dtype=mcfg.dtype, max_model_len=mml, kv_cache_gib=mcfg.kv_cache_gib, seed=seed,
                   name="frozen_defender")
 
 

@@ -164,3 +164,17 @@ class SFTStream:
 
     def __len__(self) -> int:
         return len(self._samples)
+
+    def state_dict(self) -> dict:
+        """Where the stream is (checkpointed, so a resumed run continues the same sequence)."""
+        version, internal, gauss = self._rng.getstate()
+        return {"rng": [version, list(internal), gauss], "order": list(self._order), "pos": self._pos,
+                "passes": self.passes, "n": len(self._samples)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["n"] != len(self._samples):
+            raise UserError(f"the SFT data holds {len(self._samples)} samples but the checkpoint's stream was over "
+                            f"{state['n']}: resume with the SFT data the run started with")
+        version, internal, gauss = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+        self._order, self._pos, self.passes = list(state["order"]), int(state["pos"]), int(state["passes"])

@@ -13,7 +13,8 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+BOS_TEMPLATE = "{{ bos_token }}" + CHATML_TEMPLATE  # Llama-3 style: the template writes the BOS token itself
+_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>"]
 _CORPUS = [
     "Let's think step by step. <think> reasoning here </think> <answer> the answer </answer>",
     "I'm sorry, but I can't help with that request. Here is a safe answer instead.",
@@ -25,8 +26,10 @@ _CORPUS = [
 ]
 
 
-def make_tokenizer(vocab_size: int = 384):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def make_tokenizer(vocab_size: int = 384, bos: bool = False):
+    """bos=True: a Llama-3-like tokenizer that adds <|begin_of_text|> when asked for special tokens AND whose chat
+    template writes it too (so text from the template, encoded with special tokens, starts with two BOS)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -35,17 +38,23 @@ def make_tokenizer(vocab_size: int = 384):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    if bos:
+        bos_id = tok.token_to_id("<|begin_of_text|>")
+        tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                           special_tokens=[("<|begin_of_text|>", bos_id)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   bos_token=None, unk_token=None, chat_template=CHATML_TEMPLATE)
+                                   bos_token="<|begin_of_text|>" if bos else None, unk_token=None,
+                                   chat_template=BOS_TEMPLATE if bos else CHATML_TEMPLATE,
+                                   add_bos_token=bos)
 
 
 def make_tiny_model(out_dir: str | Path, arch: str = "llama", hidden: int = 64, layers: int = 2,
-                    tie: bool = True, seed: int = 0, dtype: str = "float32") -> Path:
+                    tie: bool = True, seed: int = 0, dtype: str = "float32", bos: bool = False) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     out = Path(out_dir)  # 2 heads of hidden/2: vLLM's CPU attention rejects head_dim 16
-    tok = make_tokenizer()
+    tok = make_tokenizer(bos=bos)
     common = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
                   tie_word_embeddings=tie, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,

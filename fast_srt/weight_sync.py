@@ -35,18 +35,24 @@ def engine_model(llm) -> torch.nn.Module:
     return _model_runner(llm).get_model()
 
 
-def named_weights_for_engine(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Checkpoint-format (name, tensor) pairs of an HF causal LM, detached, lm_head included even when tied."""
+def named_weights_for_engine(model: torch.nn.Module, dtype: torch.dtype | str | None = None,
+                             ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Checkpoint-format (name, tensor) pairs of an HF causal LM, detached, lm_head included even when tied, cast
+    one tensor at a time to the engine's dtype (the trainer's fp32 master weights would otherwise make vLLM warn
+    once per tensor per write, and convert them itself)."""
     from .lora import has_lora, merged_state_dict
 
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    cast = (lambda t: t.detach().to(dtype)) if dtype is not None else (lambda t: t.detach())  # noqa: E731
     sent_head = False
     state = merged_state_dict(model) if has_lora(model) else model.state_dict(keep_vars=False)
     for name, p in state.items():
         if name == "lm_head.weight":
             sent_head = True
-        yield name, p.detach()
+        yield name, cast(p)
     if not sent_head:
-        yield "lm_head.weight", model.get_output_embeddings().weight.detach()
+        yield "lm_head.weight", cast(model.get_output_embeddings().weight)
 
 
 def push_weights(llm, weights: Iterable[tuple[str, torch.Tensor]]) -> float:

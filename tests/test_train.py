@@ -28,7 +28,7 @@ def _tiny_args(model_dir, run_dir, *extra):
 
 
 def _train(args, extra_env=None, **kw):
-    env = {k: v for k, v in os.environ.items() if k != faults.ENV}  # a kill only where a test asks for one
+    env = {k: v for k, v in os.environ.items() if k not in (faults.ENV, faults.DISK_FULL_ENV)}  # faults on demand
     env.update(TOKENIZERS_PARALLELISM="false", **(extra_env or {}))
     return subprocess.run([sys.executable, "-m", "fast_srt.cli", "train", *args], capture_output=True, text=True,
                           env=env, **kw)
@@ -92,23 +92,35 @@ def test_sigkill_at_each_point_then_resume(tiny_model_dir, tmp_path, point):
     assert_loads_in_transformers_and_vllm(final)
 
 
+VLLM_GREEDY = """
+import json, sys
+from fast_srt.engine import Engine, SamplingSpec
+eng = Engine(sys.argv[1], dtype="float32", max_model_len=256, kv_cache_gib=1, name="ckpt")
+g = eng.generate([sys.argv[2]], SamplingSpec(max_tokens=8, temperature=0.0))[0]
+print(json.dumps({"prompt_ids": g.prompt_ids, "token_ids": g.token_ids}))
+"""
+
+
 def assert_loads_in_transformers_and_vllm(ckpt):
-    """Finite weights; transformers and vLLM both load the checkpoint and generate the same greedy tokens."""
+    """Finite weights; transformers and vLLM both load the checkpoint and generate the same greedy tokens. vLLM runs
+    in its own process: tearing an in-process engine down would also tear down the test session's engine."""
+    import json
+
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from fast_srt.engine import Engine, SamplingSpec
-
     w = load_file(str(ckpt / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in w.values())
-    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-    eng = Engine(ckpt, dtype="float32", max_model_len=256, kv_cache_gib=1, name="ckpt")
     prompt = "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
-    g = eng.generate([prompt], SamplingSpec(max_tokens=8, temperature=0.0))[0]
-    ids = torch.tensor([g.prompt_ids])
+    p = subprocess.run([sys.executable, "-c", VLLM_GREEDY, str(ckpt), prompt], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    g = json.loads(p.stdout.strip().splitlines()[-1])
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    ids = torch.tensor([g["prompt_ids"]])
     hf_ids = hf.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
-    assert hf_ids[: len(g.token_ids)] == g.token_ids
+    assert g["token_ids"] and hf_ids[: len(g["token_ids"])] == g["token_ids"]
 
 
 def test_nan_loss_step_is_skipped_and_training_continues(tiny_model_dir, tmp_path):
@@ -122,6 +134,74 @@ def test_nan_loss_step_is_skipped_and_training_continues(tiny_model_dir, tmp_pat
     assert m[0]["optim/skipped_updates"] == 0 and m[2]["optim/updates"] == 4
     assert "skipped" in p.stdout
     assert_loads_in_transformers_and_vllm(run / "checkpoints" / "step_00000003")
+
+
+def test_sampling_temperature_reaches_the_trainer(tiny_model_dir, tmp_path):
+    """At T=0.7 the trainer's log-probs are vLLM's (fp32): importance weights within 1e-3 of 1, and KL exactly 0
+    at the first step (the reference and the policy are the same weights, computed the same way)."""
+    run = tmp_path / "run"
+    p = _train(_tiny_args(tiny_model_dir, run, "--steps", "1", "--sampling.temperature", "0.7",
+                          "--sampling.max-new-tokens", "16", "--algo.kl-coef", "0.01"), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = read_metrics(run / "metrics.jsonl")[0]
+    print({k: m[k] for k in ("is/ratio_min", "is/ratio_max", "is/logp_mismatch_max_abs", "kl/mean")})
+    assert 1 - 1e-3 <= m["is/ratio_min"] <= m["is/ratio_max"] <= 1 + 1e-3
+    assert m["kl/mean"] == 0.0
+
+
+def test_bf16_run_console_is_quiet_and_reference_kl_starts_at_zero(tiny_model_dir, tmp_path):
+    """bf16 engine and autocast: weights reach the engine in its dtype (no per-tensor vLLM warning), the libraries
+    stay quiet, and the bf16 reference gives KL exactly 0 at the first step."""
+    run = tmp_path / "run"
+    args = _tiny_args(tiny_model_dir, run, "--steps", "3", "--model.dtype", "bfloat16", "--algo.kl-coef", "0.01",
+                      "--sampling.games-per-step", "8")
+    p = _train(args, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = p.stdout + p.stderr
+    assert "Attempted to load weight" not in out
+    lines = out.splitlines()
+    print(f"{len(lines)} console lines:\n" + "\n".join(lines))
+    assert len(lines) <= 20, out
+    m = read_metrics(run / "metrics.jsonl")
+    assert m[0]["kl/mean"] == 0.0 and any(x["kl/mean"] != 0.0 for x in m[1:])  # it can move
+
+
+def test_bad_input_sampling_the_trainer_cannot_follow():
+    assert "top_p 0.9 is not supported for training" in _one_line_error(_train(["--sampling.top-p", "0.9"]))
+    assert "greedy decoding" in _one_line_error(_train(["--sampling.temperature", "0"]))
+
+
+def test_bad_input_run_dir_is_a_file(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert "is a file, not a directory" in _one_line_error(_train(["--run-dir", str(f / "run")]))
+    assert "is a file, not a directory" in _one_line_error(_train(["--run-dir", str(f)]))
+
+
+def test_bad_input_resume_with_changed_steps(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    p = _train(_tiny_args(tiny_model_dir, run, "--steps", "1", "--sampling.games-per-step", "8"), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    err = _one_line_error(_train(_tiny_args(tiny_model_dir, run, "--steps", "3", "--sampling.games-per-step", "8",
+                                            "--resume"), timeout=600))
+    assert "--steps: checkpoint 1, now 3" in err
+
+
+def test_disk_full_checkpoint_write_is_one_line_and_keeps_the_metrics(tiny_model_dir, tmp_path):
+    """FAST_SRT_DISK_FULL_AT=2 fails the step-2 checkpoint write with ENOSPC after its weights are written: one
+    clear line, step 2's metrics line is written, checkpoint 1 stays intact and resumable, no partial directory."""
+    from fast_srt.checkpoint import find_latest
+
+    run = tmp_path / "run"
+    args = _tiny_args(tiny_model_dir, run, "--steps", "3", "--save-every", "1", "--sampling.games-per-step", "8")
+    err = _one_line_error(_train(args, timeout=600, extra_env={faults.DISK_FULL_ENV: "2"}))
+    assert "writing checkpoint step 2" in err and "No space left on device" in err
+    assert "step_00000001 is intact" in err and "--resume" in err
+    assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2]
+    assert find_latest(run).name == "step_00000001" and not list((run / "checkpoints").glob(".tmp-*"))
+    p = _train(args + ["--resume"], timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
 
 
 def _one_line_error(p):
@@ -183,6 +263,8 @@ def test_variants_run_two_steps(tiny_model_dir, tmp_path, variant):
         assert x["optim/updates"] >= 1 and x["time/sync_s"] > 0
         if preset == "rl_with_sft":
             assert x["loss/sft"] > 0
+        if preset == "grpo":  # kl_coef 0.01 (from cpu_default) is a k3 loss term for the group estimators
+            assert x["loss/kl_k3"] >= 0
         if preset == "attacker_only":
             assert x["samples/defender"] == 0 and x["samples/attacker"] > 0
         else:
