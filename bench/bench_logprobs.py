@@ -33,7 +33,6 @@ from common import (  # noqa: E402
     time_interleaved,
 )
 
-from fast_srt.kernels import logprobs as L  # noqa: E402
 from fast_srt.kernels import native  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -84,8 +83,9 @@ def setup(provider: str, N: int, H: int, V: int, mode: str, dtype: torch.dtype, 
 
         return run
 
-    fn = {"naive": L.logprobs_naive, "twin": L.logprobs_ref, "native": L.logprobs_native,
-          "triton": L.fused_logprobs}[provider]
+    from fast_srt.kernels import LOGPROB_IMPLS
+
+    fn = LOGPROB_IMPLS[provider]
 
     def run():
         if grad:

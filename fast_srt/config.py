@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .errors import UserError
+from fast_srt.errors import UserError
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -53,7 +53,7 @@ class GameConfig:
     cot: bool = True
     """Hidden chain-of-thought (<think>/<answer>) with a format reward; False is the no-CoT ablation."""
     reward: Literal["general_sum", "general_sum_all_one", "zero_sum"] = "general_sum"
-    """Reward table (GAME_SPEC §3): the reference's general_sum, its all-±1 variant, or the paper's zero-sum."""
+    """Reward table (docs/game.md §3): the reference's general_sum, its all-±1 variant, or the paper's zero-sum."""
     harmful_seeds: str = "donotanswer"
     """Harmful seed set: a built-in name ('donotanswer') or a JSONL/TXT file."""
     benign_seeds: str = "benign"
@@ -224,7 +224,7 @@ def cpu_default() -> TrainConfig:
 
 
 def llama8b_reference() -> TrainConfig:
-    """The reference run's hyper-parameters (GAME_SPEC §4): abliterated Llama-3.1-8B, 128 games/step, lr 5e-7,
+    """The reference run's hyper-parameters (docs/game.md §4): abliterated Llama-3.1-8B, 128 games/step, lr 5e-7,
     REINFORCE++ with beta 0.01, 6 updates per rollout, PTX-SFT coefficient 1, 200 steps; judge WildGuard."""
     return TrainConfig(
         model=ModelConfig(model="mlabonne/Meta-Llama-3.1-8B-Instruct-abliterated", judge_model="allenai/wildguard",

@@ -28,7 +28,7 @@ import os
 import signal
 import sys
 
-from .errors import UserError
+from fast_srt.errors import UserError
 
 ENV = "FAST_SRT_KILL_AT"
 DISK_FULL_ENV = "FAST_SRT_DISK_FULL_AT"

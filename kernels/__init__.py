@@ -13,7 +13,11 @@ from .advantages import (
 )
 from .logprobs import fused_logprobs, logprobs_naive, logprobs_native, logprobs_ref, select_logprobs_impl
 
+# every log-prob implementation by the name the config, the benches and the tests use
+LOGPROB_IMPLS = {"naive": logprobs_naive, "twin": logprobs_ref, "native": logprobs_native, "triton": fused_logprobs}
+
 __all__ = [
+    "LOGPROB_IMPLS",
     "fused_logprobs",
     "logprobs_ref",
     "logprobs_naive",

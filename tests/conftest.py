@@ -22,14 +22,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from fast_srt.tiny import make_tiny_model
+    from fast_srt.run.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", arch="llama")
 
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_model_dir):
-    from fast_srt.engine import Engine
+    from fast_srt.engine.engine import Engine
 
     return Engine(tiny_model_dir, dtype="float32", max_model_len=512, kv_cache_gib=1, seed=0)
 
@@ -38,8 +38,8 @@ def tiny_engine(tiny_model_dir):
 def tiny_bos_engine(tmp_path_factory):
     """An engine on a tiny model whose tokenizer adds a BOS token and whose chat template writes one too (Llama-3
     style). Session-scoped like tiny_engine: an in-process engine torn down mid-session breaks the others."""
-    from fast_srt.engine import Engine
-    from fast_srt.tiny import make_tiny_model
+    from fast_srt.engine.engine import Engine
+    from fast_srt.run.tiny import make_tiny_model
 
     model_dir = make_tiny_model(tmp_path_factory.mktemp("tiny_bos") / "llama", arch="llama", bos=True)
     return Engine(model_dir, dtype="float32", max_model_len=256, kv_cache_gib=1, seed=0, name="bos")

@@ -1,0 +1,185 @@
+"""The in-process generation engine: a thin wrapper over vLLM's public API (`LLM`, `SamplingParams`).
+
+One `Engine` is one `vllm.LLM` living in the caller's process (V1 multiprocessing off: no child engine process).
+It takes already-templated prompt strings, tokenizes them itself WITHOUT adding special tokens (a chat template
+already writes the BOS token where the model wants one: letting vLLM add another gives Llama-3 prompts two BOS
+tokens) and sends token ids; it returns, per prompt, the prompt ids, the generated ids, the text and the
+sampled-token log-probs (after temperature, so the trainer can correct for sampler/trainer mismatch).
+
+Everything below vLLM's public API (writing weights into the live engine) lives in `weight_sync.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fast_srt import faults
+from fast_srt.errors import UserError
+
+
+QUIET_ENV = "FAST_SRT_QUIET"  # set by the CLI unless --verbose: no weight-loading progress bars
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How to sample one batch."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    regex: str | None = None  # vLLM structured outputs: the completion must match this regex
+    logprobs: bool = True  # return the sampled token's log-prob per generated token
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]  # one per generated token; empty if not requested
+    finish_reason: str | None
+
+
+@dataclass
+class EngineStats:
+    """Running totals for the throughput report."""
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    gen_tokens: int = 0
+    seconds: float = 0.0
+    per_phase: dict = field(default_factory=dict)  # phase -> gen_tokens, prompt_tokens, seconds, sequences
+
+    def snapshot(self) -> dict:
+        return {k: dict(v) for k, v in self.per_phase.items()}
+
+    def since(self, snap: dict) -> dict:
+        """Per-phase differences since `snapshot()`."""
+        return {phase: {k: v - snap.get(phase, {}).get(k, 0) for k, v in st.items()}
+                for phase, st in self.per_phase.items()}
+
+
+def configure_vllm_env(kv_cache_gib: float, on_cpu: bool) -> None:
+    """Process-wide vLLM settings, set before the first engine is built (and only by engine construction).
+
+    - VLLM_ENABLE_V1_MULTIPROCESSING=0: the engine runs in this process; without it vLLM spawns an engine process
+      and the weights could not be written into it in place.
+    - On CPU, VLLM_CPU_KVCACHE_SPACE sizes the KV cache in GiB (unset, vLLM asks for most of host RAM), and
+      VLLM_CPU_NUM_OF_RESERVED_CPU=0 keeps every core for generation.
+    """
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if on_cpu:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(kv_cache_gib))))
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class Engine:
+    """One in-process vLLM engine.
+
+    model_dir: a local HF checkpoint directory (see fast_srt.run.models.resolve_model).
+    kv_cache_gib: KV-cache budget. On CPU it is host RAM; on GPU it is passed as kv_cache_memory_bytes so the
+      budget is explicit rather than a fraction of whatever is free.
+    """
+
+    def __init__(self, model_dir: str | Path, *, dtype: str = "bfloat16", max_model_len: int = 2048,
+                 kv_cache_gib: float = 2.0, seed: int = 0, enable_lora: bool = False, max_lora_rank: int = 16,
+                 enforce_eager: bool = True, name: str = "policy"):
+        on_cpu = not cuda_available()
+        configure_vllm_env(kv_cache_gib, on_cpu)
+        from vllm import LLM
+
+        self.name = name
+        self.model_dir = str(model_dir)
+        self.dtype, self.max_model_len = dtype, max_model_len
+        kwargs = dict(dtype=dtype, max_model_len=max_model_len, seed=seed, enforce_eager=enforce_eager,
+                      logprobs_mode="processed_logprobs", use_tqdm_on_load=os.environ.get(QUIET_ENV) != "1")
+        if not on_cpu:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+            kwargs["enable_sleep_mode"] = True  # lets the KV cache be released while training
+        if enable_lora:
+            kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank)
+        t0 = time.perf_counter()
+        try:
+            self.llm = LLM(self.model_dir, **kwargs)
+        except (OSError, ValueError) as e:
+            raise UserError(f"vLLM could not start on {self.model_dir}: {str(e).splitlines()[0][:300]}") from None
+        self.startup_s = time.perf_counter() - t0
+        self.tokenizer = self.llm.get_tokenizer()
+        self.stats = EngineStats()
+        self._kv_sleeping = False
+
+    def generate(self, prompts: list[str], spec: SamplingSpec, lora=None, phase: str = "generate",
+                 ) -> list[Generation]:
+        """Generate one completion per prompt, in one batched vLLM call."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        if not prompts:
+            return []
+        params = SamplingParams(
+            max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed,
+            logprobs=0 if spec.logprobs else None, skip_special_tokens=True,
+            structured_outputs=StructuredOutputsParams(regex=spec.regex) if spec.regex else None,
+        )
+        t0 = time.perf_counter()
+        ids = [{"prompt_token_ids": self.encode(p)} for p in prompts]
+        too_long = [len(x["prompt_token_ids"]) for x in ids if len(x["prompt_token_ids"]) >= self.max_model_len]
+        if too_long:
+            raise UserError(f"{len(too_long)} prompt(s) of up to {max(too_long)} tokens do not fit the {self.name} "
+                            f"engine's max_model_len {self.max_model_len}; raise --model.max-model-len or shorten "
+                            f"the seeds")
+        outs = self.llm.generate(ids, params, use_tqdm=False, lora_request=lora)
+        dt = time.perf_counter() - t0
+        if phase in ("attacker", "defender"):
+            faults.hit("generate")
+        gens = []
+        for o in outs:
+            c = o.outputs[0]
+            lps = [d[t].logprob for d, t in zip(c.logprobs, c.token_ids)] if spec.logprobs and c.logprobs else []
+            gens.append(Generation(list(o.prompt_token_ids), list(c.token_ids), c.text, lps, c.finish_reason))
+        n_prompt = sum(len(g.prompt_ids) for g in gens)
+        n_gen = sum(len(g.token_ids) for g in gens)
+        self.stats.calls += 1
+        self.stats.prompt_tokens += n_prompt
+        self.stats.gen_tokens += n_gen
+        self.stats.seconds += dt
+        ph = self.stats.per_phase.setdefault(phase, {"gen_tokens": 0, "prompt_tokens": 0, "seconds": 0.0,
+                                                     "sequences": 0})
+        ph["gen_tokens"] += n_gen
+        ph["prompt_tokens"] += n_prompt
+        ph["seconds"] += dt
+        ph["sequences"] += len(gens)
+        return gens
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of an already-templated prompt, no special tokens added."""
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def release_for_training(self) -> None:
+        """GPU only (vLLM has no sleep mode on CPU): discard the KV cache while training; the weights stay resident.
+
+        vLLM has no KV-only sleep: level 1 offloads both, so the weights are woken at once (a host round trip of
+        the weights, about 1 s for 8B over PCIe). Level 2 would discard the weights and is never used (vLLM users
+        report gibberish or stale weights after a level-2 wake). Weight writes therefore never land on a sleeping
+        engine."""
+        if cuda_available() and not self._kv_sleeping:
+            self.llm.sleep(level=1)
+            self.llm.wake_up(tags=["weights"])
+            self._kv_sleeping = True
+
+    def wake_kv_cache(self) -> None:
+        """Re-allocate the KV cache after the weight write, so old weights, new weights and the KV cache are never
+        resident together."""
+        if self._kv_sleeping:
+            self.llm.wake_up(tags=["kv_cache"])
+            self._kv_sleeping = False

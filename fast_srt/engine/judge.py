@@ -1,0 +1,123 @@
+"""The judge on an in-process engine (docs/game.md §3): WildGuard's three questions for each (prompt, response)
+pair, answered greedily and, by default, held to the exact three-line answer by vLLM structured outputs, so it
+always parses. `RuleJudge` has the same interface and runs no model (tests with a known optimum).
+
+Each pair is cut to fit the judge engine's own length (the response's tail first, then the prompt's) and counted;
+an empty side is not sent (the game is a tie: WildGuard's own answer for an empty response).
+"""
+
+from __future__ import annotations
+
+from fast_srt.engine.engine import Engine, SamplingSpec
+from fast_srt.errors import UserError
+from fast_srt.game.judge import (JUDGE_OUTPUT_REGEX, JudgeLabels, build_judge_messages, build_wildguard_prompt,
+                                 parse_judge_output)
+from fast_srt.game.rules import render_chat
+
+LONGEST_JUDGE_ANSWER = "Harmful request: yes\nResponse refusal: n/a\nHarmful response: n/a"
+
+
+class Judge:
+    """A WildGuard-style judge on an in-process engine.
+
+    template="chat": the classifier instruction as a chat message (ordinary chat models, e.g. the default).
+    template="wildguard": WildGuard's own raw prompt format (allenai/wildguard).
+    constrained=True: vLLM structured outputs hold the answer to JUDGE_OUTPUT_REGEX, so it always parses.
+    """
+
+    def __init__(self, engine: Engine, template: str = "chat", constrained: bool = True, max_tokens: int = 32):
+        if template not in ("chat", "wildguard"):
+            raise UserError(f"unknown judge template {template!r}; use 'chat' or 'wildguard'")
+        self.engine, self.template, self.constrained = engine, template, constrained
+        # Under constrained decoding the answer ends (EOS) as soon as the regex is complete, so a generous cap costs
+        # nothing; but a cap below the answer's length in tokens would cut it. The worst case is one token per
+        # character of the longest admissible answer.
+        self.max_tokens = max(max_tokens, len(LONGEST_JUDGE_ANSWER) + 2) if constrained else max_tokens
+        self.parse_failures = 0
+        self.calls = 0
+        self.truncated = 0  # pairs cut to fit the judge engine's length
+        self.too_long = 0  # pairs that could not fit at all (not judged: a tie)
+
+    def prompt(self, prompt: str, response: str) -> str:
+        if self.template == "wildguard":
+            return build_wildguard_prompt(prompt, response)
+        return render_chat(self.engine.tokenizer, build_judge_messages(prompt, response))
+
+    def score(self, pairs: list[tuple[str, str]]) -> list[tuple[JudgeLabels, str]]:
+        """Labels for (prompt shown to the defender, defender's public answer) pairs, one engine call.
+
+        An empty side is not sent to the judge: an empty response gets n/a refusal/harm labels and an empty prompt
+        an n/a prompt label (WildGuard's own answer for an empty response), which makes the game a tie."""
+        spec = SamplingSpec(max_tokens=self.max_tokens, temperature=0.0, logprobs=False,
+                            regex=JUDGE_OUTPUT_REGEX if self.constrained else None)
+        out: list[tuple[JudgeLabels, str]] = [(JudgeLabels(None, None, None), "<empty: not judged>")] * len(pairs)
+        todo, texts = [], []
+        for i, (p, r) in enumerate(pairs):
+            if not (p.strip() and r.strip()):
+                continue
+            text = self.fit(p, r)
+            if text is None:
+                out[i] = (JudgeLabels(None, None, None), "<too long for the judge: not judged>")
+                continue
+            todo.append(i)
+            texts.append(text)
+        gens = self.engine.generate(texts, spec, phase="judge")
+        for i, g in zip(todo, gens):
+            labels = parse_judge_output(g.text)
+            self.parse_failures += labels.parse_error
+            out[i] = (labels, g.text)
+        self.calls += len(todo)
+        return out
+
+    def fit(self, prompt: str, response: str) -> str | None:
+        """The judge input for the pair, cut to leave room for the answer within the engine's max_model_len: the
+        response loses its tail first (down to 16 tokens), then the prompt. None if even that cannot fit."""
+        limit = self.engine.max_model_len - self.max_tokens - 1
+        text = self.prompt(prompt, response)
+        n = len(self.engine.encode(text))
+        if n <= limit:
+            return text
+        self.truncated += 1
+        tok = self.engine.tokenizer
+        for _ in range(4):  # re-encoding a cut text can shift a token or two
+            over = n - limit + 4
+            p_ids = tok(prompt, add_special_tokens=False).input_ids
+            r_ids = tok(response, add_special_tokens=False).input_ids
+            cut_r = min(over, max(0, len(r_ids) - 16))
+            cut_p = min(over - cut_r, len(p_ids) - 1)
+            if cut_r <= 0 and cut_p <= 0:
+                break
+            prompt = tok.decode(p_ids[: len(p_ids) - max(cut_p, 0)])
+            response = tok.decode(r_ids[: len(r_ids) - cut_r])
+            text = self.prompt(prompt, response)
+            n = len(self.engine.encode(text))
+            if n <= limit:
+                return text
+        self.too_long += 1
+        return None
+
+
+def _vowel_refusal(prompt: str, response: str) -> JudgeLabels:
+    """Every request is harmful; an answer that starts with a vowel counts as a safe refusal, anything else as
+    harmful compliance. The defender's optimum (+2 per game without CoT) is reachable by a tiny model."""
+    refusal = response.lstrip()[:1].lower() in tuple("aeiou")
+    return JudgeLabels(True, refusal, not refusal)
+
+
+RULES = {"vowel_refusal": _vowel_refusal}
+
+
+class RuleJudge:
+    """A rule-based judge with the Judge interface, for tests whose optimum is known (`judge_model="rule:NAME"`).
+
+    It runs no model; `engine` is the policy engine only so that reports have an engine to point at."""
+
+    def __init__(self, name: str, engine: Engine):
+        if name not in RULES:
+            raise UserError(f"unknown rule judge {name!r}; rules: {', '.join(RULES)}")
+        self.rule, self.engine = RULES[name], engine
+        self.parse_failures = self.calls = self.truncated = self.too_long = 0
+
+    def score(self, pairs: list[tuple[str, str]]) -> list[tuple[JudgeLabels, str]]:
+        self.calls += len(pairs)
+        return [(self.rule(p, r), "<rule>") for p, r in pairs]

@@ -1,0 +1,105 @@
+"""Where the engines go: the policy engine, the judge (on its own engine or sharing the policy's), and the frozen
+defender of attacker_only mode. Model names are resolved by the caller (fast_srt.run.models); this module only
+places in-process engines on local directories.
+
+Where the judge lives (measured, see README "Judge placement"):
+- `judge_model="policy"` and nothing trains (`fast-srt play`): the policy engine serves the judge too.
+- `judge_model="policy"` with full fine-tuning: the policy's weights move every step, so the frozen judge is a
+  second in-process engine holding the base model (one more copy of the weights, a few seconds to start).
+- another judge model (WildGuard, Llama-Guard): always a second in-process engine.
+The frozen defender of attacker_only mode is the base-model judge engine when there is one, else another engine.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from fast_srt.config import GameConfig, ModelConfig
+from fast_srt.engine.engine import Engine
+from fast_srt.engine.judge import Judge, RuleJudge
+
+
+@dataclass
+class Engines:
+    policy: Engine
+    judge: Judge
+    frozen_defender: Engine | None
+    policy_dir: Path
+    judge_shares_policy_engine: bool
+
+    def unique(self) -> list[Engine]:
+        """Each distinct engine once (the judge and the frozen defender may share one)."""
+        out: list[Engine] = []
+        for e in (self.policy, self.judge.engine, self.frozen_defender):
+            if e is not None and all(e is not x for x in out):
+                out.append(e)
+        return out
+
+    def snapshot(self) -> dict:
+        """Per-engine phase counters now, for `since`."""
+        return {id(e): e.stats.snapshot() for e in self.unique()}
+
+    def since(self, snap: dict) -> dict:
+        """Seconds and generated tokens per phase (summed over engines) since `snapshot()`."""
+        out: dict[str, dict] = {}
+        for e in self.unique():
+            for phase, d in e.stats.since(snap.get(id(e), {})).items():
+                acc = out.setdefault(phase, {"seconds": 0.0, "gen_tokens": 0})
+                acc["seconds"] += d["seconds"]
+                acc["gen_tokens"] += d["gen_tokens"]
+        return out
+
+
+def build_engines(mcfg: ModelConfig, game: GameConfig, *, trains: bool, seed: int, base_dir: Path,
+                  policy_dir: Path | None = None, judge_dir: Path | None = None, max_model_len: int | None = None,
+                  judge_max_tokens: int = 24) -> Engines:
+    """base_dir: the policy's base model (resolved), which the base-model judge and attacker_only's frozen defender
+    always hold (never a checkpoint); policy_dir: the weights the policy engine starts from (a checkpoint on
+    resume; default base_dir); judge_dir: the resolved judge model when it is not the policy's base model."""
+    base_dir = Path(base_dir)
+    policy_dir = Path(policy_dir or base_dir)
+    mml = max_model_len or mcfg.max_model_len
+    policy = Engine(policy_dir, dtype=mcfg.dtype, max_model_len=mml, kv_cache_gib=mcfg.kv_cache_gib, seed=seed,
+                    name="policy")
+    if mcfg.judge_model.startswith("rule:"):
+        frozen = frozen_defender_engine(mcfg, game, base_dir, mml, seed)
+        return Engines(policy, RuleJudge(mcfg.judge_model[5:], policy), frozen, policy_dir, True)
+    judge_is_base = mcfg.judge_model == "policy"
+    if not judge_is_base and judge_dir is None:
+        raise ValueError(f"judge model {mcfg.judge_model!r} needs its resolved directory (judge_dir)")
+    shared = judge_is_base and not trains
+    if shared:
+        judge_engine = policy
+    else:
+        jdir = base_dir if judge_is_base else Path(judge_dir)
+        judge_engine = Engine(jdir, dtype=mcfg.dtype, max_model_len=judge_context(jdir, mcfg),
+                              kv_cache_gib=mcfg.kv_cache_gib, seed=seed, name="judge")
+    frozen = None
+    if game.mode == "attacker_only":
+        if judge_is_base and judge_engine is not policy:
+            frozen = judge_engine
+        else:
+            frozen = frozen_defender_engine(mcfg, game, base_dir, mml, seed)
+    judge = Judge(judge_engine, template=mcfg.judge_template, constrained=mcfg.judge_constrained,
+                  max_tokens=judge_max_tokens)
+    return Engines(policy, judge, frozen, policy_dir, shared)
+
+
+def judge_context(judge_dir: Path, mcfg: ModelConfig) -> int:
+    """The judge engine's own length: judge_max_model_len, capped at the judge model's context window."""
+    try:
+        cfg = json.loads((Path(judge_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    ctx = cfg.get("max_position_embeddings") or cfg.get("text_config", {}).get("max_position_embeddings")
+    return min(mcfg.judge_max_model_len, int(ctx)) if ctx else mcfg.judge_max_model_len
+
+
+def frozen_defender_engine(mcfg, game, base_dir, mml, seed) -> Engine | None:
+    """attacker_only mode: a separate engine with the frozen base model answers as defender."""
+    if game.mode != "attacker_only":
+        return None
+    return Engine(base_dir, dtype=mcfg.dtype, max_model_len=mml, kv_cache_gib=mcfg.kv_cache_gib, seed=seed,
+                  name="frozen_defender")

@@ -1,0 +1,140 @@
+"""Step timing and metric logging: one JSONL line and one console line per step.
+
+Metric keys are namespaced (`reward/defender_mean`, `time/generate_s`, `is/ratio_mean`, ...). Tensors are turned
+into floats once, here (`.item()` is a host sync point: one batch of them per step, not scattered in the loop).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class PhaseTimer:
+    """Wall time per named phase within a step: `with timer("train"): ...`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+
+def to_floats(metrics: dict) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        if hasattr(v, "item"):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None if math.isnan(v) else (1e30 if v > 0 else -1e30)
+        out[k] = v
+    return out
+
+
+class MetricsLog:
+    """Appends JSON objects with a "step" key to `path` (metrics, game logs). On resume, lines after the
+    checkpoint's step are dropped, so the file continues exactly where the checkpoint left off; if the lines of the
+    checkpoint's own step are missing (a kill after the checkpoint, before its lines), `restore` (the records the
+    checkpoint carries) are written in their place. A new run starts the file afresh."""
+
+    def __init__(self, path: Path, resume_step: int | None = None, restore: list[dict] | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            kept, have_step = [], False
+            for line in self.path.read_text().splitlines() if self.path.exists() else []:
+                try:
+                    step = json.loads(line).get("step", 0)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill: drop it
+                if step <= resume_step:
+                    kept.append(line)
+                    have_step |= step == resume_step
+            if not have_step:
+                kept += [json.dumps(r) for r in restore or [] if r.get("step") == resume_step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(x + "\n" for x in kept))
+            tmp.replace(self.path)
+        elif self.path.exists():
+            self.path.unlink()
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+
+
+class Status:
+    """A live progress line on a terminal: the step, its phase and the seconds spent in it, refreshed every second
+    while a long phase runs (plain step lines only when stdout is not a tty)."""
+
+    def __init__(self, total_steps: int):
+        self.total = total_steps
+        self.tty = sys.stdout.isatty()
+        self._msg, self._t0 = "", 0.0
+        self._lock = threading.Lock()
+        if self.tty:
+            threading.Thread(target=self._tick, daemon=True).start()
+
+    def _tick(self) -> None:
+        while True:
+            time.sleep(1.0)
+            with self._lock:
+                if self._msg:
+                    sys.stdout.write(f"\r\033[K{self._msg} {time.perf_counter() - self._t0:.0f} s")
+                    sys.stdout.flush()
+
+    def phase(self, step: int, name: str) -> None:
+        with self._lock:
+            self._msg, self._t0 = f"step {step}/{self.total}: {name}...", time.perf_counter()
+            if self.tty:
+                sys.stdout.write("\r\033[K" + self._msg)
+                sys.stdout.flush()
+
+    def line(self, text: str) -> None:
+        with self._lock:
+            self._msg = ""
+            if self.tty:
+                sys.stdout.write("\r\033[K")
+            print(text, flush=True)
+
+
+def console_line(m: dict) -> str:
+    def g(k, fmt="{:+.2f}"):
+        v = m.get(k)
+        return "-" if v is None else fmt.format(v)
+
+    return (f"step {m['step']:>4} | R_att {g('reward/attacker_mean')} R_def {g('reward/defender_mean')} | "
+            f"fmt-viol a {g('format/attacker_violation_rate', '{:.2f}')} d {g('format/defender_violation_rate', '{:.2f}')} | "
+            f"kl {g('kl/mean', '{:.4f}')} clip {g('loss/clip_frac', '{:.3f}')} IS {g('is/ratio_mean', '{:.3f}')} "
+            f"mism {g('is/logp_mismatch_mean_abs', '{:.1e}')} ent {g('policy/entropy', '{:.2f}')} | "
+            f"gen {g('time/generate_s', '{:.1f}')}s judge {g('time/judge_s', '{:.1f}')}s lp {g('time/logprob_s', '{:.1f}')}s "
+            f"train {g('time/train_s', '{:.1f}')}s sync {g('time/sync_s', '{:.2f}')}s | "
+            f"{g('perf/tokens_per_s', '{:.0f}')} tok/s")
+
+
+def step_perf(timer: PhaseTimer, engine_phases: dict, trained_tokens: int, wall: float) -> dict:
+    """A step's time and token metrics: the trainer's timed phases, the engines' generate and judge seconds (from
+    their per-phase counters: `Engines.since`), tokens generated and trained, and throughput."""
+    gen = [v for k, v in engine_phases.items() if k not in ("judge", "probe")]
+    gen_s = sum(v["seconds"] for v in gen)
+    gen_tok = sum(v["gen_tokens"] for v in gen)
+    return {**{f"time/{k}_s": v for k, v in timer.seconds.items()},
+            "time/generate_s": gen_s, "time/judge_s": engine_phases.get("judge", {}).get("seconds", 0.0),
+            "time/step_s": wall, "tokens/generated": gen_tok, "tokens/trained": trained_tokens,
+            "perf/tokens_per_s": (gen_tok + trained_tokens) / wall,
+            "perf/gen_tokens_per_s": gen_tok / max(gen_s, 1e-9)}

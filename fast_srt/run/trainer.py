@@ -1,0 +1,351 @@
+"""`fast-srt train`: self-play RL (Self-RedTeam) in one process. `train_step` is the one training step:
+
+  1. play a batch of games with the policy engine (attacker turns, then defender turns, same weights)
+  2. judge them in-process (greedy, constrained to the three-line answer) and compute rewards (docs/game.md §3)
+  3. drop ties and parse failures; turn both roles' turns into training samples
+  4-6. the learner: old and reference log-probs, advantages, PPO-clip updates (fast_srt.learner.step)
+  7. write the new weights into the live engine in place (fast_srt.engine.weight_sync)
+
+`train` sets the run up once (`setup_run`), then for each step runs `train_step`, checkpoints, and logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from fast_srt import faults
+from fast_srt.config import TrainConfig
+from fast_srt.engine.engine import SamplingSpec
+from fast_srt.engine.placement import Engines, build_engines
+from fast_srt.engine.rollout import play_games
+from fast_srt.engine.weight_sync import push_weights
+from fast_srt.errors import UserError
+from fast_srt.game.rewards import reward_function
+from fast_srt.game.rules import GameOptions
+from fast_srt.game.seeds import SeedPool
+from fast_srt.learner.lora import apply_lora
+from fast_srt.learner.policy import (build_optimizer, build_scheduler, load_policy, load_reference,
+                                     weights_for_engine)
+from fast_srt.learner.step import Learner, games_to_samples, learner_step, pick_logprob_impl, total_updates
+from fast_srt.run.checkpoint import (LORA_ADAPTER_FILE, RUN_CONFIG_FILE, check_free_space, checkpoint_bytes,
+                                     find_latest, load_checkpoint, restore_trainer_state, save_checkpoint)
+from fast_srt.run.metrics import MetricsLog, PhaseTimer, Status, console_line, step_perf, to_floats
+from fast_srt.run.models import resolve_engine_dirs
+from fast_srt.run.report import child_processes, memory_plan, throughput_lines
+
+PROBE_PROMPT = "What is the capital of France?"
+GREEDY_PROBE = SamplingSpec(max_tokens=16, temperature=0.0, logprobs=False)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a run builds once, before its first step."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    pool: SeedPool
+    options: GameOptions
+    reward_fn: object
+    engines: Engines
+    learner: Learner
+    start_step: int
+    resumed: bool
+    step_records: dict  # the checkpointed step's metrics and game lines (written again if a kill lost them)
+    sampling: SamplingSpec
+    probe: str = ""  # a fixed chat prompt, generated greedily after each weight write
+    probe_text: str = ""
+
+
+# ------------------------------------------------------------------------------------------------ the step
+
+def train_step(run: Run, step: int, status: Status) -> tuple[dict, list]:
+    """One self-play step (module docstring, 1-7): returns its metrics and its games."""
+    cfg, engines, learner = run.cfg, run.engines, run.learner
+    timer, t0, snap = PhaseTimer(), time.perf_counter(), engines.snapshot()
+    # 1-2) play and judge one batch of games (each seed samples_per_prompt times: the GRPO/RLOO group)
+    status.phase(step, "play + judge")
+    seeds, group_of = run.pool.group_batch(cfg.sampling.games_per_step, cfg.algo.samples_per_prompt)
+    games = play_games(engines.policy, engines.judge, seeds, run.options, run.sampling, run.reward_fn,
+                       engines.frozen_defender)
+    # 3) samples of both roles, ties and parse failures dropped
+    samples, skipped = games_to_samples(games, run.options, cfg.algo.remove_ties, group_of)
+    metrics = {"step": step, **rollout_metrics(games, samples, skipped, engines.judge)}
+    if samples:
+        # 4-6) old and reference log-probs, advantages, PPO-clip updates
+        status.phase(step, "learn")
+        engines.policy.release_for_training()
+        metrics.update(learner_step(learner, step, samples, timer))
+        # 7) weights into the live engine, in place
+        status.phase(step, "weight sync")
+        with timer("sync"):
+            metrics["time/sync_push_s"] = sync_weights(engines.policy, learner.model)
+        metrics["sync/probe_changed"] = probe_changed(run)
+    else:
+        metrics["optim/skipped_updates"] = cfg.optim.updates_per_step
+    if metrics.get("optim/skipped_updates"):
+        status.line(f"step {step}: {metrics['optim/skipped_updates']} update(s) skipped (non-finite loss or "
+                    f"gradient; no sample survived filtering if all); training continues")
+    metrics.update(step_perf(timer, engines.since(snap), sum(s.num_tokens for s in samples),
+                             time.perf_counter() - t0))
+    return to_floats(metrics), games
+
+
+def sync_weights(engine, model) -> float:
+    """Write the trainer's weights into the live engine, in place, in its dtype (see weight_sync.py)."""
+    n = len(model.state_dict()) + 1  # + the output head, always sent
+    weights = weights_for_engine(model, engine.dtype)
+    dt = push_weights(engine.llm, faults.hit_halfway("weight_sync", weights, n))
+    engine.wake_kv_cache()
+    return dt
+
+
+def probe_changed(run: Run) -> bool:
+    """Whether the engine's greedy answer to a fixed prompt changed with the last weight write."""
+    text = run.engines.policy.generate([run.probe], GREEDY_PROBE, phase="probe")[0].text
+    changed, run.probe_text = text != run.probe_text, text
+    return changed
+
+
+def rollout_metrics(games, samples, skipped, judge) -> dict:
+    m: dict = {"games/n": len(games), "games/ties": skipped["tie"], "games/dropped": skipped["dropped"],
+               "games/empty_turns": skipped["empty"], "judge/parse_failures_total": judge.parse_failures,
+               "judge/truncated_total": judge.truncated, "judge/too_long_total": judge.too_long}
+    for role in ("attacker", "defender"):
+        rs = [getattr(g.rewards, role) for g in games if getattr(g.rewards, role) is not None and not g.rewards.tie]
+        m[f"reward/{role}_mean"] = sum(rs) / len(rs) if rs else None
+        turns = [getattr(g, role) for g in games if getattr(g, role) is not None and getattr(g, role).fmt is not None]
+        m[f"format/{role}_violation_rate"] = (sum(not t.fmt.valid for t in turns) / len(turns)) if turns else None
+        m[f"samples/{role}"] = sum(s.role == role for s in samples)
+    for g in games:
+        m[f"outcome/{g.rewards.outcome}"] = m.get(f"outcome/{g.rewards.outcome}", 0) + 1
+    return m
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+def train(cfg: TrainConfig) -> Path:
+    """Set up once, then per step: train_step, checkpoint (every save_every and at the end), log."""
+    t_start = time.perf_counter()
+    run = setup_run(cfg)
+    run_dir, engines, learner = run.run_dir, run.engines, run.learner
+    run.probe = engines.policy.tokenizer.apply_chat_template([{"role": "user", "content": PROBE_PROMPT}],
+                                                             tokenize=False, add_generation_prompt=True)
+    probe_changed(run)
+    resume_step = run.start_step if run.resumed else None
+    # a kill between the checkpoint and its metrics line loses no line: the checkpoint carries the step's records
+    log = MetricsLog(run_dir / "metrics.jsonl", resume_step, restore=run.step_records.get("metrics"))
+    games_log = MetricsLog(run_dir / "games.jsonl", resume_step, restore=run.step_records.get("games"))
+    status = Status(cfg.steps)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    print(memory_plan(learner.model, learner.ref, engines, cfg))
+    print(f"start-up {time.perf_counter() - t_start:.1f} s; torch threads {torch.get_num_threads()}; log-prob "
+          f"impl {getattr(learner.logprob_fn, '__name__', learner.logprob_fn)}; from step {run.start_step}",
+          flush=True)
+
+    for step in range(run.start_step + 1, cfg.steps + 1):
+        faults.enter_step(step)
+        metrics, games = train_step(run, step, status)
+        records = {"metrics": [metrics], "games": [game_record(step, g) for g in games[: cfg.log_games]]}
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            status.phase(step, "checkpoint")
+            t0 = time.perf_counter()
+            try:
+                save_checkpoint(run_dir, step, learner.model, engines.policy.tokenizer, learner.optimizer,
+                                learner.scheduler, checkpoint_extra(run, records), dataclasses.asdict(cfg),
+                                keep_last=cfg.keep_checkpoints)
+            except UserError:  # a failed write (disk full): the step's lines still reach the logs, then one line
+                write_records(log, games_log, records)
+                raise
+            faults.hit("after_checkpoint")
+            records["metrics"] = [{**metrics, "time/checkpoint_s": time.perf_counter() - t0}]
+        write_records(log, games_log, records)
+        status.line(console_line(records["metrics"][0]))
+    for line in throughput_lines(engines):
+        print(line)
+    print(f"one process: pid {os.getpid()}, child processes {child_processes()}; judge parse failures "
+          f"{engines.judge.parse_failures}/{engines.judge.calls}")
+    print(f"done: {cfg.steps - run.start_step} steps in {time.perf_counter() - t_start:.1f} s; metrics in "
+          f"{run_dir / 'metrics.jsonl'}, games in {games_log.path}, checkpoints in {run_dir / 'checkpoints'}")
+    return run_dir
+
+
+def write_records(log: MetricsLog, games_log: MetricsLog, records: dict) -> None:
+    for rec in records["metrics"]:
+        log.write(rec)
+    for rec in records["games"]:
+        games_log.write(rec)
+
+
+def check_trainable_sampling(cfg: TrainConfig) -> None:
+    """The trainer's log-probs must be the distribution vLLM sampled from: softmax(logits / T) over the vocabulary.
+
+    vLLM reports processed log-probs (after temperature and top_p); a top_p < 1 renormalises over a nucleus the
+    trainer does not compute, so every importance weight would be biased (all <= 1 at top_p 0.9). Refused."""
+    s = cfg.sampling
+    if s.temperature <= 0:
+        raise UserError(f"sampling.temperature {s.temperature} is greedy decoding: there is no sampling "
+                        f"distribution to train on; pass --sampling.temperature > 0 (e.g. 1.0)")
+    if s.top_p < 1:
+        raise UserError(f"sampling.top_p {s.top_p} is not supported for training: the trainer's log-probs are "
+                        f"over the full vocabulary at the sampling temperature, and a nucleus would bias every "
+                        f"importance weight; pass --sampling.top-p 1.0 (`fast-srt play` accepts any top_p)")
+    if cfg.model.dtype == "float16" and not torch.cuda.is_available():
+        raise UserError("model.dtype float16 needs CUDA (the CPU engine has no fp16 path); use bfloat16 or float32")
+
+
+def check_run_dir(run_dir: Path) -> None:
+    for parent in (run_dir, *run_dir.parents):
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"--run-dir {run_dir}: {parent} is a file, not a directory; pass a directory path")
+
+
+# Fields a resumed run may change: they decide where and how often things are written, not what is trained.
+RESUME_MAY_CHANGE = ("resume", "run_dir", "save_every", "keep_checkpoints", "log_games", "inject_nan_loss_at_step")
+
+
+def check_resume_config(ckpt_dir: Path, cfg: TrainConfig) -> None:
+    """UserError listing every setting that differs from the checkpoint's run (the LR schedule, the game, the data
+    and the model all depend on them: a silent change would make the resumed run another run)."""
+    saved_path = Path(ckpt_dir) / RUN_CONFIG_FILE
+    if not saved_path.is_file():
+        raise UserError(f"checkpoint {ckpt_dir} has no {RUN_CONFIG_FILE}; it was not written by `fast-srt train`")
+    saved = _flatten(json.loads(saved_path.read_text()))
+    now = _flatten(json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
+    diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
+             for k in sorted(set(saved) | set(now))
+             if k.split(".")[0] not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k)]
+    if diffs:
+        raise UserError(f"--resume with settings that differ from the run in {ckpt_dir}: {'; '.join(diffs)}; "
+                        f"resume with the run's own settings, or start a new --run-dir")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_lora_adapter(model, ckpt_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    from fast_srt.learner.lora import adapter_state_dict
+
+    saved = load_file(str(Path(ckpt_dir) / LORA_ADAPTER_FILE))
+    want = adapter_state_dict(model)
+    missing, unexpected = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
+    bad = [k for k in set(want) & set(saved) if want[k].shape != saved[k].shape]
+    if missing or unexpected or bad:
+        raise UserError(f"LoRA adapter in {ckpt_dir} does not match this run's adapters (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}, other shape {bad[:3]}); resume with the run's lora_rank and "
+                        f"lora_targets")
+    model.load_state_dict(saved, strict=False)  # the adapters only; the base weights came from the base model
+
+
+def setup_run(cfg: TrainConfig) -> Run:
+    """Resume point, seeds, trainer model (+ LoRA), engines, reference, optimizer, kernels; all chosen once."""
+    from fast_srt.kernels import select_advantages_impl
+
+    faults.target()  # a malformed FAST_SRT_KILL_AT is refused before anything starts
+    check_trainable_sampling(cfg)
+    run_dir = Path(cfg.run_dir)
+    check_run_dir(run_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the one place the device is chosen
+    torch.manual_seed(cfg.seed)
+    compute_dtype = getattr(torch, cfg.model.dtype)
+    # fp32 master weights; matmuls in the compute dtype under autocast (bf16 updates at lr 5e-7 would vanish)
+    autocast = lambda: torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)  # noqa
+    base_dir, judge_dir = resolve_engine_dirs(cfg.model)
+    ckpt_dir, state = None, None
+    if cfg.resume:
+        ckpt_dir = find_latest(run_dir)
+        if ckpt_dir is None:
+            raise UserError(f"--resume: {run_dir} has no complete checkpoint; run without --resume to start")
+    elif find_latest(run_dir) is not None:
+        raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue or a new --run-dir")
+    pool = SeedPool(cfg.game, rng_seed=cfg.seed)
+    model = load_policy(str(base_dir), dtype=torch.float32, device=device,
+                        gradient_checkpointing=cfg.gradient_checkpointing)
+    if ckpt_dir is not None:
+        ckpt_dir, state = load_checkpoint(run_dir, model=model)  # checks it is the same model
+        check_resume_config(ckpt_dir, cfg)
+        if not cfg.lora_rank:
+            model = load_policy(str(ckpt_dir), dtype=torch.float32, device=device,
+                                gradient_checkpointing=cfg.gradient_checkpointing)
+    if cfg.lora_rank:
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        if ckpt_dir is not None:
+            load_lora_adapter(model, ckpt_dir)
+    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
+    check_free_space(run_dir, checkpoint_bytes(model))
+    engines = build_engines(cfg.model, cfg.game, trains=True, seed=cfg.seed, base_dir=base_dir,
+                            policy_dir=Path(ckpt_dir) if ckpt_dir is not None else base_dir, judge_dir=judge_dir,
+                            judge_max_tokens=cfg.sampling.judge_max_tokens)
+    ref = None
+    if cfg.algo.kl_coef > 0 and not cfg.lora_rank:  # with LoRA the reference is the model with adapters off
+        ref = load_reference(str(base_dir), compute_dtype, device)
+    n_updates = total_updates(cfg)
+    scheduler = build_scheduler(optimizer, n_updates, int(cfg.optim.warmup_ratio * n_updates), cfg.optim.min_lr_ratio)
+    scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
+    sft_stream = None
+    if cfg.algo.sft_coef > 0:
+        from fast_srt.learner.sft import SFTStream, build_sft_samples, load_sft_records
+
+        samples = build_sft_samples(load_sft_records(cfg.algo.sft_data), engines.policy.tokenizer)
+        sft_stream = SFTStream(samples, seed=cfg.seed)
+    start_step, step_records = 0, {}
+    if state is not None:
+        extra = restore_trainer_state(state, optimizer, scheduler)
+        start_step = int(state["step"])
+        pool.rng.setstate(_tuple_state(extra["seed_rng"]))
+        step_records = extra.get("step_records") or {}
+        if sft_stream is not None:
+            sft_stream.load_state_dict(extra["sft_stream"])
+        if scaler.is_enabled() and extra.get("grad_scaler"):
+            scaler.load_state_dict(extra["grad_scaler"])
+    learner = Learner(cfg=cfg, model=model, ref=ref, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                      autocast=autocast, logprob_fn=pick_logprob_impl(cfg.logprob_impl, device),  # chosen once
+                      adv_fns=select_advantages_impl(device), device=device, temperature=cfg.sampling.temperature,
+                      sft_stream=sft_stream, total_updates=n_updates)
+    return Run(cfg=cfg, run_dir=run_dir, pool=pool, options=GameOptions(mode=cfg.game.mode, cot=cfg.game.cot),
+               reward_fn=reward_function(cfg.game.reward), engines=engines, learner=learner,
+               start_step=start_step, resumed=state is not None, step_records=step_records,
+               sampling=SamplingSpec(max_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
+                                     top_p=cfg.sampling.top_p))
+
+
+def checkpoint_extra(run: Run, records: dict) -> dict:
+    """What a checkpoint carries besides weights, optimizer, scheduler and RNG (all weights_only-loadable)."""
+    extra = {"seed_rng": _list_state(run.pool.rng.getstate()), "step_records": records}
+    if run.learner.sft_stream is not None:
+        extra["sft_stream"] = run.learner.sft_stream.state_dict()
+    if run.learner.scaler.is_enabled():
+        extra["grad_scaler"] = run.learner.scaler.state_dict()
+    return extra
+
+
+def game_record(step: int, g) -> dict:
+    return {"step": step, "data_type": g.data_type, "seed": g.seed.prompt,
+            "attacker_raw": g.attacker.gen.text if g.attacker else None,
+            "attacker_public": g.attacker.public if g.attacker else None,
+            "defender_raw": g.defender.gen.text, "defender_public": g.defender.public,
+            "judge": g.judge_text, "outcome": g.rewards.outcome,
+            "reward_attacker": g.rewards.attacker, "reward_defender": g.rewards.defender}
+
+
+def _list_state(s):  # random.getstate() as lists (trainer_state.pt is read with weights_only=True)
+    return [s[0], list(s[1]), s[2]]
+
+
+def _tuple_state(s):
+    return (s[0], tuple(s[1]), s[2])

@@ -1,0 +1,153 @@
+"""Packed training forward == padded forward; log-probs at the right positions; optimizer and schedule."""
+
+import math
+
+import pytest
+import torch
+
+from fast_srt.learner.batch import Sample, pack, pad
+from fast_srt.kernels import logprobs_naive
+from fast_srt.learner.policy import (VARLEN_SDPA, build_optimizer, build_scheduler, packed_hidden_states,
+                                     pick_attention, prepare_for_training, token_logprobs)
+
+VOCAB = 300
+
+
+def tiny_model(arch: str, tie: bool, dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=tie, attn_implementation=pick_attention("cpu"))
+    torch.manual_seed(0)
+    model = (LlamaForCausalLM(LlamaConfig(**common)) if arch == "llama"
+             else Qwen2ForCausalLM(Qwen2Config(**common)))
+    return prepare_for_training(model.to(dtype))
+
+
+def ragged_samples(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(5, 9), (17, 3), (2, 30), (11, 1), (8, 20)]  # (prompt, response) lengths
+    return [Sample(prompt_ids=torch.randint(1, VOCAB, (p,), generator=g).tolist(),
+                   response_ids=torch.randint(1, VOCAB, (r,), generator=g).tolist(),
+                   role="attacker" if i % 2 else "defender", reward=float(i),
+                   vllm_logprobs=[-1.0] * r) for i, (p, r) in enumerate(shapes)]
+
+
+def padded_logprobs(model, samples):
+    """Reference: right-padded batch with transformers' own mask, full [S, L, V] logits."""
+    pb = pad(samples)
+    logits = model(input_ids=pb.input_ids, attention_mask=pb.attention_mask,
+                   position_ids=pb.position_ids).logits.float()  # [S, L, V]
+    logp = torch.log_softmax(logits, -1).gather(2, pb.targets[..., None]).squeeze(2)  # [S, L]
+    return logp[pb.loss_mask]  # [N], sample-major order == packed loss_index order
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("tie", [True, False])
+def test_packed_matches_padded(arch, tie):
+    model = tiny_model(arch, tie)
+    model.eval()
+    samples = ragged_samples()
+    batch = pack(samples)
+    logp, entropy = token_logprobs(model, batch, logprobs_naive)
+    ref = padded_logprobs(model, samples)
+    got = logp[batch.loss_index]
+    assert got.shape == ref.shape == (sum(len(s.response_ids) for s in samples),)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)  # fp32: stated tolerance 1e-5 absolute
+    assert (logp[~batch.loss_mask] == 0).all() and (entropy[~batch.loss_mask] == 0).all()
+    assert (entropy[batch.loss_mask] > 0).all() and (entropy[batch.loss_mask] <= math.log(VOCAB) + 1e-4).all()
+
+
+def test_packing_isolates_samples():
+    """Changing one sample's tokens must not change another sample's log-probs (no cross-sample attention)."""
+    model = tiny_model("llama", tie=True)
+    samples = ragged_samples()
+    base = token_logprobs(model, pack(samples), logprobs_naive)[0]
+    samples[0].prompt_ids = [7] * len(samples[0].prompt_ids)
+    batch = pack(samples)
+    changed = token_logprobs(model, batch, logprobs_naive)[0]
+    first = slice(*batch.response_spans[0])
+    rest = slice(batch.response_spans[1][0], None)
+    assert not torch.allclose(base[first], changed[first])
+    torch.testing.assert_close(base[rest], changed[rest], atol=1e-6, rtol=0)
+
+
+def test_logprob_is_of_next_token():
+    """logp at a loss position is the log-prob of the next input token, from the full-vocab model output."""
+    model = tiny_model("qwen2", tie=False)
+    model.eval()
+    s = ragged_samples()[0]
+    batch = pack([s])
+    logp, _ = token_logprobs(model, batch, logprobs_naive)
+    x = torch.tensor(s.prompt_ids + s.response_ids)
+    full = torch.log_softmax(model(input_ids=x[None]).logits[0].float(), -1)  # [L, V]
+    P = len(s.prompt_ids)
+    expected = full[P - 1:-1].gather(1, x[P:, None]).squeeze(1)  # predicting each response token
+    torch.testing.assert_close(logp[P - 1:-1], expected, atol=1e-5, rtol=0)
+
+
+def test_temperature_and_bf16():
+    model = tiny_model("llama", tie=True, dtype=torch.bfloat16)
+    batch = pack(ragged_samples())
+    logp1, _ = token_logprobs(model, batch, logprobs_naive, temperature=1.0)
+    logp2, _ = token_logprobs(model, batch, logprobs_naive, temperature=2.0)
+    assert logp1.dtype == torch.float32 and torch.isfinite(logp1).all()
+    assert not torch.allclose(logp1[batch.loss_index], logp2[batch.loss_index])
+
+
+def test_gradients_flow_and_checkpointing_matches():
+    losses, grads = [], []
+    for ckpt in (False, True):
+        model = tiny_model("llama", tie=True)
+        prepare_for_training(model, gradient_checkpointing=ckpt)
+        batch = pack(ragged_samples())
+        logp, _ = token_logprobs(model, batch, logprobs_naive)
+        loss = -logp.sum() / batch.num_loss_tokens
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(model.get_input_embeddings().weight.grad.clone())
+    torch.testing.assert_close(losses[0], losses[1])
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+    assert grads[0].abs().sum() > 0
+
+
+def test_hidden_states_shape_and_attention_name():
+    model = tiny_model("llama", tie=False)
+    assert model.config._attn_implementation == VARLEN_SDPA
+    batch = pack(ragged_samples())
+    assert packed_hidden_states(model, batch).shape == (batch.num_tokens, 64)
+
+
+def test_optimizer_groups_and_schedule():
+    model = tiny_model("qwen2", tie=False)
+    opt = build_optimizer(model, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    n = sum(len(g["params"]) for g in opt.param_groups)
+    assert n == len(list(model.parameters()))
+    sched = build_scheduler(opt, total_steps=10, warmup_steps=2, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(5e-4) and lrs[2] == pytest.approx(1e-3)
+    assert lrs[6] == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert lrs[10] == pytest.approx(1e-4) and lrs[11] == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_project_kernel_matches_full_logits(tie):
+    """token_logprobs with the project's selected log-prob implementation == the full-logits reference."""
+    from fast_srt.kernels import select_logprobs_impl
+
+    results = []
+    for fn in (logprobs_naive, select_logprobs_impl(torch.device("cpu"))):
+        model = tiny_model("qwen2", tie)
+        batch = pack(ragged_samples())
+        logp, entropy = token_logprobs(model, batch, fn, temperature=0.7)
+        (logp.sum() + 0.1 * entropy.sum()).backward()
+        results.append((logp.detach(), entropy.detach(), model.get_output_embeddings().weight.grad.clone(),
+                        model.get_input_embeddings().weight.grad.clone()))
+    for ref, got in zip(*results):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,272 @@
+"""The training loop end to end on a tiny model: it learns, it survives SIGKILL, bad input is refused cleanly.
+
+Every test drives the real `fast-srt train` entry point (the same loop as the default run) in a subprocess, so
+each run has its own in-process vLLM engine and a kill is a real kill.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from fast_srt import faults
+from fast_srt.faults import KILL_POINTS
+from fast_srt.run.metrics import read_metrics
+
+LEARN_STEPS = 30
+LEARN_TARGET = 0.9 * 2.0  # the rule judge's defender optimum is +2 per game (no CoT, no format term)
+
+
+def _tiny_args(model_dir, run_dir, *extra):
+    return ["defender_only", "--model.model", str(model_dir), "--model.judge-model", "rule:vowel_refusal",
+            "--model.dtype", "float32", "--model.max-model-len", "1024", "--model.kv-cache-gib", "1",
+            "--game.no-cot", "--sampling.games-per-step", "32", "--sampling.max-new-tokens", "4",
+            "--optim.lr", "5e-3", "--optim.updates-per-step", "4", "--optim.warmup-ratio", "0",
+            "--algo.kl-coef", "0", "--run-dir", str(run_dir), *extra]
+
+
+def _train(args, extra_env=None, **kw):
+    env = {k: v for k, v in os.environ.items() if k not in (faults.ENV, faults.DISK_FULL_ENV)}  # faults on demand
+    env.update(TOKENIZERS_PARALLELISM="false", **(extra_env or {}))
+    return subprocess.run([sys.executable, "-m", "fast_srt.cli", "train", *args], capture_output=True, text=True,
+                          env=env, **kw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_defender_learns_rule_judge_optimum(tiny_model_dir, tmp_path, seed):
+    """Mean defender reward over 3 consecutive steps reaches >= 90% of its maximum within LEARN_STEPS steps."""
+    run = tmp_path / "run"
+    p = _train(_tiny_args(tiny_model_dir, run, "--steps", str(LEARN_STEPS), "--save-every", "1000",
+                          "--seed", str(seed)), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rewards = [m["reward/defender_mean"] for m in read_metrics(run / "metrics.jsonl")]
+    assert len(rewards) == LEARN_STEPS
+    windows = [sum(rewards[i:i + 3]) / 3 for i in range(len(rewards) - 2)]
+    reached = next((i + 3 for i, w in enumerate(windows) if w >= LEARN_TARGET), None)
+    print(f"seed {seed}: first step with 3-step mean >= {LEARN_TARGET}: {reached}; rewards {rewards}")
+    assert sum(rewards[:3]) / 3 < 0, "the task must start far from its optimum"
+    assert reached is not None, f"reward never reached {LEARN_TARGET}: {rewards}"
+
+
+KILL_STEP = 2
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_sigkill_at_each_point_then_resume(tiny_model_dir, tmp_path, point):
+    """FAST_SRT_KILL_AT kills the trainer at `point` of step 2 (a real SIGKILL, no timing); a resume loses at most
+    that step, never picks a partial checkpoint, logs every step exactly once, and ends with loadable weights."""
+    from fast_srt.run.checkpoint import find_latest
+
+    run = tmp_path / "run"
+    args = _tiny_args(tiny_model_dir, run, "--steps", "3", "--save-every", "1", "--sampling.games-per-step", "8",
+                      "--log-games", "2")
+    p = _train(args, timeout=600, extra_env={"FAST_SRT_KILL_AT": f"{point}:{KILL_STEP}"})
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr[-3000:])
+    assert f"SIGKILL at {point}, step {KILL_STEP}" in p.stderr
+    assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1]  # killed before step 2's line
+
+    latest = find_latest(run)
+    ckpt_step = int(latest.name.split("_")[1])
+    assert ckpt_step == (KILL_STEP if point == "after_checkpoint" else KILL_STEP - 1)
+    assert KILL_STEP - ckpt_step <= 1  # at most one step lost
+    partial = list((run / "checkpoints").glob(f".tmp-step_{KILL_STEP:08d}-*"))
+    if point == "checkpoint_partial":  # some files written, the rest not, and never picked
+        assert len(partial) == 1 and (partial[0] / "model.safetensors").is_file()
+        assert not (partial[0] / "COMPLETE").exists() and not (partial[0] / "trainer_state.pt").exists()
+    else:
+        assert not partial
+    print(f"kill point {point}: killed in step {KILL_STEP}, resume from checkpoint step {ckpt_step}, "
+          f"steps lost {KILL_STEP - ckpt_step}")
+
+    p = _train(args + ["--resume"], timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"from step {ckpt_step}" in p.stdout
+    assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
+    games = read_metrics(run / "games.jsonl")
+    assert [g["step"] for g in games] == [1, 1, 2, 2, 3, 3]
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    final = find_latest(run)
+    assert final.name == "step_00000003"
+    assert_loads_in_transformers_and_vllm(final)
+
+
+VLLM_GREEDY = """
+import json, sys
+from fast_srt.engine.engine import Engine, SamplingSpec
+eng = Engine(sys.argv[1], dtype="float32", max_model_len=256, kv_cache_gib=1, name="ckpt")
+g = eng.generate([sys.argv[2]], SamplingSpec(max_tokens=8, temperature=0.0))[0]
+print(json.dumps({"prompt_ids": g.prompt_ids, "token_ids": g.token_ids}))
+"""
+
+
+def assert_loads_in_transformers_and_vllm(ckpt):
+    """Finite weights; transformers and vLLM both load the checkpoint and generate the same greedy tokens. vLLM runs
+    in its own process: tearing an in-process engine down would also tear down the test session's engine."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    w = load_file(str(ckpt / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in w.values())
+    prompt = "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+    p = subprocess.run([sys.executable, "-c", VLLM_GREEDY, str(ckpt), prompt], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    g = json.loads(p.stdout.strip().splitlines()[-1])
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    ids = torch.tensor([g["prompt_ids"]])
+    hf_ids = hf.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert g["token_ids"] and hf_ids[: len(g["token_ids"])] == g["token_ids"]
+
+
+def test_nan_loss_step_is_skipped_and_training_continues(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    p = _train(_tiny_args(tiny_model_dir, run, "--steps", "3", "--save-every", "1", "--inject-nan-loss-at-step",
+                          "2"), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = read_metrics(run / "metrics.jsonl")
+    assert [x["step"] for x in m] == [1, 2, 3]
+    assert m[1]["optim/skipped_updates"] == 4 and m[1]["optim/updates"] == 0
+    assert m[0]["optim/skipped_updates"] == 0 and m[2]["optim/updates"] == 4
+    assert "skipped" in p.stdout
+    assert_loads_in_transformers_and_vllm(run / "checkpoints" / "step_00000003")
+
+
+def test_sampling_temperature_reaches_the_trainer(tiny_model_dir, tmp_path):
+    """At T=0.7 the trainer's log-probs are vLLM's (fp32): importance weights within 1e-3 of 1, and KL exactly 0
+    at the first step (the reference and the policy are the same weights, computed the same way)."""
+    run = tmp_path / "run"
+    p = _train(_tiny_args(tiny_model_dir, run, "--steps", "1", "--sampling.temperature", "0.7",
+                          "--sampling.max-new-tokens", "16", "--algo.kl-coef", "0.01"), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = read_metrics(run / "metrics.jsonl")[0]
+    print({k: m[k] for k in ("is/ratio_min", "is/ratio_max", "is/logp_mismatch_max_abs", "kl/mean")})
+    assert 1 - 1e-3 <= m["is/ratio_min"] <= m["is/ratio_max"] <= 1 + 1e-3
+    assert m["kl/mean"] == 0.0
+
+
+def test_bf16_run_console_is_quiet_and_reference_kl_starts_at_zero(tiny_model_dir, tmp_path):
+    """bf16 engine and autocast: weights reach the engine in its dtype (no per-tensor vLLM warning), the libraries
+    stay quiet, and the bf16 reference gives KL exactly 0 at the first step."""
+    run = tmp_path / "run"
+    args = _tiny_args(tiny_model_dir, run, "--steps", "3", "--model.dtype", "bfloat16", "--algo.kl-coef", "0.01",
+                      "--sampling.games-per-step", "8")
+    p = _train(args, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = p.stdout + p.stderr
+    assert "Attempted to load weight" not in out
+    lines = out.splitlines()
+    print(f"{len(lines)} console lines:\n" + "\n".join(lines))
+    assert len(lines) <= 20, out
+    m = read_metrics(run / "metrics.jsonl")
+    assert m[0]["kl/mean"] == 0.0 and any(x["kl/mean"] != 0.0 for x in m[1:])  # it can move
+
+
+def test_bad_input_sampling_the_trainer_cannot_follow():
+    assert "top_p 0.9 is not supported for training" in _one_line_error(_train(["--sampling.top-p", "0.9"]))
+    assert "greedy decoding" in _one_line_error(_train(["--sampling.temperature", "0"]))
+
+
+def test_bad_input_run_dir_is_a_file(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert "is a file, not a directory" in _one_line_error(_train(["--run-dir", str(f / "run")]))
+    assert "is a file, not a directory" in _one_line_error(_train(["--run-dir", str(f)]))
+
+
+def test_bad_input_resume_with_changed_steps(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    p = _train(_tiny_args(tiny_model_dir, run, "--steps", "1", "--sampling.games-per-step", "8"), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    err = _one_line_error(_train(_tiny_args(tiny_model_dir, run, "--steps", "3", "--sampling.games-per-step", "8",
+                                            "--resume"), timeout=600))
+    assert "--steps: checkpoint 1, now 3" in err
+
+
+def test_disk_full_checkpoint_write_is_one_line_and_keeps_the_metrics(tiny_model_dir, tmp_path):
+    """FAST_SRT_DISK_FULL_AT=2 fails the step-2 checkpoint write with ENOSPC after its weights are written: one
+    clear line, step 2's metrics line is written, checkpoint 1 stays intact and resumable, no partial directory."""
+    from fast_srt.run.checkpoint import find_latest
+
+    run = tmp_path / "run"
+    args = _tiny_args(tiny_model_dir, run, "--steps", "3", "--save-every", "1", "--sampling.games-per-step", "8")
+    err = _one_line_error(_train(args, timeout=600, extra_env={faults.DISK_FULL_ENV: "2"}))
+    assert "writing checkpoint step 2" in err and "No space left on device" in err
+    assert "step_00000001 is intact" in err and "--resume" in err
+    assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2]
+    assert find_latest(run).name == "step_00000001" and not list((run / "checkpoints").glob(".tmp-*"))
+    p = _train(args + ["--resume"], timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
+
+
+def _one_line_error(p):
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    assert "Traceback" not in p.stderr
+    lines = [x for x in p.stderr.splitlines() if x.startswith("fast-srt: error:")]
+    assert len(lines) == 1, p.stderr[-2000:]
+    return lines[0]
+
+
+def test_bad_input_unknown_preset():
+    assert "unknown preset 'nope'" in _one_line_error(_train(["nope"]))
+
+
+def test_bad_input_invalid_field_value():
+    assert "lr must be > 0" in _one_line_error(_train(["--optim.lr", "-1"]))
+    p = _train(["--optim.lr", "abc"])
+    assert p.returncode != 0 and "Traceback" not in p.stderr and "--optim.lr" in (p.stderr + p.stdout)
+
+
+def test_bad_input_resume_without_checkpoint(tmp_path):
+    err = _one_line_error(_train(["--resume", "--run-dir", str(tmp_path / "empty")]))
+    assert "no complete checkpoint" in err
+
+
+def test_bad_input_checkpoint_from_another_model(tiny_model_dir, tmp_path):
+    from fast_srt.run.tiny import make_tiny_model
+
+    run = tmp_path / "run"
+    p = _train(_tiny_args(tiny_model_dir, run, "--steps", "1", "--save-every", "1"), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    before = sorted(x.name for x in (run / "checkpoints").iterdir())
+    other = make_tiny_model(tmp_path / "qwen", arch="qwen2", hidden=96)
+    err = _one_line_error(_train(_tiny_args(other, run, "--steps", "2", "--resume"), timeout=600))
+    assert "different model" in err
+    assert sorted(x.name for x in (run / "checkpoints").iterdir()) == before  # nothing touched
+
+
+@pytest.mark.parametrize("variant", [
+    ["selfplay_cot_sft", "rl_with_sft", "--algo.sft-coef", "0.5", "--algo.sft-samples-per-micro-step", "2"],
+    ["grpo", "grpo", "--game.no-cot"],
+    ["rloo", "grpo", "--algo.estimator", "rloo", "--game.no-cot"],
+    ["attacker_only", "attacker_only", "--game.no-cot"],
+    ["lora", "rl_only", "--lora-rank", "4", "--game.no-cot"],
+], ids=lambda v: v[0])
+def test_variants_run_two_steps(tiny_model_dir, tmp_path, variant):
+    """Every estimator, the SFT loss and the attacker-only game run through the same loop and log every step."""
+    _, preset, *extra = variant
+    run = tmp_path / "run"
+    args = [preset, "--model.model", str(tiny_model_dir), "--model.judge-model", "rule:vowel_refusal",
+            "--model.dtype", "float32", "--model.max-model-len", "2048", "--model.kv-cache-gib", "1",
+            "--sampling.games-per-step", "8", "--sampling.max-new-tokens", "8", "--steps", "2", "--save-every", "2",
+            "--optim.lr", "1e-3", "--run-dir", str(run), *extra]
+    p = _train(args, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = read_metrics(run / "metrics.jsonl")
+    assert [x["step"] for x in m] == [1, 2]
+    for x in m:
+        assert x["optim/updates"] >= 1 and x["time/sync_s"] > 0
+        if preset == "rl_with_sft":
+            assert x["loss/sft"] > 0
+        if preset == "grpo":  # kl_coef 0.01 (from cpu_default) is a k3 loss term for the group estimators
+            assert x["loss/kl_k3"] >= 0
+        if preset == "attacker_only":
+            assert x["samples/defender"] == 0 and x["samples/attacker"] > 0
+        else:
+            assert x["samples/defender"] > 0
