@@ -170,6 +170,10 @@ def test_bf16_run_console_is_quiet_and_reference_kl_starts_at_zero(tiny_model_di
 def test_bad_input_sampling_the_trainer_cannot_follow():
     assert "top_p 0.9 is not supported for training" in _one_line_error(_train(["--sampling.top-p", "0.9"]))
     assert "greedy decoding" in _one_line_error(_train(["--sampling.temperature", "0"]))
+    import torch
+
+    if not torch.cuda.is_available():  # on CUDA fp16 trains through a gradient scaler
+        assert "float16 needs CUDA" in _one_line_error(_train(["--model.dtype", "float16"]))
 
 
 def test_bad_input_run_dir_is_a_file(tmp_path):
