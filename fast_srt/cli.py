@@ -12,10 +12,11 @@ import sys
 from fast_srt.engine.engine import QUIET_ENV
 from fast_srt.errors import UserError
 
-USAGE = """usage: fast-srt {train,play} [--help] [--verbose] [options]
+USAGE = """usage: fast-srt {train,play,plot} [--help] [--verbose] [options]
 
   train [PRESET] [--options]   self-play RL training (the main job); `fast-srt train --help` lists presets
   play [--options]             play one batch of real games and print them side by side
+  plot RUN_DIR [--out DIR]     a run's metrics as PNG curves (rewards, format, outcomes, policy, sampler, time)
   --verbose                    let vLLM, transformers and torch log at their own levels (quiet by default)
 """
 
@@ -51,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
             from fast_srt.commands.play import play_main
 
             play_main(rest)
+        elif cmd == "plot":
+            from fast_srt.commands.plot import plot_main
+
+            plot_main(rest)
         elif cmd == "train":
             from fast_srt.commands.train import train_main
 

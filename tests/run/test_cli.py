@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 
-
 def _run(args, timeout=600, cwd=None):
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     return subprocess.run([sys.executable, "-m", "fast_srt.cli", *args], capture_output=True, text=True, env=env,
@@ -36,6 +35,14 @@ def test_play_tiny_model_in_one_process(tiny_model_dir):
 def test_unknown_command():
     p = _run(["fly"])
     assert p.returncode == 2 and "unknown command" in p.stderr
+
+
+def test_plot_command(tmp_path):
+    assert "does not exist" in _one_line_error(_run(["plot", str(tmp_path / "nope")]))
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/defender_mean": 1.0}) + "\n")
+    p = _run(["plot", str(tmp_path), "--out", str(tmp_path / "figs")])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == [str(tmp_path / "figs" / "rewards.png")]
 
 
 def test_missing_model_path(tmp_path):
