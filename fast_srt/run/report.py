@@ -11,10 +11,11 @@ def memory_plan(model, ref, engines, cfg) -> str:
     n = sum(p.numel() for p in model.parameters())
     gib = 2**30
     psz = next(model.parameters()).element_size()
+    ref_bytes = 0 if ref is None else sum(p.numel() * p.element_size() for p in ref.parameters())
     lines = [f"memory plan ({'cuda' if model.device.type == 'cuda' else 'cpu'}; {n / 1e6:.1f}M parameters):",
              f"  trainer weights {n * psz / gib:6.2f} GiB  grads {n * psz / gib:6.2f} GiB  "
              f"AdamW states {2 * n * 4 / gib:6.2f} GiB",
-             f"  reference model {0 if ref is None else sum(p.numel() * p.element_size() for p in ref.parameters()) / gib:6.2f} GiB  "
+             f"  reference model {ref_bytes / gib:6.2f} GiB  "
              f"engine weights {n * 2 / gib:6.2f} GiB x {1 + (engines.judge.engine is not engines.policy)} engine(s)",
              f"  KV cache {cfg.model.kv_cache_gib:.2f} GiB per engine"
              f"{' (released while training)' if model.device.type == 'cuda' else ' (host RAM, kept: no sleep on CPU)'}"]

@@ -31,7 +31,6 @@ def _metrics(path, n=6, cut_last=False):
 
 
 def test_every_figure_is_drawn(tmp_path):
-    import numpy as np
     from matplotlib.image import imread
 
     run = tmp_path / "run"
