@@ -12,11 +12,13 @@ import sys
 from fast_srt.engine.engine import QUIET_ENV
 from fast_srt.errors import UserError
 
-USAGE = """usage: fast-srt {train,play,plot} [--help] [--verbose] [options]
+USAGE = """usage: fast-srt {train,play,plot,bench} [--help] [--verbose] [options]
 
   train [PRESET] [--options]   self-play RL training (the main job); `fast-srt train --help` lists presets
   play [--options]             play one batch of real games and print them side by side
   plot RUN_DIR [--out DIR]     a run's metrics as PNG curves (rewards, format, outcomes, policy, sampler, time)
+  bench [PRESET] [--bench-steps N] [--out PATH] [train options]
+                               time whole steps of a fixed workload: seconds, tokens, FLOPs per phase
   --verbose                    let vLLM, transformers and torch log at their own levels (quiet by default)
 """
 
@@ -52,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
             from fast_srt.commands.play import play_main
 
             play_main(rest)
+        elif cmd == "bench":
+            from fast_srt.commands.bench import bench_main
+
+            bench_main(rest)
         elif cmd == "plot":
             from fast_srt.commands.plot import plot_main
 

@@ -72,6 +72,9 @@ class SamplingConfig:
     """Sampling temperature for both roles (the judge is always greedy)."""
     top_p: float = 1.0
     """Nucleus sampling for both roles."""
+    fixed_length: bool = False
+    """Benchmark aid: every attacker and defender turn generates exactly max_new_tokens (EOS ignored), so two
+    commits time identical work (`fast-srt bench` sets it)."""
     judge_max_tokens: int = 24
     """Generation limit for the judge's three-line answer (raised to the longest constrained answer when the judge
     is constrained, so it can never be cut)."""

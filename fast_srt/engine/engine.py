@@ -33,6 +33,7 @@ class SamplingSpec:
     seed: int | None = None
     regex: str | None = None  # vLLM structured outputs: the completion must match this regex
     logprobs: bool = True  # return the sampled token's log-prob per generated token
+    fixed_length: bool = False  # generate exactly max_tokens (EOS ignored): identical work across commits
 
 
 @dataclass
@@ -128,6 +129,7 @@ class Engine:
             return []
         params = SamplingParams(
             max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed,
+            ignore_eos=spec.fixed_length, min_tokens=spec.max_tokens if spec.fixed_length else 0,
             logprobs=0 if spec.logprobs else None, skip_special_tokens=True,
             structured_outputs=StructuredOutputsParams(regex=spec.regex) if spec.regex else None,
         )

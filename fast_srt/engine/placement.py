@@ -42,13 +42,13 @@ class Engines:
         return {id(e): e.stats.snapshot() for e in self.unique()}
 
     def since(self, snap: dict) -> dict:
-        """Seconds and generated tokens per phase (summed over engines) since `snapshot()`."""
+        """Seconds, generated and prompt tokens per phase (summed over engines) since `snapshot()`."""
         out: dict[str, dict] = {}
         for e in self.unique():
             for phase, d in e.stats.since(snap.get(id(e), {})).items():
-                acc = out.setdefault(phase, {"seconds": 0.0, "gen_tokens": 0})
-                acc["seconds"] += d["seconds"]
-                acc["gen_tokens"] += d["gen_tokens"]
+                acc = out.setdefault(phase, {"seconds": 0.0, "gen_tokens": 0, "prompt_tokens": 0})
+                for k in acc:
+                    acc[k] += d.get(k, 0)
         return out
 
 

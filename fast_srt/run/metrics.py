@@ -127,13 +127,19 @@ def console_line(m: dict) -> str:
             f"{g('perf/tokens_per_s', '{:.0f}')} tok/s")
 
 
-def step_perf(timer: PhaseTimer, engine_phases: dict, trained_tokens: int, wall: float) -> dict:
+def step_perf(timer: PhaseTimer, engine_phases: dict, trained_tokens: int, wall: float, loss_tokens: int = 0,
+              ) -> dict:
     """A step's time and token metrics: the trainer's timed phases, the engines' generate and judge seconds (from
-    their per-phase counters: `Engines.since`), tokens generated and trained, and throughput."""
+    their per-phase counters: `Engines.since`), tokens generated, prefilled, judged, trained (all tokens of the
+    trained samples) and in the loss (their response tokens), and throughput."""
     gen = [v for k, v in engine_phases.items() if k not in ("judge", "probe")]
     gen_s = sum(v["seconds"] for v in gen)
     gen_tok = sum(v["gen_tokens"] for v in gen)
+    judge = engine_phases.get("judge", {})
     return {**{f"time/{k}_s": v for k, v in timer.seconds.items()},
+            "tokens/prefill": sum(v.get("prompt_tokens", 0) for v in gen), "tokens/loss": loss_tokens,
+            "tokens/judge_prompt": judge.get("prompt_tokens", 0),
+            "tokens/judge_generated": judge.get("gen_tokens", 0),
             "time/generate_s": gen_s, "time/judge_s": engine_phases.get("judge", {}).get("seconds", 0.0),
             "time/step_s": wall, "tokens/generated": gen_tok, "tokens/trained": trained_tokens,
             "perf/tokens_per_s": (gen_tok + trained_tokens) / wall,

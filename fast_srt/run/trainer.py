@@ -92,7 +92,7 @@ def train_step(run: Run, step: int, status: Status) -> tuple[dict, list]:
         status.line(f"step {step}: {metrics['optim/skipped_updates']} update(s) skipped (non-finite loss or "
                     f"gradient; no sample survived filtering if all); training continues")
     metrics.update(step_perf(timer, engines.since(snap), sum(s.num_tokens for s in samples),
-                             time.perf_counter() - t0))
+                             time.perf_counter() - t0, sum(len(s.response_ids) for s in samples)))
     return to_floats(metrics), games
 
 
@@ -321,7 +321,7 @@ def setup_run(cfg: TrainConfig) -> Run:
                reward_fn=reward_function(cfg.game.reward), engines=engines, learner=learner,
                start_step=start_step, resumed=state is not None, step_records=step_records,
                sampling=SamplingSpec(max_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
-                                     top_p=cfg.sampling.top_p))
+                                     top_p=cfg.sampling.top_p, fixed_length=cfg.sampling.fixed_length))
 
 
 def checkpoint_extra(run: Run, records: dict) -> dict:
