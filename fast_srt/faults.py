@@ -35,6 +35,7 @@ DISK_FULL_ENV = "FAST_SRT_DISK_FULL_AT"
 KILL_POINTS = ("generate", "update", "checkpoint_partial", "after_checkpoint", "weight_sync")
 
 _step: int | None = None  # the step the trainer is in (set by the loop)
+_want: tuple[str, int] | None = None  # FAST_SRT_KILL_AT, parsed once per step by enter_step
 
 
 def parse(value: str | None) -> tuple[str, int] | None:
@@ -53,17 +54,16 @@ def target() -> tuple[str, int] | None:
 
 
 def enter_step(step: int) -> None:
-    """Called by the training loop at the start of each step."""
-    global _step
-    _step = step
+    """Called by the training loop at the start of each step (reads FAST_SRT_KILL_AT for it)."""
+    global _step, _want
+    _step, _want = step, target()
 
 
 def hit(point: str) -> None:
     """SIGKILL this process if FAST_SRT_KILL_AT names `point` at the current step."""
     if point not in KILL_POINTS:
         raise ValueError(f"unknown kill point {point!r}")
-    want = target()
-    if want is None or want != (point, _step):
+    if _want is None or _want != (point, _step):
         return
     print(f"[{ENV}] SIGKILL at {point}, step {_step}", file=sys.stderr, flush=True)
     sys.stdout.flush()

@@ -119,9 +119,10 @@ class Engine:
         self.stats = EngineStats()
         self._kv_sleeping = False
 
-    def generate(self, prompts: list[str], spec: SamplingSpec, lora=None, phase: str = "generate",
+    def generate(self, prompts: list[str] | list[list[int]], spec: SamplingSpec, lora=None, phase: str = "generate",
                  ) -> list[Generation]:
-        """Generate one completion per prompt, in one batched vLLM call."""
+        """Generate one completion per prompt (templated text, or its token ids from `encode`), in one batched
+        vLLM call."""
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
@@ -134,7 +135,7 @@ class Engine:
             structured_outputs=StructuredOutputsParams(regex=spec.regex) if spec.regex else None,
         )
         t0 = time.perf_counter()
-        ids = [{"prompt_token_ids": self.encode(p)} for p in prompts]
+        ids = [{"prompt_token_ids": p if isinstance(p, list) else self.encode(p)} for p in prompts]
         too_long = [len(x["prompt_token_ids"]) for x in ids if len(x["prompt_token_ids"]) >= self.max_model_len]
         if too_long:
             raise UserError(f"{len(too_long)} prompt(s) of up to {max(too_long)} tokens do not fit the {self.name} "

@@ -51,17 +51,17 @@ class Judge:
         spec = SamplingSpec(max_tokens=self.max_tokens, temperature=0.0, logprobs=False,
                             regex=JUDGE_OUTPUT_REGEX if self.constrained else None)
         out: list[tuple[JudgeLabels, str]] = [(JudgeLabels(None, None, None), "<empty: not judged>")] * len(pairs)
-        todo, texts = [], []
+        todo, inputs = [], []
         for i, (p, r) in enumerate(pairs):
             if not (p.strip() and r.strip()):
                 continue
-            text = self.fit(p, r)
-            if text is None:
+            ids = self.fit(p, r)
+            if ids is None:
                 out[i] = (JudgeLabels(None, None, None), "<too long for the judge: not judged>")
                 continue
             todo.append(i)
-            texts.append(text)
-        gens = self.engine.generate(texts, spec, phase="judge")
+            inputs.append(ids)
+        gens = self.engine.generate(inputs, spec, phase="judge")
         for i, g in zip(todo, gens):
             labels = parse_judge_output(g.text)
             self.parse_failures += labels.parse_error
@@ -69,18 +69,18 @@ class Judge:
         self.calls += len(todo)
         return out
 
-    def fit(self, prompt: str, response: str) -> str | None:
-        """The judge input for the pair, cut to leave room for the answer within the engine's max_model_len: the
-        response loses its tail first (down to 16 tokens), then the prompt. None if even that cannot fit."""
+    def fit(self, prompt: str, response: str) -> list[int] | None:
+        """The judge input's token ids for the pair, cut to leave room for the answer within the engine's
+        max_model_len: the response loses its tail first (down to 16 tokens), then the prompt. None if even that
+        cannot fit. The ids go to the engine as they are (each judge input is tokenized once)."""
         limit = self.engine.max_model_len - self.max_tokens - 1
-        text = self.prompt(prompt, response)
-        n = len(self.engine.encode(text))
-        if n <= limit:
-            return text
+        ids = self.engine.encode(self.prompt(prompt, response))
+        if len(ids) <= limit:
+            return ids
         self.truncated += 1
         tok = self.engine.tokenizer
         for _ in range(4):  # re-encoding a cut text can shift a token or two
-            over = n - limit + 4
+            over = len(ids) - limit + 4
             p_ids = tok(prompt, add_special_tokens=False).input_ids
             r_ids = tok(response, add_special_tokens=False).input_ids
             cut_r = min(over, max(0, len(r_ids) - 16))
@@ -89,10 +89,9 @@ class Judge:
                 break
             prompt = tok.decode(p_ids[: len(p_ids) - max(cut_p, 0)])
             response = tok.decode(r_ids[: len(r_ids) - cut_r])
-            text = self.prompt(prompt, response)
-            n = len(self.engine.encode(text))
-            if n <= limit:
-                return text
+            ids = self.engine.encode(self.prompt(prompt, response))
+            if len(ids) <= limit:
+                return ids
         self.too_long += 1
         return None
 

@@ -87,8 +87,8 @@ def per_sample_logprobs(model, samples, logprob_fn, micro_tokens: int, autocast,
         batch = pack(mb, device=model.device)
         with autocast():
             logp, _ = token_logprobs(model, batch, logprob_fn, temperature)
-        for s, v in zip(mb, batch.split_responses(logp.float())):
-            out[index[id(s)]] = v.cpu()
+        for s, v in zip(mb, batch.split_responses(logp.float().cpu())):  # one device-to-host copy per batch
+            out[index[id(s)]] = v
     return [out[i] for i in range(len(samples))]
 
 
@@ -123,8 +123,7 @@ def compute_advantages(cfg, samples, old, ref, adv_fns, device: torch.device,
         raw = torch.tensor([s.metadata["group"] for s in samples], dtype=torch.int64)
         groups = torch.unique(raw, return_inverse=True)[1].to(device)
         adv = group_fn(full.rewards, groups, full.cu_seqlens, full.loss_mask, kind=cfg.algo.estimator)
-    advs = [a.cpu() for a in full.split_responses(adv)]
-    return advs, {"kl/mean": kl.mean() if kl.numel() else torch.tensor(0.0)}
+    return full.split_responses(adv.cpu()), {"kl/mean": kl.mean() if kl.numel() else torch.tensor(0.0)}
 
 
 def update_policy(learner: Learner, step: int, samples, old, ref, advs) -> dict:
@@ -152,26 +151,8 @@ def update_policy(learner: Learner, step: int, samples, old, ref, advs) -> dict:
         finite, per_mini = True, {}
         for mb in split_micro_batches(mini, o.micro_batch_tokens):
             pos = [where[id(x)] for x in mb]
-            batch = pack(mb, device=model.device)
-            old_t = batch.scatter_responses([old[i] for i in pos])
-            adv_t = batch.scatter_responses([advs[i] for i in pos])
-            with learner.autocast():
-                logp, ent = token_logprobs(model, batch, learner.logprob_fn, learner.temperature)
-            loss, metrics = ppo_clip_loss(logp, old_t, adv_t, batch.loss_mask, clip_eps=a.clip_eps,
-                                          vllm_logp=batch.vllm_logp if a.importance_correction else None,
-                                          tis_cap=a.tis_cap, entropy=ent, num_tokens=n_tokens)
-            if kl_in_loss:
-                kl_loss, kl_metrics = kl_k3_loss(logp, batch.scatter_responses([ref[i] for i in pos]),
-                                                 batch.loss_mask, num_tokens=n_tokens)
-                loss = loss + a.kl_coef * kl_loss
-                metrics.update(kl_metrics)
-            if a.sft_coef > 0 and learner.sft_stream is not None:
-                sb = pack(learner.sft_stream.next(a.sft_samples_per_micro_step), device=model.device)
-                with learner.autocast():
-                    slp, _ = token_logprobs(model, sb, learner.logprob_fn)  # the model's own distribution (T = 1)
-                s_loss, s_metrics = sft_loss(slp, sb.loss_mask)
-                loss = loss + a.sft_coef * s_loss * (batch.num_loss_tokens / n_tokens)
-                metrics.update(s_metrics)
+            loss, metrics = micro_batch_loss(learner, mb, [old[i] for i in pos], [advs[i] for i in pos],
+                                             [ref[i] for i in pos] if kl_in_loss else None, n_tokens)
             if step == cfg.inject_nan_loss_at_step:
                 loss = loss * float("nan")
             if not is_finite_loss(loss):  # host sync, once per micro-step, before backward
@@ -213,6 +194,31 @@ def update_policy(learner: Learner, step: int, samples, old, ref, advs) -> dict:
 
 
 SUMMED_OVER_MICRO_BATCHES = ("loss/pg", "loss/kl_k3")
+
+
+def micro_batch_loss(learner: Learner, mb, old, advs, ref, n_tokens: int) -> tuple[torch.Tensor, dict]:
+    """One micro-batch's share of its mini-batch loss (each term a sum over its tokens / n_tokens, the mini-batch's
+    response tokens): PPO-clip with TIS, + the k3 KL to `ref` (GRPO/RLOO, when given), + the SFT loss."""
+    a, model = learner.cfg.algo, learner.model
+    batch = pack(mb, device=model.device)
+    with learner.autocast():
+        logp, ent = token_logprobs(model, batch, learner.logprob_fn, learner.temperature)
+    loss, metrics = ppo_clip_loss(logp, batch.scatter_responses(old), batch.scatter_responses(advs),
+                                  batch.loss_mask, clip_eps=a.clip_eps,
+                                  vllm_logp=batch.vllm_logp if a.importance_correction else None,
+                                  tis_cap=a.tis_cap, entropy=ent, num_tokens=n_tokens)
+    if ref is not None:
+        kl_loss, kl_metrics = kl_k3_loss(logp, batch.scatter_responses(ref), batch.loss_mask, num_tokens=n_tokens)
+        loss = loss + a.kl_coef * kl_loss
+        metrics.update(kl_metrics)
+    if a.sft_coef > 0 and learner.sft_stream is not None:
+        sb = pack(learner.sft_stream.next(a.sft_samples_per_micro_step), device=model.device)
+        with learner.autocast():
+            slp, _ = token_logprobs(model, sb, learner.logprob_fn)  # the model's own distribution (T = 1)
+        s_loss, s_metrics = sft_loss(slp, sb.loss_mask)
+        loss = loss + a.sft_coef * s_loss * (batch.num_loss_tokens / n_tokens)
+        metrics.update(s_metrics)
+    return loss, metrics
 
 
 def scheduler_step(learner: Learner) -> None:

@@ -1,7 +1,6 @@
 """Checkpoints: exact round trip, atomicity (interrupted saves are ignored), different-model and missing errors."""
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -145,7 +144,7 @@ def test_sigkill_during_save_keeps_previous(tmp_path):
     # The child uses a stand-in model (save_pretrained writes config.json + safetensors) so that it needs no
     # transformers import: the test is about the file protocol, not the model.
     script = textwrap.dedent(f"""
-        import json, os, sys, time, torch
+        import json, os, signal, sys, torch
         from safetensors.torch import save_file
         from fast_srt.run import checkpoint as ck
 
@@ -164,20 +163,15 @@ def test_sigkill_during_save_keeps_previous(tmp_path):
         opt = torch.optim.AdamW(model.parameters())
         ck.save_checkpoint({str(tmp_path)!r}, 1, model, None, opt, None, {{"n": 1}}, {{}})
         real_save = torch.save
-        def slow_save(obj, f, *a, **k):
+        def save_then_die(obj, f, *a, **k):  # the kill lands exactly here: state written, COMPLETE not
             real_save(obj, f, *a, **k)
             print("MIDWAY", flush=True)
-            time.sleep(60)
-        ck.torch.save = slow_save
+            os.kill(os.getpid(), signal.SIGKILL)
+        ck.torch.save = save_then_die
         ck.save_checkpoint({str(tmp_path)!r}, 2, model, None, opt, None, {{"n": 2}}, {{}})
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline()
-        assert line.strip() == "MIDWAY", line
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip() == "MIDWAY", (proc.stdout, proc.stderr[-2000:])
     assert proc.returncode == -signal.SIGKILL
     with pytest.warns(RuntimeWarning, match="partial checkpoint"):
         ckpt_dir, state = ck.load_checkpoint(tmp_path)

@@ -231,7 +231,7 @@ def test_judge_cuts_long_pairs_to_fit_and_counts_them(tiny_engine):
     assert len(out) == 3 and not any(lab.parse_error for lab, _ in out)
     assert all(lab.prompt_harmful is not None for lab, _ in out)
     assert judge.truncated == 2 and judge.too_long == 0
-    assert all(len(tiny_engine.encode(judge.fit(p, r))) < tiny_engine.max_model_len for p, r in pairs)
+    assert all(len(judge.fit(p, r)) < tiny_engine.max_model_len for p, r in pairs)
 
 
 def test_empty_attacker_prompt_is_a_format_penalty_not_a_tie():
