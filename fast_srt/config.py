@@ -155,6 +155,9 @@ class OptimConfig:
     """Optimizer steps per rollout (the batch is split into this many mini-batches; slightly off-policy)."""
     micro_batch_tokens: int = 4096
     """Packed tokens per forward/backward (gradient accumulation inside a mini-batch); no padding."""
+    share_prefix: bool = True
+    """Compute each shared prompt prefix (the role instructions, a GRPO group's prompt) once per micro-batch,
+    forward and backward: same loss and gradients, fewer tokens (fast_srt.learner.batch.pack_shared)."""
 
     def __post_init__(self):
         _require(self.lr > 0, f"lr must be > 0, got {self.lr}")

@@ -17,6 +17,7 @@ loss positions on the GPU never needs a data-dependent `nonzero` (a CPU-GPU sync
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +75,7 @@ class PackedBatch:
     seqlens: tuple[int, ...]  # host copy of the S sample lengths (no device sync to read them)
     max_seqlen: int  # host int, longest sample (flash-attn varlen wants it as an int)
     response_spans: tuple[tuple[int, int], ...]  # host (start, end) of each sample's loss positions
+    layout: PrefixLayout | None = None  # shared-prefix pieces (pack_shared); None: each sample whole (pack)
 
     @property
     def num_tokens(self) -> int:
@@ -81,14 +83,14 @@ class PackedBatch:
 
     @property
     def num_samples(self) -> int:
-        return len(self.seqlens)
+        return len(self.response_spans)
 
     @property
     def num_loss_tokens(self) -> int:
         return self.loss_index.shape[0]
 
     def to(self, device: torch.device | str) -> PackedBatch:
-        moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+        moved = {k: (v.to(device, non_blocking=True) if isinstance(v, (torch.Tensor, PrefixLayout)) else v)
                  for k, v in self.__dict__.items()}
         return PackedBatch(**moved)
 
@@ -111,38 +113,70 @@ class PackedBatch:
 
 def pack(samples: list[Sample], device: torch.device | str | None = None) -> PackedBatch:
     """Concatenate samples into one PackedBatch (built on the host, then moved once)."""
+    return _pack_pieces(samples, [(i, 0, s.num_tokens, -1) for i, s in enumerate(samples)], device, "pack")
+
+
+def _pack_pieces(samples: list[Sample], pieces: list[tuple[int, int, int, int]], device, name: str,
+                 shared: bool = False) -> PackedBatch:
+    """The row of `pieces` (owner sample, start, end, parent piece), in order; each sample whole when not shared.
+    A piece that ends at its sample's end is the sample's leaf (its loss positions are there)."""
     if not samples:
-        raise ValueError("pack: no samples")
+        raise ValueError(f"{name}: no samples")
     have_vllm = [s.vllm_logprobs is not None for s in samples]
     if any(have_vllm) and not all(have_vllm):
-        raise ValueError("pack: some samples have vllm_logprobs and some don't; pack RL and SFT samples apart")
+        raise ValueError(f"{name}: some samples have vllm_logprobs and some don't; pack RL and SFT samples apart")
+    full = [list(s.prompt_ids) + list(s.response_ids) for s in samples]
     input_ids: list[int] = []
     targets: list[int] = []
     positions: list[int] = []
     sample_idx: list[int] = []
     mask: list[bool] = []
     vllm: list[float] = []
-    cu = [0]
-    spans = []
-    for i, s in enumerate(samples):
-        x = list(s.prompt_ids) + list(s.response_ids)
-        n, p = len(x), len(s.prompt_ids)
-        o = cu[-1]
-        input_ids += x
-        targets += x[1:] + [0]
-        positions += range(n)
-        sample_idx += [i] * n
-        mask += [False] * (p - 1) + [True] * (n - p) + [False]
-        if s.vllm_logprobs is not None:
-            vllm += [0.0] * (p - 1) + [float(v) for v in s.vllm_logprobs] + [0.0]
-        spans.append((o + p - 1, o + n - 1))
-        cu.append(o + n)
+    starts, lengths, context, parents, ctx_index = [], [], [], [], []
+    spans: list[tuple[int, int] | None] = [None] * len(samples)
+    for owner, a, b, parent in pieces:
+        x, o = full[owner], len(input_ids)
+        leaf = b == len(x)
+        p = len(samples[owner].prompt_ids)
+        input_ids += x[a:b]
+        targets += x[a + 1:b + 1] + ([0] if leaf else [])
+        positions += range(a, b)
+        sample_idx += [owner if leaf else -1] * (b - a)
+        if leaf:
+            # sample position t is a loss position when p - 1 <= t <= len(x) - 2 (module docstring)
+            mask += [p - 1 <= t < len(x) - 1 for t in range(a, b)]
+            if all(have_vllm):
+                vllm += [0.0] * (p - 1 - a) + [float(v) for v in samples[owner].vllm_logprobs] + [0.0]
+            spans[owner] = (o + p - 1 - a, o + len(x) - 1 - a)
+        else:
+            mask += [False] * (b - a)
+            vllm += [0.0] * (b - a) if all(have_vllm) else []
+        if shared:
+            chain, q = [], parent
+            while q >= 0:
+                chain.append(q)
+                q = parents[q]
+            for q in reversed(chain):
+                ctx_index += range(starts[q], starts[q] + lengths[q])
+            ctx_index += range(o, o + b - a)
+        starts.append(o)
+        lengths.append(b - a)
+        context.append(a)
+        parents.append(parent)
+    cu_q = [0, *itertools.accumulate(lengths)]
+    layout = None
+    if shared:
+        cu_k = [0, *itertools.accumulate(c + n for c, n in zip(context, lengths))]
+        layout = PrefixLayout(
+            starts=tuple(starts), lengths=tuple(lengths), context=tuple(context), parents=tuple(parents),
+            ctx_index=torch.tensor(ctx_index, dtype=torch.int64),  # [sum(context + lengths)]
+            cu_q=torch.tensor(cu_q, dtype=torch.int32), cu_k=torch.tensor(cu_k, dtype=torch.int32),  # [pieces + 1]
+            max_q=max(lengths), max_k=max(c + n for c, n in zip(context, lengths)))
     loss_mask = torch.tensor(mask, dtype=torch.bool)  # [T]
-    seqlens = tuple(b - a for a, b in zip(cu[:-1], cu[1:]))
     batch = PackedBatch(
         input_ids=torch.tensor(input_ids, dtype=torch.int64),  # [T]
         position_ids=torch.tensor(positions, dtype=torch.int64),  # [T]
-        cu_seqlens=torch.tensor(cu, dtype=torch.int32),  # [S+1]
+        cu_seqlens=torch.tensor(cu_q, dtype=torch.int32),  # [pieces + 1] (pack: [S + 1])
         targets=torch.tensor(targets, dtype=torch.int64),  # [T]
         loss_mask=loss_mask,
         loss_index=loss_mask.nonzero().squeeze(1),  # [N] int64, host-side nonzero: no device sync
@@ -150,9 +184,10 @@ def pack(samples: list[Sample], device: torch.device | str | None = None) -> Pac
         roles=torch.tensor([ROLE_IDS[s.role] for s in samples], dtype=torch.int64),  # [S]
         rewards=torch.tensor([float(s.reward) for s in samples], dtype=torch.float32),  # [S]
         vllm_logp=torch.tensor(vllm, dtype=torch.float32) if all(have_vllm) else None,  # [T]
-        seqlens=seqlens,
-        max_seqlen=max(seqlens),
+        seqlens=tuple(lengths),
+        max_seqlen=max(lengths),
         response_spans=tuple(spans),
+        layout=layout,
     )
     return batch if device is None else batch.to(device)
 
@@ -211,3 +246,142 @@ def pad(samples: list[Sample], pad_id: int = 0) -> PaddedBatch:
         loss_mask[i, p - 1 : n - 1] = True
     position_ids = torch.arange(L).expand(S, L).clone()  # [S, L]
     return PaddedBatch(input_ids, attention_mask, position_ids, targets, loss_mask)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared-prefix packing: every token of a shared prompt prefix is computed once per micro-batch.
+#
+# In the self-play game every attacker prompt starts with the same instruction (and harmful seeds share a longer
+# one), every defender prompt with another; GRPO groups share their whole prompt. `pack_shared` lays the samples of
+# a micro-batch out as a prefix tree (a radix tree over prompt tokens): each shared run of prompt tokens is one
+# *piece* of the packed row, and each sample ends in a leaf piece holding the rest of its tokens. A piece attends
+# to its ancestors' pieces (root first) and causally to itself; its positions continue from its ancestors' length.
+# The whole micro-batch is one autograd graph, so the gradient through a shared piece is the sum over all samples
+# below it: the same loss and gradients as packing every sample whole, up to float summation order
+# (tests/learner/test_prefix_sharing.py compares both in fp32).
+#
+# A leaf always starts at or before its sample's last prompt token (position P - 1 carries the prediction of the
+# first response token), so every loss position is in a leaf and belongs to exactly one sample.
+
+MIN_SHARED_TOKENS = 16  # shorter common runs are not worth a piece (one more attention call per layer)
+
+
+@dataclass
+class PrefixLayout:
+    """The pieces of a shared-prefix row, in row order (a parent before its children).
+
+    Piece i occupies row positions [starts[i], starts[i] + lengths[i]) and attends to `context[i]` ancestor tokens
+    (their row positions come first in its slice of ctx_index) and then causally to itself."""
+
+    starts: tuple[int, ...]
+    lengths: tuple[int, ...]
+    context: tuple[int, ...]  # ancestor tokens of each piece
+    parents: tuple[int, ...]  # parent piece index, -1 for a root
+    ctx_index: torch.Tensor  # [sum(context[i] + lengths[i])] int64: row positions of each piece's keys, in order
+    cu_q: torch.Tensor  # [pieces + 1] int32: piece boundaries in the row (queries)
+    cu_k: torch.Tensor  # [pieces + 1] int32: piece boundaries in ctx_index (keys and values)
+    max_q: int
+    max_k: int
+
+    @property
+    def key_lengths(self) -> tuple[int, ...]:
+        return tuple(c + n for c, n in zip(self.context, self.lengths))
+
+    @property
+    def shares(self) -> bool:
+        return any(c > 0 for c in self.context)
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> PrefixLayout:
+        moved = {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v)
+                 for k, v in self.__dict__.items()}
+        return PrefixLayout(**moved)
+
+
+def _common_run(seqs: list[list[int]], depth: int) -> int:
+    """Length of the common run of all seqs from `depth` on."""
+    n = 0
+    first = seqs[0]
+    limit = min(len(s) for s in seqs) - depth
+    while n < limit and all(s[depth + n] == first[depth + n] for s in seqs):
+        n += 1
+    return n
+
+
+def prefix_tree(samples: list[Sample], min_shared: int = MIN_SHARED_TOKENS) -> list[tuple[int, int, int, int]]:
+    """The pieces of a radix tree over the samples' prompts, parents first: (owner sample, start, end, parent).
+
+    Tokens [start, end) of sample `owner`'s full sequence (prompt + response) form the piece. A shared piece
+    covers prompt tokens only, never a sample's last prompt token; each sample has one leaf piece (end = its
+    length). A common run from the start shorter than min_shared is not shared (it goes down into the pieces
+    below); below a shared piece every common run is. The row then holds exactly sum(tokens) minus the runs
+    each sample shares with the one before it in sorted order (split_shared_micro_batches counts that way)."""
+    shareable = [list(s.prompt_ids[:-1]) for s in samples]
+    pieces: list[tuple[int, int, int, int]] = []
+
+    def grow(idx: list[int], start: int, depth: int, parent: int) -> None:
+        # idx: samples sharing tokens [0, depth); tokens [start, depth) are not in any piece yet
+        if len(idx) == 1:
+            i = idx[0]
+            pieces.append((i, start, samples[i].num_tokens, parent))
+            return
+        run = _common_run([shareable[i] for i in idx], depth)
+        end = depth + run
+        if end - start >= min_shared or (parent >= 0 and run > 0):  # below a shared piece any run is shared
+            pieces.append((idx[0], start, end, parent))
+            parent, start = len(pieces) - 1, end
+        children: dict[int, list[int]] = {}
+        for i in idx:
+            if len(shareable[i]) == end:
+                pieces.append((i, start, samples[i].num_tokens, parent))  # nothing left to share: a leaf
+            else:
+                children.setdefault(shareable[i][end], []).append(i)
+        for group in children.values():
+            grow(group, start, end, parent)
+
+    grow(list(range(len(samples))), 0, 0, -1)
+    return pieces
+
+
+def pack_shared(samples: list[Sample], device: torch.device | str | None = None,
+                min_shared: int = MIN_SHARED_TOKENS) -> PackedBatch:
+    """Pack samples with their common prompt prefixes computed once (see above). Same fields as `pack`, with:
+    cu_seqlens/seqlens/max_seqlen describe the pieces of the row, `layout` says what each piece attends to, and
+    sample_idx is -1 on shared pieces. When nothing is shared, it is `pack` (layout None). loss_mask, loss_index, targets, vllm_logp, response_spans, split_responses
+    and scatter_responses mean exactly what they mean for `pack`."""
+    if not samples:
+        raise ValueError("pack_shared: no samples")
+    pieces = prefix_tree(samples, min_shared)
+    if len(pieces) == len(samples):  # nothing shared: the plain layout (and its faster attention path)
+        return pack(samples, device)
+    return _pack_pieces(samples, pieces, device, "pack_shared", shared=True)
+
+
+def _shared_run(a: list[int], b: list[int], min_shared: int) -> int:
+    n, limit = 0, min(len(a), len(b))
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n if n >= min_shared else 0
+
+
+def split_shared_micro_batches(samples: list[Sample], max_tokens: int,
+                               min_shared: int = MIN_SHARED_TOKENS) -> list[list[Sample]]:
+    """Token-budget micro-batches for pack_shared: samples sorted by prompt so that those sharing a prefix sit
+    together, then filled in order, each sample costing its tokens minus the run it shares with the previous one
+    (the size of a radix tree over sorted strings). A micro-batch holds about max_tokens row tokens at most
+    (unless one sample alone is longer)."""
+    if max_tokens <= 0:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    keys = [list(s.prompt_ids[:-1]) for s in samples]
+    order = sorted(range(len(samples)), key=lambda i: keys[i])
+    groups: list[list[int]] = []
+    load = 0
+    for j, i in enumerate(order):
+        shared = _shared_run(keys[i], keys[order[j - 1]], min_shared) if j and groups and groups[-1] else 0
+        cost = samples[i].num_tokens - shared
+        if groups and load + cost <= max_tokens:
+            groups[-1].append(i)
+            load += cost
+        else:
+            groups.append([i])
+            load = samples[i].num_tokens
+    return [[samples[i] for i in g] for g in groups]

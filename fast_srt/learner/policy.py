@@ -19,12 +19,15 @@ Per-sample SDPA does no work on cross-sample blocks and allocates no [T, T] mask
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import itertools
 import math
 from collections.abc import Iterator
 from typing import Callable
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 from torch.nn.functional import scaled_dot_product_attention
 
 from fast_srt.learner.batch import PackedBatch
@@ -32,6 +35,7 @@ from fast_srt.learner.lora import has_lora, merged_state_dict
 
 VARLEN_SDPA = "fast_srt_varlen_sdpa"
 SEQLENS_KWARG = "fast_srt_seqlens"  # host tuple of sample lengths, passed through the model's **kwargs
+LAYOUT_KWARG = "fast_srt_prefix_layout"  # a PrefixLayout (pack_shared), passed the same way
 
 LogprobFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
 
@@ -41,7 +45,11 @@ def _varlen_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     """query [1, Hq, T, D], key/value [1, Hkv, T, D] -> ([1, T, Hq, D], None), causal within each sample.
 
     Without the seqlens kwarg (an ordinary padded or single-sequence call), behaves like transformers' sdpa.
+    On CUDA with flash-attn installed, packed calls go to its varlen kernel. With a PrefixLayout (shared-prefix packing), each piece attends to its ancestors and causally to itself.
     """
+    layout = kwargs.get(LAYOUT_KWARG)
+    if layout is not None:
+        return _shared_prefix_attention(module, query, key, value, layout, dropout, scaling)
     seqlens = kwargs.get(SEQLENS_KWARG)
     if seqlens is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -50,13 +58,61 @@ def _varlen_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
                                       is_causal=is_causal, **kwargs)
     if query.shape[0] != 1:
         raise ValueError(f"packed attention expects batch 1, got query {tuple(query.shape)}")
-    gqa = query.shape[1] != key.shape[1]
     p = dropout if module.training else 0.0
+    if query.is_cuda and _has_flash_attn():
+        from flash_attn import flash_attn_varlen_func
+
+        cu = torch.tensor([0, *itertools.accumulate(seqlens)], dtype=torch.int32, device=query.device)
+        out = flash_attn_varlen_func(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                                     cu, cu, max(seqlens), max(seqlens), dropout_p=p, softmax_scale=scaling,
+                                     causal=True)  # [T, Hq, D]
+        return out[None], None
+    gqa = query.shape[1] != key.shape[1]
     # split (not slicing in a loop): its backward is one cat, where S slices would each zero-fill and add a
     # full-size [1, H, T, D] gradient
     qs, ks, vs = (x.split(list(seqlens), dim=2) for x in (query, key, value))
     outs = [scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=gqa)
             for q, k, v in zip(qs, ks, vs)]  # [1, Hq, n, D] each
+    out = torch.cat(outs, dim=2)  # [1, Hq, T, D]
+    return out.transpose(1, 2).contiguous(), None  # [1, T, Hq, D]
+
+
+@functools.cache
+def _has_flash_attn() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def _shared_prefix_attention(module, query, key, value, layout, dropout, scaling):
+    """query [1, Hq, T, D], key/value [1, Hkv, T, D] over a pack_shared row -> [1, T, Hq, D].
+
+    Each piece's keys and values are gathered once per layer (its ancestors', then its own: layout.ctx_index);
+    the gather's backward adds every piece's gradient into the shared positions. Queries sit at the end of their
+    key range, so the causal mask is aligned to the bottom right (query j sees all ancestors and its own piece up
+    to j). On CUDA with flash-attn: one varlen call (its causal mask is bottom-right aligned); elsewhere one SDPA
+    call per piece."""
+    if query.shape[0] != 1:
+        raise ValueError(f"packed attention expects batch 1, got query {tuple(query.shape)}")
+    p = dropout if module.training else 0.0
+    kc = key.index_select(2, layout.ctx_index)  # [1, Hkv, Tk, D]
+    vc = value.index_select(2, layout.ctx_index)  # [1, Hkv, Tk, D]
+    if query.is_cuda and _has_flash_attn():
+        from flash_attn import flash_attn_varlen_func
+
+        out = flash_attn_varlen_func(query[0].transpose(0, 1), kc[0].transpose(0, 1), vc[0].transpose(0, 1),
+                                     layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, dropout_p=p,
+                                     softmax_scale=scaling, causal=True)  # [T, Hq, D]
+        return out[None], None
+    gqa = query.shape[1] != key.shape[1]
+    qs = query.split(list(layout.lengths), dim=2)
+    ks, vs = (x.split(list(layout.key_lengths), dim=2) for x in (kc, vc))
+    outs = []
+    for q, k, v, c in zip(qs, ks, vs, layout.context):
+        if c == 0:
+            o = scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=gqa)
+        else:
+            mask = causal_lower_right(q.shape[2], k.shape[2])
+            o = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scaling, enable_gqa=gqa)
+        outs.append(o)  # [1, Hq, n, D]
     out = torch.cat(outs, dim=2)  # [1, Hq, T, D]
     return out.transpose(1, 2).contiguous(), None  # [1, T, Hq, D]
 
@@ -137,6 +193,11 @@ def prepare_for_training(model, gradient_checkpointing: bool = False):
 def attention_kwargs(model, batch: PackedBatch) -> dict:
     """The extra forward kwargs that tell the model's attention where samples start and end."""
     impl = model.config._attn_implementation
+    if batch.layout is not None:
+        if impl != VARLEN_SDPA:
+            raise ValueError(f"a shared-prefix batch needs the model loaded with attn {VARLEN_SDPA!r} (which uses "
+                             f"flash-attn's varlen kernel on CUDA when installed), not {impl!r}")
+        return {LAYOUT_KWARG: batch.layout}
     if impl.startswith("flash_attention"):
         # varlen flash-attn path in transformers: used as given, no position_ids scan, no host sync
         return {"cu_seq_lens_q": batch.cu_seqlens, "cu_seq_lens_k": batch.cu_seqlens,

@@ -6,6 +6,13 @@ between playing the games and writing the new weights into the engine.
   2. old and reference log-probs at the sampling temperature (no grad), in token-budget micro-batches, no padding
   3. advantages: REINFORCE++ (KL in the reward, reverse cumsum, per-role whitening) or GRPO/RLOO (dense groups)
   4. updates_per_step PPO-clip updates with truncated importance correction against vLLM's log-probs (+ SFT)
+
+Less work, same results:
+- The first mini-batch is trained at the rollout's weights, so its "old" log-probs are its own log-probs
+  (detached): no separate old forward for its samples, unless the advantages need them (REINFORCE++ with its KL
+  in the reward). With one update per rollout and GRPO/RLOO (or KL 0) there is no old forward at all.
+- Shared prompt prefixes (the role instructions, a GRPO group's prompt) are computed once per micro-batch
+  (optim.share_prefix: batch.pack_shared), forward and backward, with the same loss and gradients.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import torch
 from fast_srt import faults
 from fast_srt.config import TrainConfig
 from fast_srt.errors import UserError
-from fast_srt.learner.batch import ROLE_IDS, Sample, pack, split_micro_batches
+from fast_srt.learner.batch import (ROLE_IDS, Sample, pack, pack_shared, split_micro_batches,
+                                    split_shared_micro_batches)
 from fast_srt.learner.lora import adapters_disabled
 from fast_srt.learner.loss import is_finite_loss, kl_k3_loss, ppo_clip_loss, sft_loss
 from fast_srt.learner.policy import token_logprobs
@@ -45,15 +53,37 @@ class Learner:
 
 def learner_step(learner: Learner, step: int, samples, timer) -> dict:
     """Old and reference log-probs, advantages, then the PPO-clip updates; returns their metrics."""
+    cfg = learner.cfg
+    minis = mini_batches(cfg, step, len(samples))
     learner.model.eval()
     with timer("logprob"):
-        old, ref = old_and_ref_logprobs(learner, samples)
+        old, ref = old_and_ref_logprobs(learner, samples, needs_old(cfg, minis, len(samples)))
     with timer("advantage"):
-        advs, metrics = compute_advantages(learner.cfg, samples, old, ref, learner.adv_fns, learner.device)
+        advs, metrics = compute_advantages(cfg, samples, old, ref, learner.adv_fns, learner.device)
     learner.model.train()
     with timer("train"):
-        metrics.update(update_policy(learner, step, samples, old, ref, advs))
+        metrics.update(update_policy(learner, step, samples, old, ref, advs, minis))
+    kl_sum, kl_n = metrics.pop("kl/_sum"), metrics.pop("kl/_n")
+    kl_sum, kl_n = kl_sum + metrics.pop("kl/_sum_train", 0.0), kl_n + metrics.pop("kl/_n_train", 0)
+    metrics["kl/mean"] = kl_sum / max(kl_n, 1)  # over every loss token, old taken at the rollout's weights
     return metrics
+
+
+def mini_batches(cfg: TrainConfig, step: int, n: int) -> list[list[int]]:
+    """The rollout's samples shuffled (seeded by step) and dealt into min(updates_per_step, n) mini-batches."""
+    order = list(range(n))
+    random.Random(cfg.seed * 100003 + step).shuffle(order)
+    k = min(cfg.optim.updates_per_step, n)
+    return [order[m::k] for m in range(k)]
+
+
+def needs_old(cfg: TrainConfig, minis: list[list[int]], n: int) -> list[bool]:
+    """Which samples need a separate old forward: all when REINFORCE++ puts the KL (old - ref) in the reward, else
+    those outside the first mini-batch (which trains at the rollout's weights: its old log-probs are its own)."""
+    if cfg.algo.estimator == "reinforce_pp" and cfg.algo.kl_coef > 0:
+        return [True] * n
+    first = set(minis[0]) if minis else set()
+    return [i not in first for i in range(n)]
 
 
 def games_to_samples(games, options, remove_ties: bool, group_of: list[int]) -> tuple[list, dict]:
@@ -76,15 +106,23 @@ def games_to_samples(games, options, remove_ties: bool, group_of: list[int]) -> 
     return samples, skipped
 
 
+def micro_batches(samples, micro_tokens: int, share_prefix: bool) -> list[list]:
+    return (split_shared_micro_batches if share_prefix else split_micro_batches)(samples, micro_tokens)
+
+
+def pack_for(mb, device, share_prefix: bool):
+    return pack_shared(mb, device=device) if share_prefix else pack(mb, device=device)
+
+
 @torch.no_grad()
 def per_sample_logprobs(model, samples, logprob_fn, micro_tokens: int, autocast, temperature: float,
-                        ) -> list[torch.Tensor]:
+                        share_prefix: bool = False) -> list[torch.Tensor]:
     """Trainer log-probs of each sample's response tokens at the sampling temperature, [R_s] each, in token-budget
     micro-batches."""
     out: dict[int, torch.Tensor] = {}
     index = {id(s): i for i, s in enumerate(samples)}
-    for mb in split_micro_batches(samples, micro_tokens):
-        batch = pack(mb, device=model.device)
+    for mb in micro_batches(samples, micro_tokens, share_prefix):
+        batch = pack_for(mb, model.device, share_prefix)
         with autocast():
             logp, _ = token_logprobs(model, batch, logprob_fn, temperature)
         for s, v in zip(mb, batch.split_responses(logp.float().cpu())):  # one device-to-host copy per batch
@@ -92,17 +130,24 @@ def per_sample_logprobs(model, samples, logprob_fn, micro_tokens: int, autocast,
     return [out[i] for i in range(len(samples))]
 
 
-def old_and_ref_logprobs(learner: Learner, samples) -> tuple[list, list | None]:
-    """Trainer log-probs at experience time, and under the frozen reference when the KL term needs them, all at
-    the sampling temperature."""
-    cfg, mb = learner.cfg, learner.cfg.optim.micro_batch_tokens
-    lp = lambda m: per_sample_logprobs(m, samples, learner.logprob_fn, mb, learner.autocast, learner.temperature)  # noqa
-    old = lp(learner.model)
+def old_and_ref_logprobs(learner: Learner, samples, need_old: list[bool] | None = None,
+                         ) -> tuple[list, list | None]:
+    """Trainer log-probs at experience time for the samples that need them (None for the others: see needs_old),
+    and under the frozen reference when the KL term needs them, all at the sampling temperature."""
+    cfg, o = learner.cfg, learner.cfg.optim
+
+    def lp(model, subset):
+        return per_sample_logprobs(model, subset, learner.logprob_fn, o.micro_batch_tokens, learner.autocast,
+                                   learner.temperature, o.share_prefix)
+
+    want = [s for s, w in zip(samples, need_old or [True] * len(samples)) if w]
+    got = iter(lp(learner.model, want) if want else [])
+    old = [next(got) if w else None for w in (need_old or [True] * len(samples))]
     if learner.ref is not None:
-        return old, lp(learner.ref)
+        return old, lp(learner.ref, samples)
     if cfg.lora_rank and cfg.algo.kl_coef > 0:
         with adapters_disabled(learner.model):  # the base model is the reference: no second copy
-            return old, lp(learner.model)
+            return old, lp(learner.model, samples)
     return old, None
 
 
@@ -112,10 +157,16 @@ def compute_advantages(cfg, samples, old, ref, adv_fns, device: torch.device,
     the advantage kernels were chosen for: select_advantages_impl(device) in setup_run)."""
     reinforce_fn, group_fn = adv_fns
     full = pack(samples, device=device)  # the advantage pass is O(T)
-    old_t = full.scatter_responses(old)
+    have = [o is not None for o in old]
+    old_t = full.scatter_responses([o if o is not None else torch.zeros(len(s.response_ids))
+                                    for o, s in zip(old, samples)])
     ref_t = full.scatter_responses(ref) if ref is not None else old_t
-    kl = (old_t - ref_t)[full.loss_mask]
+    # the KL metric over the samples whose old log-probs exist (update_policy adds the others')
+    kl_sum = sum(float((o - r).sum()) for o, r in zip(old, ref) if o is not None) if ref is not None else 0.0
+    kl_n = sum(len(o) for o in old if o is not None)
     if cfg.algo.estimator == "reinforce_pp":
+        if cfg.algo.kl_coef > 0 and not all(have):
+            raise ValueError("REINFORCE++ with kl_coef > 0 needs the old log-probs of every sample")
         adv, _ = reinforce_fn(old_t, ref_t, full.rewards, full.cu_seqlens, full.loss_mask, full.roles,
                               kl_coef=cfg.algo.kl_coef, n_roles=len(ROLE_IDS), whiten=cfg.algo.whiten)
     else:
@@ -123,36 +174,44 @@ def compute_advantages(cfg, samples, old, ref, adv_fns, device: torch.device,
         raw = torch.tensor([s.metadata["group"] for s in samples], dtype=torch.int64)
         groups = torch.unique(raw, return_inverse=True)[1].to(device)
         adv = group_fn(full.rewards, groups, full.cu_seqlens, full.loss_mask, kind=cfg.algo.estimator)
-    return full.split_responses(adv.cpu()), {"kl/mean": kl.mean() if kl.numel() else torch.tensor(0.0)}
+    return full.split_responses(adv.cpu()), {"kl/_sum": kl_sum, "kl/_n": kl_n}
 
 
-def update_policy(learner: Learner, step: int, samples, old, ref, advs) -> dict:
+def update_policy(learner: Learner, step: int, samples, old, ref, advs, minis: list[list[int]] | None = None,
+                  ) -> dict:
     """updates_per_step optimizer steps over shuffled mini-batches; a non-finite loss skips its optimizer step.
 
-    Log-probs at the sampling temperature (old and ref were computed at it too). GRPO/RLOO with kl_coef > 0 add
-    the k3 KL to the reference as a loss term (REINFORCE++ has it in the reward). The scheduler moves once per
-    planned update, done or skipped, so the cosine reaches its floor at the last update of the last step. fp16
-    runs through a gradient scaler."""
+    Log-probs at the sampling temperature (old and ref were computed at it too). A sample whose old log-probs are
+    None (first mini-batch only: needs_old) uses its own detached log-probs. GRPO/RLOO with kl_coef > 0 add the k3
+    KL to the reference as a loss term (REINFORCE++ has it in the reward). The scheduler moves once per planned
+    update, done or skipped, so the cosine reaches its floor at the last update of the last step. fp16 runs
+    through a gradient scaler."""
     cfg, model, optimizer, scaler = learner.cfg, learner.model, learner.optimizer, learner.scaler
     o, a = cfg.optim, cfg.algo
     kl_in_loss = a.estimator != "reinforce_pp" and a.kl_coef > 0 and ref is not None
-    order = list(range(len(samples)))
-    random.Random(cfg.seed * 100003 + step).shuffle(order)
-    n_mini = min(o.updates_per_step, len(order))
+    minis = minis if minis is not None else mini_batches(cfg, step, len(samples))
+    if any(x is None for m in minis[1:] for i in m for x in [old[i]]):
+        raise ValueError("update_policy: only the first mini-batch may come without old log-probs")
+    n_mini = len(minis)
     acc: dict[str, list] = {}
     skipped = 0
+    kl_sum, kl_n = 0.0, 0
     for m in range(n_mini):
-        idx = order[m::n_mini]
+        idx = minis[m]
         mini = [samples[i] for i in idx]
         n_tokens = sum(len(s.response_ids) for s in mini)
         where = {id(s): i for s, i in zip(mini, idx)}  # sample -> its index in the rollout
         optimizer.zero_grad(set_to_none=True)
         acc.setdefault("optim/lr", []).append(torch.tensor(optimizer.param_groups[0]["lr"]))
         finite, per_mini = True, {}
-        for mb in split_micro_batches(mini, o.micro_batch_tokens):
+        for mb in micro_batches(mini, o.micro_batch_tokens, o.share_prefix):
             pos = [where[id(x)] for x in mb]
-            loss, metrics = micro_batch_loss(learner, mb, [old[i] for i in pos], [advs[i] for i in pos],
-                                             [ref[i] for i in pos] if kl_in_loss else None, n_tokens)
+            mb_old = [old[i] for i in pos]
+            mb_ref = [ref[i] for i in pos] if ref is not None and (kl_in_loss or mb_old[0] is None) else None
+            loss, metrics = micro_batch_loss(learner, mb, None if mb_old[0] is None else mb_old,
+                                             [advs[i] for i in pos], mb_ref, n_tokens, kl_in_loss)
+            kl_sum += metrics.pop("kl/_sum", 0.0)
+            kl_n += metrics.pop("kl/_n", 0)
             if step == cfg.inject_nan_loss_at_step:
                 loss = loss * float("nan")
             if not is_finite_loss(loss):  # host sync, once per micro-step, before backward
@@ -187,6 +246,7 @@ def update_policy(learner: Learner, step: int, samples, old, ref, advs) -> dict:
         t = torch.stack([torch.as_tensor(v).float() for v in vs])
         out[k] = t.max() if k.endswith("_max") else (t.min() if k.endswith("_min") else t.mean())
     out["optim/skipped_updates"] = skipped
+    out["kl/_sum_train"], out["kl/_n_train"] = kl_sum, kl_n
     out["optim/updates"] = n_mini - skipped
     if scaler.is_enabled():
         out["optim/grad_scale"] = scaler.get_scale()
@@ -196,19 +256,29 @@ def update_policy(learner: Learner, step: int, samples, old, ref, advs) -> dict:
 SUMMED_OVER_MICRO_BATCHES = ("loss/pg", "loss/kl_k3")
 
 
-def micro_batch_loss(learner: Learner, mb, old, advs, ref, n_tokens: int) -> tuple[torch.Tensor, dict]:
+def micro_batch_loss(learner: Learner, mb, old, advs, ref, n_tokens: int, kl_in_loss: bool | None = None,
+                     ) -> tuple[torch.Tensor, dict]:
     """One micro-batch's share of its mini-batch loss (each term a sum over its tokens / n_tokens, the mini-batch's
-    response tokens): PPO-clip with TIS, + the k3 KL to `ref` (GRPO/RLOO, when given), + the SFT loss."""
+    response tokens): PPO-clip with TIS, + the k3 KL to `ref` (GRPO/RLOO, when kl_in_loss), + the SFT loss.
+
+    old None: the micro-batch is at the rollout's weights, its old log-probs are its own (detached); with `ref`
+    it then also reports the k1 KL sum ("kl/_sum", "kl/_n") for the step's kl/mean."""
     a, model = learner.cfg.algo, learner.model
-    batch = pack(mb, device=model.device)
+    kl_in_loss = ref is not None if kl_in_loss is None else kl_in_loss
+    batch = pack_for(mb, model.device, learner.cfg.optim.share_prefix)
     with learner.autocast():
         logp, ent = token_logprobs(model, batch, learner.logprob_fn, learner.temperature)
-    loss, metrics = ppo_clip_loss(logp, batch.scatter_responses(old), batch.scatter_responses(advs),
+    old_t = logp.detach() if old is None else batch.scatter_responses(old)
+    loss, metrics = ppo_clip_loss(logp, old_t, batch.scatter_responses(advs),
                                   batch.loss_mask, clip_eps=a.clip_eps,
                                   vllm_logp=batch.vllm_logp if a.importance_correction else None,
                                   tis_cap=a.tis_cap, entropy=ent, num_tokens=n_tokens)
-    if ref is not None:
-        kl_loss, kl_metrics = kl_k3_loss(logp, batch.scatter_responses(ref), batch.loss_mask, num_tokens=n_tokens)
+    ref_t = batch.scatter_responses(ref) if ref is not None else None
+    if old is None and ref_t is not None:
+        metrics["kl/_sum"] = float((logp.detach() - ref_t)[batch.loss_mask].sum())
+        metrics["kl/_n"] = batch.num_loss_tokens
+    if kl_in_loss and ref_t is not None:
+        kl_loss, kl_metrics = kl_k3_loss(logp, ref_t, batch.loss_mask, num_tokens=n_tokens)
         loss = loss + a.kl_coef * kl_loss
         metrics.update(kl_metrics)
     if a.sft_coef > 0 and learner.sft_stream is not None:

@@ -30,7 +30,7 @@ from fast_srt.game.rewards import reward_function
 from fast_srt.game.rules import GameOptions
 from fast_srt.game.seeds import SeedPool
 from fast_srt.learner.lora import apply_lora
-from fast_srt.learner.policy import (build_optimizer, build_scheduler, load_policy, load_reference,
+from fast_srt.learner.policy import (VARLEN_SDPA, build_optimizer, build_scheduler, load_policy, load_reference,
                                      weights_for_engine)
 from fast_srt.learner.step import Learner, games_to_samples, learner_step, pick_logprob_impl, total_updates
 from fast_srt.run.checkpoint import (LORA_ADAPTER_FILE, RUN_CONFIG_FILE, check_free_space, checkpoint_bytes,
@@ -274,13 +274,15 @@ def setup_run(cfg: TrainConfig) -> Run:
     elif find_latest(run_dir) is not None:
         raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue or a new --run-dir")
     pool = SeedPool(cfg.game, rng_seed=cfg.seed)
-    model = load_policy(str(base_dir), dtype=torch.float32, device=device,
+    # shared-prefix batches need the project's attention (flash-attn varlen inside it on CUDA when installed)
+    attn = VARLEN_SDPA if cfg.optim.share_prefix else None
+    model = load_policy(str(base_dir), dtype=torch.float32, device=device, attn=attn,
                         gradient_checkpointing=cfg.gradient_checkpointing)
     if ckpt_dir is not None:
         ckpt_dir, state = load_checkpoint(run_dir, model=model)  # checks it is the same model
         check_resume_config(ckpt_dir, cfg)
         if not cfg.lora_rank:
-            model = load_policy(str(ckpt_dir), dtype=torch.float32, device=device,
+            model = load_policy(str(ckpt_dir), dtype=torch.float32, device=device, attn=attn,
                                 gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.lora_rank:
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
@@ -293,7 +295,7 @@ def setup_run(cfg: TrainConfig) -> Run:
                             judge_max_tokens=cfg.sampling.judge_max_tokens)
     ref = None
     if cfg.algo.kl_coef > 0 and not cfg.lora_rank:  # with LoRA the reference is the model with adapters off
-        ref = load_reference(str(base_dir), compute_dtype, device)
+        ref = load_reference(str(base_dir), compute_dtype, device, attn=attn)
     n_updates = total_updates(cfg)
     scheduler = build_scheduler(optimizer, n_updates, int(cfg.optim.warmup_ratio * n_updates), cfg.optim.min_lr_ratio)
     scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
