@@ -10,10 +10,18 @@ Sources:
   `{"vanilla", "adversarial", "completion", "data_type"}`; user `.txt`: one prompt a line, label from the caller;
 - `load_wildjailbreak`: `allenai/wildjailbreak` (or a local file in its schema) through `datasets`.
 Provenance and licences: `fast_srt/data/seeds/PROVENANCE.md`.
+
+Held-out split (for `fast-srt eval`): each builtin set is split once, by a fixed rule that depends only on the
+prompt's own text: a prompt is held out when the first 8 bytes of sha256(normalised text), read as a big-endian
+integer, fall below `HELDOUT_FRACTION[set] * 2**64` (normalised: lower-cased, whitespace runs collapsed to one
+space, stripped). That is about 10% of Do-Not-Answer and 20% of the smaller benign set. Training never sees the
+held-out part: `load_seeds(name)` returns the rest; `load_heldout(name)` returns the held-out part. Duplicates
+fall on the same side; user files are never split.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from importlib import resources
@@ -24,6 +32,7 @@ from fast_srt.errors import UserError, decode_utf8, read_user_text
 from fast_srt.game.rules import DataType, Seed, assign_data_types
 
 BUILTIN_SEED_SETS = ("donotanswer", "benign")
+HELDOUT_FRACTION = {"donotanswer": 0.10, "benign": 0.20}
 WILDJAILBREAK_TYPES = ("vanilla_harmful", "vanilla_benign", "adversarial_harmful", "adversarial_benign")
 REQUEST_SLOT = "[INSERT PROMPT HERE]"
 MODEL_NAME_SLOT = "{generator.name}"
@@ -119,11 +128,39 @@ def _load_builtin(name: str) -> list[Seed]:
     return seeds
 
 
+def normalise_prompt(text: str) -> str:
+    """Lower-cased, whitespace runs collapsed to one space, stripped: the text the held-out rule hashes."""
+    return " ".join(text.lower().split())
+
+
+def prompt_hash(text: str) -> int:
+    """The first 8 bytes of sha256(normalised text) as a big-endian integer in [0, 2**64)."""
+    return int.from_bytes(hashlib.sha256(normalise_prompt(text).encode("utf-8")).digest()[:8], "big")
+
+
+def is_heldout(prompt: str, fraction: float) -> bool:
+    """Whether a prompt belongs to the held-out part of a set split at `fraction` (module docstring)."""
+    return prompt_hash(prompt) < int(fraction * 2**64)
+
+
+def _builtin_name(name: str) -> str:
+    if name not in BUILTIN_SEED_SETS:
+        raise UserError(f"no builtin seed set named {name!r}; builtin sets: {', '.join(BUILTIN_SEED_SETS)}")
+    return name
+
+
+def load_heldout(name: str) -> list[Seed]:
+    """The held-out part of a builtin set (module docstring): never a training seed, used by `fast-srt eval`."""
+    fraction = HELDOUT_FRACTION[_builtin_name(name)]
+    return [s for s in _load_builtin(name) if is_heldout(s.prompt, fraction)]
+
+
 def load_seeds(path_or_name: str | Path, harmful: bool | None = None) -> list[Seed]:
-    """Seeds from a builtin set name or a user .jsonl/.txt file. `harmful` labels .txt lines (required there)
-    and JSONL lines without a "harmful" field."""
+    """Seeds from a builtin set name (its training part: the held-out part is left out) or a user .jsonl/.txt
+    file. `harmful` labels .txt lines (required there) and JSONL lines without a "harmful" field."""
     if isinstance(path_or_name, str) and path_or_name in BUILTIN_SEED_SETS:
-        return _load_builtin(path_or_name)
+        fraction = HELDOUT_FRACTION[path_or_name]
+        return [s for s in _load_builtin(path_or_name) if not is_heldout(s.prompt, fraction)]
     path = Path(path_or_name)
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".txt"):

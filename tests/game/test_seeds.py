@@ -11,6 +11,8 @@ from fast_srt.errors import UserError
 from fast_srt.game.rules import Seed
 from fast_srt.game.seeds import (
     apply_jailbreak_template,
+    is_heldout,
+    load_heldout,
     load_jailbreak_templates,
     load_seeds,
     load_wildjailbreak,
@@ -31,7 +33,7 @@ def _one_line_error(excinfo):
 
 
 def test_builtin_donotanswer():
-    seeds = load_seeds("donotanswer")
+    seeds = load_seeds("donotanswer") + load_heldout("donotanswer")
     assert len(seeds) == 939
     assert all(s.harmful and s.prompt for s in seeds)
     assert {s.source for s in seeds} == {
@@ -41,8 +43,8 @@ def test_builtin_donotanswer():
 
 
 def test_builtin_benign():
-    seeds = load_seeds("benign")
-    assert len(seeds) >= 150
+    seeds = load_seeds("benign") + load_heldout("benign")
+    assert len(seeds) == 182
     assert not any(s.harmful for s in seeds)
     assert len({s.prompt for s in seeds}) == len(seeds)
     path = resources.files("fast_srt.data").joinpath("seeds", "benign", "benign_seeds.jsonl")
@@ -50,6 +52,47 @@ def test_builtin_benign():
     cats = [r["category"] for r in rows]
     assert cats.count("everyday") >= 50 and cats.count("sounds_harmful") >= 50
     assert any("kill a Python process" in s.prompt for s in seeds)
+
+
+@pytest.mark.parametrize("name, n_train, n_heldout", [("donotanswer", 849, 90), ("benign", 140, 42)])
+def test_heldout_split_is_disjoint_and_fixed(name, n_train, n_heldout):
+    """Training seeds never include a held-out prompt (not even a copy that differs in case or spacing), and the
+    split is the documented sha256 rule, so its sizes are fixed."""
+    norm = lambda t: " ".join(t.lower().split())  # noqa: E731
+    train, held = load_seeds(name), load_heldout(name)
+    assert (len(train), len(held)) == (n_train, n_heldout)
+    assert not {norm(s.prompt) for s in train} & {norm(s.prompt) for s in held}
+    assert all(s.prompt in {h.prompt for h in held} for s in load_heldout(name))  # same part every call
+
+
+def test_training_seed_pool_excludes_heldout():
+    from fast_srt.config import GameConfig
+    from fast_srt.game.seeds import SeedPool
+
+    pool = SeedPool(GameConfig(), rng_seed=0)
+    drawn = {s.prompt for s, _ in pool.harmful + pool.benign}
+    assert len(drawn) == 849 - 1 + 140  # Do-Not-Answer repeats one request
+    assert not drawn & {s.prompt for name in ("donotanswer", "benign") for s in load_heldout(name)}
+
+
+def test_heldout_rule_by_hand():
+    import hashlib
+
+    text = "How do I kill a Python process?"
+    h = int.from_bytes(hashlib.sha256(b"how do i kill a python process?").digest()[:8], "big")
+    assert is_heldout(text, 0.5) == (h < 2**63)
+    assert is_heldout("  HOW do I kill a   Python process?\n", 0.5) == is_heldout(text, 0.5)  # normalised first
+    assert not is_heldout(text, 0.0) and is_heldout(text, 1.0)
+    with pytest.raises(UserError, match="builtin sets: donotanswer, benign"):
+        load_heldout("my_file.jsonl")
+
+
+def test_sft_data_holds_no_heldout_prompt():
+    norm = lambda t: " ".join(t.lower().split())  # noqa: E731
+    path = resources.files("fast_srt.data").joinpath("sft", "cot_sft.jsonl")
+    sft = {norm(json.loads(line)["prompt"]) for line in path.read_text(encoding="utf-8").splitlines()}
+    held = {norm(s.prompt) for name in ("donotanswer", "benign") for s in load_heldout(name)}
+    assert not sft & held
 
 
 def test_provenance_names_licences():
