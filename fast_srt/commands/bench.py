@@ -58,13 +58,17 @@ def phase_rows(rows: list[dict], lin: int, head: int, n_forwards: int, ceiling: 
 
     gen, prefill, loss, trained = (med(k) for k in ("tokens/generated", "tokens/prefill", "tokens/loss",
                                                      "tokens/trained"))
+    # what the trainer's forwards computed (prefix sharing, skipped old forwards); older runs: the full count
+    lp_rows = med("tokens/logprob_rows") if rows and "tokens/logprob_rows" in rows[0] else n_forwards * trained
+    lp_loss = med("tokens/logprob_loss") if rows and "tokens/logprob_loss" in rows[0] else n_forwards * loss
+    tr_rows = med("tokens/train_rows") if rows and "tokens/train_rows" in rows[0] else trained
     j_prompt, j_gen = med("tokens/judge_prompt"), med("tokens/judge_generated")
     phases = [
         ("generate", "time/generate_s", gen + prefill, 2 * lin * (gen + prefill) + 2 * head * gen),
         ("judge", "time/judge_s", j_prompt + j_gen, 2 * lin * (j_prompt + j_gen) + 2 * head * j_gen),
-        ("logprob", "time/logprob_s", trained, n_forwards * (2 * lin * trained + 2 * head * loss)),
+        ("logprob", "time/logprob_s", lp_rows, 2 * lin * lp_rows + 2 * head * lp_loss),
         ("advantage", "time/advantage_s", loss, 0.0),
-        ("train", "time/train_s", trained, 6 * lin * trained + 6 * head * loss),
+        ("train", "time/train_s", tr_rows, 6 * lin * tr_rows + 6 * head * loss),
         ("sync", "time/sync_s", 0, 0.0),
         ("step", "time/step_s", gen + trained, 0.0),
     ]

@@ -102,8 +102,11 @@ class Engine:
         self.name = name
         self.model_dir = str(model_dir)
         self.dtype, self.max_model_len = dtype, max_model_len
+        # stats on: the prefix-cache counters (LLM.get_metrics) say whether shared prompt prefixes (the judge's
+        # instruction, the role instructions) are computed once (vLLM's prefix caching is on by default)
         kwargs = dict(dtype=dtype, max_model_len=max_model_len, seed=seed, enforce_eager=enforce_eager,
-                      logprobs_mode="processed_logprobs", use_tqdm_on_load=os.environ.get(QUIET_ENV) != "1")
+                      logprobs_mode="processed_logprobs", use_tqdm_on_load=os.environ.get(QUIET_ENV) != "1",
+                      disable_log_stats=False)
         if not on_cpu:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
             kwargs["enable_sleep_mode"] = True  # lets the KV cache be released while training
@@ -135,6 +138,7 @@ class Engine:
             structured_outputs=StructuredOutputsParams(regex=spec.regex) if spec.regex else None,
         )
         t0 = time.perf_counter()
+        q0, h0 = self.prefix_cache_counts()
         ids = [{"prompt_token_ids": p if isinstance(p, list) else self.encode(p)} for p in prompts]
         too_long = [len(x["prompt_token_ids"]) for x in ids if len(x["prompt_token_ids"]) >= self.max_model_len]
         if too_long:
@@ -143,6 +147,7 @@ class Engine:
                             f"the seeds")
         outs = self.llm.generate(ids, params, use_tqdm=False, lora_request=lora)
         dt = time.perf_counter() - t0
+        q1, h1 = self.prefix_cache_counts()
         if phase in ("attacker", "defender"):
             faults.hit("generate")
         gens = []
@@ -157,12 +162,25 @@ class Engine:
         self.stats.gen_tokens += n_gen
         self.stats.seconds += dt
         ph = self.stats.per_phase.setdefault(phase, {"gen_tokens": 0, "prompt_tokens": 0, "seconds": 0.0,
-                                                     "sequences": 0})
+                                                     "sequences": 0, "cache_queries": 0, "cache_hits": 0})
+        ph["cache_queries"] += q1 - q0  # prompt tokens looked up in the prefix cache, and found there
+        ph["cache_hits"] += h1 - h0
         ph["gen_tokens"] += n_gen
         ph["prompt_tokens"] += n_prompt
         ph["seconds"] += dt
         ph["sequences"] += len(gens)
         return gens
+
+    def prefix_cache_counts(self) -> tuple[int, int]:
+        """vLLM's running (queried, hit) prompt-token counts of its prefix cache (process-wide: callers take the
+        difference around one of their own calls, which are never concurrent)."""
+        q = h = 0
+        for m in self.llm.get_metrics():
+            if m.name == "vllm:prefix_cache_queries":
+                q += int(m.value)
+            elif m.name == "vllm:prefix_cache_hits":
+                h += int(m.value)
+        return q, h
 
     def encode(self, text: str) -> list[int]:
         """Token ids of an already-templated prompt, no special tokens added."""

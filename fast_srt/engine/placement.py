@@ -42,11 +42,13 @@ class Engines:
         return {id(e): e.stats.snapshot() for e in self.unique()}
 
     def since(self, snap: dict) -> dict:
-        """Seconds, generated and prompt tokens per phase (summed over engines) since `snapshot()`."""
+        """Seconds, generated and prompt tokens, prefix-cache lookups and hits per phase (summed over engines) since
+        `snapshot()`."""
         out: dict[str, dict] = {}
         for e in self.unique():
             for phase, d in e.stats.since(snap.get(id(e), {})).items():
-                acc = out.setdefault(phase, {"seconds": 0.0, "gen_tokens": 0, "prompt_tokens": 0})
+                acc = out.setdefault(phase, {"seconds": 0.0, "gen_tokens": 0, "prompt_tokens": 0, "cache_queries": 0,
+                                             "cache_hits": 0})
                 for k in acc:
                     acc[k] += d.get(k, 0)
         return out

@@ -56,8 +56,9 @@ def learner_step(learner: Learner, step: int, samples, timer) -> dict:
     cfg = learner.cfg
     minis = mini_batches(cfg, step, len(samples))
     learner.model.eval()
+    counts: dict = {}
     with timer("logprob"):
-        old, ref = old_and_ref_logprobs(learner, samples, needs_old(cfg, minis, len(samples)))
+        old, ref = old_and_ref_logprobs(learner, samples, needs_old(cfg, minis, len(samples)), counts)
     with timer("advantage"):
         advs, metrics = compute_advantages(cfg, samples, old, ref, learner.adv_fns, learner.device)
     learner.model.train()
@@ -66,6 +67,8 @@ def learner_step(learner: Learner, step: int, samples, timer) -> dict:
     kl_sum, kl_n = metrics.pop("kl/_sum"), metrics.pop("kl/_n")
     kl_sum, kl_n = kl_sum + metrics.pop("kl/_sum_train", 0.0), kl_n + metrics.pop("kl/_n_train", 0)
     metrics["kl/mean"] = kl_sum / max(kl_n, 1)  # over every loss token, old taken at the rollout's weights
+    # what the forwards computed (after prefix sharing and skipped old forwards): the FLOPs in `fast-srt bench`
+    metrics["tokens/logprob_rows"], metrics["tokens/logprob_loss"] = counts.get("rows", 0), counts.get("loss", 0)
     return metrics
 
 
@@ -116,13 +119,16 @@ def pack_for(mb, device, share_prefix: bool):
 
 @torch.no_grad()
 def per_sample_logprobs(model, samples, logprob_fn, micro_tokens: int, autocast, temperature: float,
-                        share_prefix: bool = False) -> list[torch.Tensor]:
+                        share_prefix: bool = False, counts: dict | None = None) -> list[torch.Tensor]:
     """Trainer log-probs of each sample's response tokens at the sampling temperature, [R_s] each, in token-budget
-    micro-batches."""
+    micro-batches. counts: adds the forwarded row and loss tokens ("rows", "loss")."""
     out: dict[int, torch.Tensor] = {}
     index = {id(s): i for i, s in enumerate(samples)}
     for mb in micro_batches(samples, micro_tokens, share_prefix):
         batch = pack_for(mb, model.device, share_prefix)
+        if counts is not None:
+            counts["rows"] = counts.get("rows", 0) + batch.num_tokens
+            counts["loss"] = counts.get("loss", 0) + batch.num_loss_tokens
         with autocast():
             logp, _ = token_logprobs(model, batch, logprob_fn, temperature)
         for s, v in zip(mb, batch.split_responses(logp.float().cpu())):  # one device-to-host copy per batch
@@ -131,14 +137,14 @@ def per_sample_logprobs(model, samples, logprob_fn, micro_tokens: int, autocast,
 
 
 def old_and_ref_logprobs(learner: Learner, samples, need_old: list[bool] | None = None,
-                         ) -> tuple[list, list | None]:
+                         counts: dict | None = None) -> tuple[list, list | None]:
     """Trainer log-probs at experience time for the samples that need them (None for the others: see needs_old),
     and under the frozen reference when the KL term needs them, all at the sampling temperature."""
     cfg, o = learner.cfg, learner.cfg.optim
 
     def lp(model, subset):
         return per_sample_logprobs(model, subset, learner.logprob_fn, o.micro_batch_tokens, learner.autocast,
-                                   learner.temperature, o.share_prefix)
+                                   learner.temperature, o.share_prefix, counts)
 
     want = [s for s, w in zip(samples, need_old or [True] * len(samples)) if w]
     got = iter(lp(learner.model, want) if want else [])
@@ -195,7 +201,7 @@ def update_policy(learner: Learner, step: int, samples, old, ref, advs, minis: l
     n_mini = len(minis)
     acc: dict[str, list] = {}
     skipped = 0
-    kl_sum, kl_n = 0.0, 0
+    kl_sum, kl_n, rows = 0.0, 0, 0
     for m in range(n_mini):
         idx = minis[m]
         mini = [samples[i] for i in idx]
@@ -212,6 +218,7 @@ def update_policy(learner: Learner, step: int, samples, old, ref, advs, minis: l
                                              [advs[i] for i in pos], mb_ref, n_tokens, kl_in_loss)
             kl_sum += metrics.pop("kl/_sum", 0.0)
             kl_n += metrics.pop("kl/_n", 0)
+            rows += metrics.pop("tokens/_rows")
             if step == cfg.inject_nan_loss_at_step:
                 loss = loss * float("nan")
             if not is_finite_loss(loss):  # host sync, once per micro-step, before backward
@@ -247,6 +254,7 @@ def update_policy(learner: Learner, step: int, samples, old, ref, advs, minis: l
         out[k] = t.max() if k.endswith("_max") else (t.min() if k.endswith("_min") else t.mean())
     out["optim/skipped_updates"] = skipped
     out["kl/_sum_train"], out["kl/_n_train"] = kl_sum, kl_n
+    out["tokens/train_rows"] = rows  # RL forwards and backwards (SFT rows not counted)
     out["optim/updates"] = n_mini - skipped
     if scaler.is_enabled():
         out["optim/grad_scale"] = scaler.get_scale()
@@ -273,6 +281,7 @@ def micro_batch_loss(learner: Learner, mb, old, advs, ref, n_tokens: int, kl_in_
                                   batch.loss_mask, clip_eps=a.clip_eps,
                                   vllm_logp=batch.vllm_logp if a.importance_correction else None,
                                   tis_cap=a.tis_cap, entropy=ent, num_tokens=n_tokens)
+    metrics["tokens/_rows"] = batch.num_tokens
     ref_t = batch.scatter_responses(ref) if ref is not None else None
     if old is None and ref_t is not None:
         metrics["kl/_sum"] = float((logp.detach() - ref_t)[batch.loss_mask].sum())

@@ -91,7 +91,11 @@ def train_step(run: Run, step: int, status: Status) -> tuple[dict, list]:
     if metrics.get("optim/skipped_updates"):
         status.line(f"step {step}: {metrics['optim/skipped_updates']} update(s) skipped (non-finite loss or "
                     f"gradient; no sample survived filtering if all); training continues")
-    metrics.update(step_perf(timer, engines.since(snap), sum(s.num_tokens for s in samples),
+    phases = engines.since(snap)
+    for name, d in phases.items():  # share of prompt tokens vLLM's prefix cache served (judge: its instruction)
+        if d.get("cache_queries"):
+            metrics[f"prefix_cache/{name}_hit_rate"] = d["cache_hits"] / d["cache_queries"]
+    metrics.update(step_perf(timer, phases, sum(s.num_tokens for s in samples),
                              time.perf_counter() - t0, sum(len(s.response_ids) for s in samples)))
     return to_floats(metrics), games
 

@@ -60,3 +60,25 @@ def test_engine_holds_written_values(tiny_engine, tiny_model_dir):
     got = dict(vm.named_parameters())["model.norm.weight"]
     assert torch.allclose(got.float(), torch.full_like(got.float(), 1.2345))
     push_weights(tiny_engine.llm, weights_for_engine(_hf_model(tiny_model_dir)))
+
+
+def test_prefix_cache_serves_a_repeated_prefix_until_weights_change(tiny_engine, tiny_model_dir):
+    """vLLM's prefix cache computes a repeated prompt prefix once (the judge's instruction across steps), and a
+    weight write empties it (blocks computed with the old weights must not be reused)."""
+    rng = torch.Generator().manual_seed(3)
+    prefix = torch.randint(5, 200, (300,), generator=rng).tolist()  # > 2 KV blocks (128 tokens each on CPU)
+    spec = SamplingSpec(max_tokens=2, temperature=0.0, logprobs=False)
+
+    def hits(tail):
+        tiny_engine.generate([prefix + tail], spec, phase="cache_test")
+        d = tiny_engine.stats.per_phase["cache_test"]
+        out = (d["cache_hits"], d["cache_queries"])
+        d["cache_hits"] = d["cache_queries"] = 0
+        return out
+
+    hits([7, 8, 9])  # computes the prefix's blocks
+    h, q = hits([10, 11])
+    assert q == len(prefix) + 2 and 256 <= h <= len(prefix)  # whole KV blocks of the shared prefix were reused
+    push_weights(tiny_engine.llm, weights_for_engine(_hf_model(tiny_model_dir)))  # same values, cache reset
+    h, q = hits([12, 13])
+    assert h == 0 and q == len(prefix) + 2
