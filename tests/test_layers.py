@@ -5,6 +5,7 @@ vLLM, and only the learner, run and kernels layers import torch at module level.
     engine   the in-process vLLM engines, the judge on an engine, rollout, engine placement
     learner  torch only: batches, the policy forward, losses, LoRA, SFT, the learner's step
     run      checkpoints, metrics, model resolution, reports, the trainer loop
+    eval     held-out prompt sets, the refusal matcher, diversity, the evaluator on engines, its reports
     commands one module per CLI command; cli.py dispatches to them
 Leaves any layer may import: errors, config, faults (and kernels from the learner).
 """
@@ -21,7 +22,8 @@ ALLOWED = {  # layer -> layers it may import
     "engine": {"game"},
     "learner": {"game", "kernels"},
     "run": {"game", "engine", "learner", "kernels"},
-    "commands": {"game", "engine", "learner", "run", "kernels"},
+    "eval": {"game", "engine", "run"},
+    "commands": {"game", "engine", "learner", "run", "eval", "kernels"},
     "cli": {"commands", "engine"},
 }
 

@@ -6,8 +6,12 @@
   policy.png     KL to the reference, entropy, clip fraction, approx KL(old || new), SFT loss when present
   sampler.png    importance weights (mean, min, max) and the vLLM-vs-trainer log-prob mismatch
   time.png       seconds per phase per step (stacked) and tokens per second
+  eval.png       the newest `fast-srt eval` of the run (RUN_DIR/eval/eval-*.json), when there is one: per prompt
+                 set, each metric's rate as a bar with its 95% interval, one bar per checkpoint (A, and B with
+                 --compare); attack success, faithfulness and diversity of the attacks
 
-Steps where a metric is missing (no sample survived, no attacker in the mode) are gaps, not zeros.
+Steps where a metric is missing (no sample survived, no attacker in the mode) are gaps, not zeros. RUN_DIR may also
+be an eval JSON file, or a directory of them (`fast-srt eval`'s --out): then only eval.png is drawn.
 """
 
 from __future__ import annotations
@@ -53,8 +57,16 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def newest_eval(path: Path) -> Path | None:
+    """An eval JSON file itself, else the newest eval-*.json in path/eval or in path."""
+    if path.is_file():
+        return path if path.suffix == ".json" else None
+    found = sorted([*path.glob("eval/eval-*.json"), *path.glob("eval-*.json")], key=lambda p: p.name)
+    return found[-1] if found else None
+
+
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """Write the PNG figures of a run; returns their paths."""
+    """Write the PNG figures of a run (and of its newest eval); returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,7 +74,10 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     from matplotlib.ticker import MaxNLocator
 
     run_dir = Path(run_dir)
-    rows = read_run(run_dir)
+    eval_json = newest_eval(run_dir) if run_dir.exists() else None
+    metrics_only = run_dir.is_file() and run_dir.suffix != ".json"
+    has_metrics = metrics_only or (run_dir / "metrics.jsonl").is_file()
+    rows = read_run(run_dir) if has_metrics or eval_json is None else []
     out = Path(out_dir) if out_dir else (run_dir if run_dir.is_dir() else run_dir.parent) / "plots"
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -73,6 +88,9 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
+
+    if eval_json is not None:
+        save(eval_figure(plt, read_eval(eval_json), eval_json.name), "eval")
 
     for name, (title, keys) in FIGURES.items():
         keys = [k for k in keys if _series(rows, k)[0]]
@@ -131,11 +149,70 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     return written
 
 
+def read_eval(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+        doc["checkpoints"][0]["result"]["sets"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise UserError(f"{path} is not a `fast-srt eval` result (JSON with checkpoints and sets)") from None
+    return doc
+
+
+def _eval_panels(doc: dict) -> list[tuple[str, list[str], list[list]]]:
+    """(title, metric names, per checkpoint [(rate, lo, hi) or None per metric]) for each prompt set and the
+    attacks; diversity values are bars without an interval (self-BLEU scaled to 0-1)."""
+    from fast_srt.eval.report import ATTACK_ROWS, BENIGN_ROWS, HARMFUL_ROWS
+
+    def rate(m):
+        return None if not m or m["rate"] is None else (m["rate"], m["lo"], m["hi"])
+
+    results = [c["result"] for c in doc["checkpoints"]]
+    panels = []
+    for name, first in results[0]["sets"].items():
+        keys = [k for k, _ in (HARMFUL_ROWS if first["harmful"] else BENIGN_ROWS)]
+        vals = [[rate(r["sets"].get(name, {}).get("metrics", {}).get(k)) for k in keys] for r in results]
+        panels.append((f"{name} (n={first['n']})", keys, vals))
+    if "attacks" in results[0]:
+        keys = [k for k, _ in ATTACK_ROWS]
+        vals = []
+        for r in results:
+            a = r.get("attacks", {})
+            div = [None if a.get(k) is None else (a[k] * scale,) * 3
+                   for k, scale in (("sbert_diversity", 1.0), ("self_bleu", 0.01))]
+            vals.append([rate(a.get("metrics", {}).get(k)) for k in keys] + div)
+        panels.append((f"attacks from held-out seeds (n={results[0]['attacks']['n']})",
+                       keys + ["sbert_diversity", "self_bleu / 100"], vals))
+    return panels
+
+
+def eval_figure(plt, doc: dict, name: str):
+    panels = _eval_panels(doc)
+    labels = [f"{c['label']}: {c['spec']}" + (f" (step {c['step']})" if c.get("step") is not None else "")
+              for c in doc["checkpoints"]]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.1 * len(panels) + 0.6), squeeze=False)
+    width = 0.8 / len(labels)
+    for ax, (title, keys, vals) in zip(axes[:, 0], panels):
+        for j, (label, per_metric) in enumerate(zip(labels, vals)):
+            xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(keys))]
+            v = [m[0] if m else 0.0 for m in per_metric]
+            err = [[m[0] - m[1] if m else 0 for m in per_metric], [m[2] - m[0] if m else 0 for m in per_metric]]
+            ax.bar(xs, v, width, yerr=err, capsize=3, label=label, color=f"C{j}")
+        ax.set_xticks(range(len(keys)), [k.replace("_", " ") for k in keys], fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.set_yticks([0, 0.25, 0.5, 0.75, 1])
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].set_ylim(0, 1.4)  # headroom for the legend
+    axes[0, 0].legend(fontsize=7, loc="upper center", ncol=2)
+    fig.suptitle(f"fast-srt eval ({name}): rate and 95% interval per metric", fontsize=10)
+    return fig
+
+
 def plot_main(argv: list[str]) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(prog="fast-srt plot", description=__doc__.split("\n")[0])
-    ap.add_argument("run_dir", help="a `fast-srt train` run directory (or its metrics.jsonl)")
+    ap.add_argument("run_dir", help="a `fast-srt train` run directory (or its metrics.jsonl, or an eval JSON)")
     ap.add_argument("--out", default=None, help="where the PNG files go (default RUN_DIR/plots)")
     args = ap.parse_args(argv)
     for path in plot_run(args.run_dir, args.out):

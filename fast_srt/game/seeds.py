@@ -213,7 +213,9 @@ def load_wildjailbreak(
             f"could not load WildJailbreak from {str(path_or_hub_id)!r} ({type(e).__name__}: {first}); pass a "
             "local file in its schema, or accept the dataset's terms on the hub and log in"
         ) from None
-    missing = {"vanilla", "adversarial", "data_type"} - set(ds.column_names)
+    missing = {"data_type"} - set(ds.column_names)  # the eval split has `adversarial` and no `vanilla`
+    if not {"vanilla", "adversarial"} & set(ds.column_names):
+        missing.add("vanilla or adversarial")
     if missing:
         raise UserError(f"{str(path_or_hub_id)!r} lacks WildJailbreak columns {sorted(missing)}")
     seeds = []
@@ -221,7 +223,7 @@ def load_wildjailbreak(
         if row["data_type"] not in data_types:
             continue
         field = "vanilla" if row["data_type"].startswith("vanilla") else "adversarial"
-        if isinstance(row[field], str) and row[field].strip():
+        if isinstance(row.get(field), str) and row[field].strip():
             seeds.append(_wildjailbreak_seed(row, f"{path_or_hub_id}:{i}", "wildjailbreak"))
     if not seeds:
         raise UserError(f"{str(path_or_hub_id)!r} holds no rows of type {', '.join(data_types)}")

@@ -45,11 +45,13 @@ class MetricsLog:
     """Appends JSON objects with a "step" key to `path` (metrics, game logs). On resume, lines after the
     checkpoint's step are dropped, so the file continues exactly where the checkpoint left off; if the lines of the
     checkpoint's own step are missing (a kill after the checkpoint, before its lines), `restore` (the records the
-    checkpoint carries) are written in their place. A new run starts the file afresh."""
+    checkpoint carries) are written in their place. A new run starts the file afresh. A file named metrics.jsonl
+    also sends its scalars to TensorBoard / W&B beside it (fast_srt.run.scalars)."""
 
     def __init__(self, path: Path, resume_step: int | None = None, restore: list[dict] | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.sinks = None
         if resume_step is not None:
             kept, have_step = [], False
             for line in self.path.read_text().splitlines() if self.path.exists() else []:
@@ -67,11 +69,18 @@ class MetricsLog:
             tmp.replace(self.path)
         elif self.path.exists():
             self.path.unlink()
+        if self.path.name == "metrics.jsonl":
+            from fast_srt.run.scalars import ScalarSinks
+
+            replay = [] if resume_step is None else [r for r in read_metrics(self.path) if r["step"] == resume_step]
+            self.sinks = ScalarSinks(self.path.parent, resume_step or 0, replay)
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+        if self.sinks is not None:
+            self.sinks.write(record)
 
 
 def read_metrics(path: Path) -> list[dict]:

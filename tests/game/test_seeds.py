@@ -17,6 +17,7 @@ from fast_srt.game.seeds import (
     load_seeds,
     load_wildjailbreak,
     mixed_seed_batch,
+    normalise_prompt,
     parse_seed_line,
 )
 
@@ -58,7 +59,7 @@ def test_builtin_benign():
 def test_heldout_split_is_disjoint_and_fixed(name, n_train, n_heldout):
     """Training seeds never include a held-out prompt (not even a copy that differs in case or spacing), and the
     split is the documented sha256 rule, so its sizes are fixed."""
-    norm = lambda t: " ".join(t.lower().split())  # noqa: E731
+    norm = normalise_prompt
     train, held = load_seeds(name), load_heldout(name)
     assert (len(train), len(held)) == (n_train, n_heldout)
     assert not {norm(s.prompt) for s in train} & {norm(s.prompt) for s in held}
@@ -88,7 +89,7 @@ def test_heldout_rule_by_hand():
 
 
 def test_sft_data_holds_no_heldout_prompt():
-    norm = lambda t: " ".join(t.lower().split())  # noqa: E731
+    norm = normalise_prompt
     path = resources.files("fast_srt.data").joinpath("sft", "cot_sft.jsonl")
     sft = {norm(json.loads(line)["prompt"]) for line in path.read_text(encoding="utf-8").splitlines()}
     held = {norm(s.prompt) for name in ("donotanswer", "benign") for s in load_heldout(name)}
