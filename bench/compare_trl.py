@@ -43,7 +43,7 @@ def w1_prompts(n_steps: int, seed: int = 0) -> list[str]:
 
 
 def vowel_reward(completions, **_) -> list[float]:
-    """The `vowel_refusal` rule judge's defender reward without CoT: +1 refusal (answer starts with a vowel), -1 else."""
+    """The `vowel_refusal` rule's defender reward without CoT: +1 refusal (answer starts with a vowel), -1 else."""
     from fast_srt.engine.judge import RULES
 
     texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]

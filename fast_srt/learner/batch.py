@@ -282,6 +282,7 @@ class PrefixLayout:
     cu_k: torch.Tensor  # [pieces + 1] int32: piece boundaries in ctx_index (keys and values)
     max_q: int
     max_k: int
+    _masks: dict = field(default_factory=dict, repr=False)  # (n, context, dtype, device) -> mask
 
     @property
     def key_lengths(self) -> tuple[int, ...]:
@@ -291,9 +292,21 @@ class PrefixLayout:
     def shares(self) -> bool:
         return any(c > 0 for c in self.context)
 
+    def mask(self, n: int, context: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """[n, context + n] additive attention mask (0 or -inf) of a piece of n queries after `context` ancestor
+        tokens: query j sees keys 0 .. context + j. Built once per shape, dtype and device, reused by every layer
+        and the backward."""
+        key = (n, context, dtype, device)
+        m = self._masks.get(key)
+        if m is None:
+            keep = torch.ones(n, context + n, dtype=torch.bool, device=device).tril(context)
+            m = torch.zeros(n, context + n, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
+            self._masks[key] = m
+        return m
+
     def to(self, device: torch.device | str, non_blocking: bool = True) -> PrefixLayout:
         moved = {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v)
-                 for k, v in self.__dict__.items()}
+                 for k, v in self.__dict__.items() if k != "_masks"}
         return PrefixLayout(**moved)
 
 
@@ -346,8 +359,8 @@ def pack_shared(samples: list[Sample], device: torch.device | str | None = None,
                 min_shared: int = MIN_SHARED_TOKENS) -> PackedBatch:
     """Pack samples with their common prompt prefixes computed once (see above). Same fields as `pack`, with:
     cu_seqlens/seqlens/max_seqlen describe the pieces of the row, `layout` says what each piece attends to, and
-    sample_idx is -1 on shared pieces. When nothing is shared, it is `pack` (layout None). loss_mask, loss_index, targets, vllm_logp, response_spans, split_responses
-    and scatter_responses mean exactly what they mean for `pack`."""
+    sample_idx is -1 on shared pieces. When nothing is shared, it is `pack` (layout None). loss_mask, loss_index,
+    targets, vllm_logp, response_spans, split_responses and scatter_responses mean what they mean for `pack`."""
     if not samples:
         raise ValueError("pack_shared: no samples")
     pieces = prefix_tree(samples, min_shared)

@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from typing import Callable
 
 import torch
-from torch.nn.attention.bias import causal_lower_right
 from torch.nn.functional import scaled_dot_product_attention
 
 from fast_srt.learner.batch import PackedBatch
@@ -45,7 +44,8 @@ def _varlen_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     """query [1, Hq, T, D], key/value [1, Hkv, T, D] -> ([1, T, Hq, D], None), causal within each sample.
 
     Without the seqlens kwarg (an ordinary padded or single-sequence call), behaves like transformers' sdpa.
-    On CUDA with flash-attn installed, packed calls go to its varlen kernel. With a PrefixLayout (shared-prefix packing), each piece attends to its ancestors and causally to itself.
+    On CUDA with flash-attn installed, packed calls go to its varlen kernel. With a PrefixLayout (shared-prefix
+    packing), each piece attends to its ancestors and causally to itself.
     """
     layout = kwargs.get(LAYOUT_KWARG)
     if layout is not None:
@@ -59,14 +59,10 @@ def _varlen_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     if query.shape[0] != 1:
         raise ValueError(f"packed attention expects batch 1, got query {tuple(query.shape)}")
     p = dropout if module.training else 0.0
-    if query.is_cuda and _has_flash_attn():
-        from flash_attn import flash_attn_varlen_func
-
+    query, key, value = _autocast_inputs(query, key, value)
+    if _flash_varlen_applies(query):
         cu = torch.tensor([0, *itertools.accumulate(seqlens)], dtype=torch.int32, device=query.device)
-        out = flash_attn_varlen_func(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
-                                     cu, cu, max(seqlens), max(seqlens), dropout_p=p, softmax_scale=scaling,
-                                     causal=True)  # [T, Hq, D]
-        return out[None], None
+        return _flash_varlen(query, key, value, cu, cu, max(seqlens), max(seqlens), p, scaling), None
     gqa = query.shape[1] != key.shape[1]
     # split (not slicing in a loop): its backward is one cat, where S slices would each zero-fill and add a
     # full-size [1, H, T, D] gradient
@@ -82,6 +78,30 @@ def _has_flash_attn() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
+def _flash_varlen_applies(query: torch.Tensor) -> bool:
+    """flash-attn's varlen kernel: CUDA, installed, half precision (fp32 goes through SDPA)."""
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _has_flash_attn()
+
+
+def _flash_varlen(query, key, value, cu_q, cu_k, max_q: int, max_k: int, p: float, scaling) -> torch.Tensor:
+    """[1, H, T, D] tensors -> [1, Tq, Hq, D]; the causal mask is aligned to the bottom right of each key range."""
+    from flash_attn import flash_attn_varlen_func
+
+    out = flash_attn_varlen_func(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                                 cu_q, cu_k, max_q, max_k, dropout_p=p, softmax_scale=scaling, causal=True)
+    return out[None]  # [1, Tq, Hq, D]
+
+
+def _autocast_inputs(query, key, value):
+    """Under autocast, the dtype autocast gives SDPA (RoPE leaves q and k in fp32 beside a bf16 v): the same numbers
+    as the plain path, for the kernels that validate their inputs before autocast would cast them."""
+    dev = query.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return query.to(dt), key.to(dt), value.to(dt)
+    return query, key, value
+
+
 def _shared_prefix_attention(module, query, key, value, layout, dropout, scaling):
     """query [1, Hq, T, D], key/value [1, Hkv, T, D] over a pack_shared row -> [1, T, Hq, D].
 
@@ -89,19 +109,15 @@ def _shared_prefix_attention(module, query, key, value, layout, dropout, scaling
     the gather's backward adds every piece's gradient into the shared positions. Queries sit at the end of their
     key range, so the causal mask is aligned to the bottom right (query j sees all ancestors and its own piece up
     to j). On CUDA with flash-attn: one varlen call (its causal mask is bottom-right aligned); elsewhere one SDPA
-    call per piece."""
+    call per piece, with an additive mask built once per batch and dtype and reused by every layer."""
     if query.shape[0] != 1:
         raise ValueError(f"packed attention expects batch 1, got query {tuple(query.shape)}")
     p = dropout if module.training else 0.0
+    query, key, value = _autocast_inputs(query, key, value)
     kc = key.index_select(2, layout.ctx_index)  # [1, Hkv, Tk, D]
     vc = value.index_select(2, layout.ctx_index)  # [1, Hkv, Tk, D]
-    if query.is_cuda and _has_flash_attn():
-        from flash_attn import flash_attn_varlen_func
-
-        out = flash_attn_varlen_func(query[0].transpose(0, 1), kc[0].transpose(0, 1), vc[0].transpose(0, 1),
-                                     layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, dropout_p=p,
-                                     softmax_scale=scaling, causal=True)  # [T, Hq, D]
-        return out[None], None
+    if _flash_varlen_applies(query):
+        return _flash_varlen(query, kc, vc, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, p, scaling), None
     gqa = query.shape[1] != key.shape[1]
     qs = query.split(list(layout.lengths), dim=2)
     ks, vs = (x.split(list(layout.key_lengths), dim=2) for x in (kc, vc))
@@ -110,7 +126,7 @@ def _shared_prefix_attention(module, query, key, value, layout, dropout, scaling
         if c == 0:
             o = scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=gqa)
         else:
-            mask = causal_lower_right(q.shape[2], k.shape[2])
+            mask = layout.mask(q.shape[2], c, q.dtype, q.device)  # [n, c + n]
             o = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scaling, enable_gqa=gqa)
         outs.append(o)  # [1, Hq, n, D]
     out = torch.cat(outs, dim=2)  # [1, Hq, T, D]

@@ -52,3 +52,38 @@ def test_logprob_kernel_chosen_for_cuda_matches_the_twin():
     lp_ref, ent_ref = logprobs_ref(hidden, weight, targets, 0.7)
     torch.testing.assert_close(lp, lp_ref, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(ent, ent_ref, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_prefix_on_cuda_matches_whole_samples(dtype):
+    """The shared-prefix attention on CUDA (flash-attn's varlen kernel when installed, else SDPA per piece) gives
+    the log-probs and gradients of whole-sample packing: fp32 1e-4 (flash-attn computes in bf16/fp16 only, so
+    fp32 goes through SDPA), bf16 0.05 nats and 5% of each gradient's norm."""
+    from fast_srt.kernels import logprobs_ref
+    from fast_srt.learner.batch import pack, pack_shared
+    from fast_srt.learner.policy import VARLEN_SDPA, load_policy, token_logprobs
+    from fast_srt.run.tiny import make_tiny_model
+    import tempfile
+    from pathlib import Path
+
+    d = make_tiny_model(Path(tempfile.mkdtemp()) / "llama", arch="llama")
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(3, 300, (40,), generator=g).tolist()
+    samples = [Sample(base + torch.randint(3, 300, (int(3 + i),), generator=g).tolist(),
+                      torch.randint(3, 300, (int(5 + 2 * i),), generator=g).tolist(), "attacker",
+                      vllm_logprobs=[-1.0] * (5 + 2 * i)) for i in range(6)]
+    out = []
+    for packer in (pack, pack_shared):
+        model = load_policy(str(d), dtype=dtype, device="cuda", attn=VARLEN_SDPA)
+        b = packer(samples, device="cuda")
+        logp, _ = token_logprobs(model, b, logprobs_ref)
+        logp.sum().backward()
+        out.append((b.split_responses(logp.detach().float().cpu()),
+                    {n: p.grad.float().cpu() for n, p in model.named_parameters()}))
+    (lp0, g0), (lp1, g1) = out
+    tol = 1e-4 if dtype == torch.float32 else 0.05
+    for a, b in zip(lp0, lp1):
+        torch.testing.assert_close(b, a, atol=tol, rtol=0)
+    for n in g0:
+        err = (g1[n] - g0[n]).norm() / g0[n].norm().clamp_min(1e-12)
+        assert err < (1e-4 if dtype == torch.float32 else 0.05), (n, float(err))
