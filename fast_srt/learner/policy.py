@@ -276,12 +276,14 @@ def weights_for_engine(model: torch.nn.Module, dtype: torch.dtype | str | None =
 
 def build_optimizer(model, lr: float, betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.0,
                     eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; weight decay only on matrices (not norms, biases). Fused on CUDA."""
+    """AdamW over trainable parameters; weight decay only on matrices (not norms, biases). Fused (one kernel over
+    all tensors) on CUDA and CPU: on the 2-core CPU the fused step over 20M fp32 parameters took 0.02 s against
+    0.17-0.30 s for the default foreach implementation (interleaved, same process)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = bool(params) and params[0].is_cuda
+    fused = bool(params) and params[0].device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
