@@ -1,25 +1,10 @@
-"""What a run reports about itself: the memory plan before the first step, the throughput per engine phase, and
-whether the engines really run in this process (no child processes).
+"""What a run reports about itself: the throughput per engine phase, and whether the engines really run in this
+process (no child processes). The memory plan is fast_srt.run.plan's.
 """
 
 from __future__ import annotations
 
 import os
-
-
-def memory_plan(model, ref, engines, cfg) -> str:
-    n = sum(p.numel() for p in model.parameters())
-    gib = 2**30
-    psz = next(model.parameters()).element_size()
-    ref_bytes = 0 if ref is None else sum(p.numel() * p.element_size() for p in ref.parameters())
-    lines = [f"memory plan ({'cuda' if model.device.type == 'cuda' else 'cpu'}; {n / 1e6:.1f}M parameters):",
-             f"  trainer weights {n * psz / gib:6.2f} GiB  grads {n * psz / gib:6.2f} GiB  "
-             f"AdamW states {2 * n * 4 / gib:6.2f} GiB",
-             f"  reference model {ref_bytes / gib:6.2f} GiB  "
-             f"engine weights {n * 2 / gib:6.2f} GiB x {1 + (engines.judge.engine is not engines.policy)} engine(s)",
-             f"  KV cache {cfg.model.kv_cache_gib:.2f} GiB per engine"
-             f"{' (released while training)' if model.device.type == 'cuda' else ' (host RAM, kept: no sleep on CPU)'}"]
-    return "\n".join(lines)
 
 
 def throughput_lines(engines) -> list[str]:

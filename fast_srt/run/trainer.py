@@ -29,7 +29,7 @@ from fast_srt.errors import UserError
 from fast_srt.game.rewards import reward_function
 from fast_srt.game.rules import GameOptions
 from fast_srt.game.seeds import SeedPool
-from fast_srt.learner.lora import apply_lora
+from fast_srt.learner.lora import apply_lora, base_to_compute_dtype
 from fast_srt.learner.policy import (VARLEN_SDPA, build_optimizer, build_scheduler, load_policy, load_reference,
                                      weights_for_engine)
 from fast_srt.learner.step import Learner, games_to_samples, learner_step, pick_logprob_impl, total_updates
@@ -37,7 +37,7 @@ from fast_srt.run.checkpoint import (LORA_ADAPTER_FILE, RUN_CONFIG_FILE, check_f
                                      find_latest, load_checkpoint, restore_trainer_state, save_checkpoint)
 from fast_srt.run.metrics import MetricsLog, PhaseTimer, Status, console_line, step_perf, to_floats
 from fast_srt.run.models import resolve_engine_dirs
-from fast_srt.run.report import child_processes, memory_plan, throughput_lines
+from fast_srt.run.report import child_processes, throughput_lines
 
 PROBE_PROMPT = "What is the capital of France?"
 GREEDY_PROBE = SamplingSpec(max_tokens=16, temperature=0.0, logprobs=False)
@@ -148,7 +148,7 @@ def train(cfg: TrainConfig) -> Path:
     status = Status(cfg.steps)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    print(memory_plan(learner.model, learner.ref, engines, cfg))
+    print(run_plan(cfg, engines))
     print(f"start-up {time.perf_counter() - t_start:.1f} s; torch threads {torch.get_num_threads()}; log-prob "
           f"impl {getattr(learner.logprob_fn, '__name__', learner.logprob_fn)}; from step {run.start_step}",
           flush=True)
@@ -256,6 +256,18 @@ def load_lora_adapter(model, ckpt_dir: Path) -> None:
     model.load_state_dict(saved, strict=False)  # the adapters only; the base weights came from the base model
 
 
+def run_plan(cfg: TrainConfig, engines) -> str:
+    """The planner's two-line memory plan for this run on this device (fast_srt.run.plan, as `fast-srt plan`)."""
+    from fast_srt.run.plan import device_budget_gib, plan, plan_input_from_config, render
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    judge_engine = getattr(engines.judge, "engine", None)
+    judge = judge_engine.model_dir if judge_engine is not None and judge_engine is not engines.policy else None
+    p = plan_input_from_config(cfg, device=device, budget_gib=device_budget_gib(device),
+                               policy=str(engines.policy_dir), judge=judge)
+    return render(p, plan(p), detail=False)
+
+
 def setup_run(cfg: TrainConfig) -> Run:
     """Resume point, seeds, trainer model (+ LoRA), engines, reference, optimizer, kernels; all chosen once."""
     from fast_srt.kernels import select_advantages_impl
@@ -290,6 +302,7 @@ def setup_run(cfg: TrainConfig) -> Run:
                                 gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.lora_rank:
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        base_to_compute_dtype(model, compute_dtype)  # frozen: no fp32 master needed (fast_srt.run.plan)
         if ckpt_dir is not None:
             load_lora_adapter(model, ckpt_dir)
     optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)

@@ -1,0 +1,41 @@
+"""`fast-srt plan [PRESET] [--budget-gib G] [--device cuda|cpu] [--prompt-tokens N] [train options]`: the memory
+plan of a run, phase by phase, before anything is loaded; whether it fits and what to change if not.
+
+The model and judge may be sizes (8b, 7b, 70b, 1.5b, 135m), known hub ids, local directories or `default`; every
+other setting is the train command's (`--lora-rank`, `--sampling.games-per-step`, `--sampling.max-new-tokens`,
+`--optim.micro-batch-tokens`, `--gradient-checkpointing`, `--model.kv-cache-gib`...). `fast-srt train` prints the
+same plan from the same code (fast_srt.run.plan).
+"""
+
+from __future__ import annotations
+
+from fast_srt.errors import UserError
+
+
+def plan_main(argv: list[str]) -> None:
+    from fast_srt.commands.train import parse_train_args
+    from fast_srt.run.plan import plan, plan_input_from_config, render
+
+    opts = {"--budget-gib": 80.0, "--device": "cuda", "--prompt-tokens": 320, "--judge-prompt-tokens": 640}
+    rest, it = [], iter(argv)
+    for a in it:
+        key, _, val = a.partition("=")
+        if key in opts:
+            val = val or next(it, None)
+            if val is None:
+                raise UserError(f"{key} needs a value")
+            try:
+                opts[key] = type(opts[key])(val)
+            except ValueError:
+                raise UserError(f"{key}: {val!r} is not a {type(opts[key]).__name__}") from None
+        else:
+            rest.append(a)
+    if opts["--device"] not in ("cuda", "cpu"):
+        raise UserError(f"--device must be cuda or cpu, got {opts['--device']!r}")
+    if opts["--budget-gib"] <= 0:
+        raise UserError(f"--budget-gib must be > 0, got {opts['--budget-gib']}")
+    cfg = parse_train_args(rest)
+    p = plan_input_from_config(cfg, device=opts["--device"], budget_gib=opts["--budget-gib"],
+                               prompt_tokens=opts["--prompt-tokens"],
+                               judge_prompt_tokens=opts["--judge-prompt-tokens"])
+    print(render(p, plan(p)))

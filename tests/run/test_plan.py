@@ -1,0 +1,88 @@
+"""The memory planner: shapes and parameter counts, its predictions against measured peaks on CPU, the CLI."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fast_srt.errors import UserError
+from fast_srt.run.plan import KNOWN, ModelShape, PlanInput, plan, render, resolve_shape
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+from plan_vs_measured import run_case  # noqa: E402
+
+
+@pytest.mark.parametrize("arch,tie", [("llama", True), ("qwen2", False)])
+def test_parameter_count_equals_the_model(arch, tie):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    cls = LlamaConfig if arch == "llama" else Qwen2Config
+    cfg = cls(vocab_size=1000, hidden_size=96, intermediate_size=200, num_hidden_layers=3, num_attention_heads=6,
+              num_key_value_heads=2, tie_word_embeddings=tie, attention_bias=False)
+    model = AutoModelForCausalLM.from_config(cfg)
+    shape = ModelShape.from_config("x", cfg.to_dict())
+    n = sum(p.numel() for p in model.parameters())
+    biases = sum(p.numel() for name, p in model.named_parameters() if name.endswith(".bias"))
+    assert shape.params == n - biases  # Qwen2's q/k/v biases are the only parameters the plan leaves out
+    lin = sum(m.weight.numel() for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"))
+    assert shape.linear_params == lin
+
+
+def test_known_shapes_have_their_published_sizes():
+    published = {"meta-llama/Llama-3.1-8B-Instruct": 8.03e9, "meta-llama/Llama-3.1-70B-Instruct": 70.6e9,
+                 "allenai/wildguard": 7.25e9, "Qwen/Qwen2.5-7B-Instruct": 7.62e9,
+                 "HuggingFaceTB/SmolLM2-135M-Instruct": 134.5e6}
+    for name, n in published.items():
+        assert KNOWN[name].params == pytest.approx(n, rel=0.005), name
+
+
+def test_tiny_model_peak_within_15_percent(tiny_model_dir):
+    """The training phase predicted for the tiny model against its measured peak (a fresh process each)."""
+    for tokens, lora in ((8192, 0), (4096, 4)):
+        r = run_case(str(tiny_model_dir), tokens, lora, ckpt=False, kl=False)
+        assert abs(r["error"]) <= 0.15, r
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tokens,lora,ckpt,kl", [(2048, 0, False, False), (4096, 0, False, False),
+                                                 (2048, 0, True, False), (2048, 16, False, False),
+                                                 (2048, 0, False, True)])
+def test_default_model_peak_within_15_percent(tokens, lora, ckpt, kl):
+    r = run_case("default", tokens, lora, ckpt, kl)
+    assert abs(r["error"]) <= 0.15, r
+
+
+def test_lora_plan_drops_what_full_fine_tuning_needs():
+    s = resolve_shape("8b")
+    full = plan(PlanInput(policy=s, budget_gib=80))[-1]
+    lora = plan(PlanInput(policy=s, budget_gib=80, lora_rank=16))[-1]
+    assert "gradients (fp32)" in full.parts and full.parts["gradients (fp32)"] == pytest.approx(4 * s.params / 2**30)
+    assert full.parts["AdamW moments (fp32)"] == pytest.approx(8 * s.params / 2**30)
+    assert lora.parts["gradients (fp32)"] == pytest.approx(4 * s.lora_params(16) / 2**30)
+    assert "KL reference (linears in compute dtype)" not in lora.parts  # the base with adapters off
+    assert lora.total < full.total - 100
+
+
+def test_render_says_what_to_change_when_it_does_not_fit():
+    p = PlanInput(policy=resolve_shape("8b"), budget_gib=24)
+    text = render(p, plan(p))
+    assert "DOES NOT FIT" in text and "LoRA (--lora-rank 16)" in text
+    small = PlanInput(policy=resolve_shape("135m"), budget_gib=80, kv_cache_gib=1.0, judge_kv_cache_gib=1.0)
+    assert "FITS" in render(small, plan(small)).splitlines()[-1]
+
+
+def test_plan_cli_and_bad_input():
+    exe = [sys.executable, "-m", "fast_srt.cli", "plan"]
+    ok = subprocess.run(exe + ["llama8b_reference", "--lora-rank", "16", "--budget-gib", "80"], cwd=ROOT,
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "training" in ok.stdout and "peak" in ok.stdout, ok.stderr
+    bad = subprocess.run(exe + ["--model.model", "no/such-model"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no shape for model" in bad.stderr
+    bad = subprocess.run(exe + ["--device", "tpu"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--device must be cuda or cpu" in bad.stderr
+    with pytest.raises(UserError):
+        resolve_shape("/nonexistent/dir")
