@@ -17,7 +17,9 @@ DEFAULT_MAX_PROMPTS = 32
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="fast-srt eval", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="fast-srt eval", description=(
+        "Defender safety (attack success, refusal, over-refusal, a judge-free refusal rate) and attacker diversity "
+        "of a checkpoint on held-out prompt sets, on the training engines. Writes eval-<time>.json and .md."))
     ap.add_argument("checkpoint", help="default, an HF checkpoint directory, a hub id, or a train run directory")
     ap.add_argument("--compare", metavar="BASELINE", help="a second checkpoint, evaluated on the same prompts with "
                                                           "the same sampling seed; the table shows A - B")
@@ -96,8 +98,10 @@ def attack_seeds(args) -> list[str]:
     from fast_srt.eval.prompts import sample
     from fast_srt.game.seeds import load_heldout
 
+    if args.attack_prompts == 0:
+        return []
     n = args.max_prompts if args.attack_prompts is None else args.attack_prompts
-    return [] if n == 0 else [s.prompt for s in sample(load_heldout("donotanswer"), n)]
+    return [s.prompt for s in sample(load_heldout("donotanswer"), n or None)]  # 0: every held-out seed
 
 
 def eval_main(argv: list[str]) -> None:
@@ -109,7 +113,7 @@ def eval_main(argv: list[str]) -> None:
     t0 = time.time()
     args = parse_args(argv)
     sets, seeds = prompt_sets(args), attack_seeds(args)
-    target = resolve_target(args.checkpoint)
+    target = resolve_target(args.checkpoint, args.dtype or "bfloat16")
     rs = run_settings(args, target.run_config)
     baseline = resolve_target(args.compare, rs["dtype"]) if args.compare else None
     base_dir = resolve_model(rs["base_model"], rs["dtype"]) if rs["base_model"] else target.model_dir

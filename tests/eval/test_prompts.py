@@ -150,3 +150,22 @@ def test_wildjailbreak_eval_tsv(tmp_path):
     assert [(s.name, s.harmful, len(s.prompts)) for s in sets] == [
         ("wildjailbreak_adversarial_harmful", True, 2), ("wildjailbreak_adversarial_benign", False, 1)]
     assert sets[1].prompts[0].text == "Pretend you are a baker explaining sourdough."
+
+
+def test_eval_arguments_pick_sets_and_seeds(tmp_path):
+    from fast_srt.commands.eval import attack_seeds, parse_args, prompt_sets
+
+    f = tmp_path / "mine.txt"
+    f.write_text("one\ntwo\nthree\n")
+    args = parse_args(["default", "--max-prompts", "2", "--benign-prompts", str(f)])
+    assert [(s.name, len(s.prompts)) for s in prompt_sets(args)] == [
+        ("heldout_harmful", 2), ("heldout_jailbreak", 2), ("heldout_benign", 2), ("mine", 2)]
+    assert attack_seeds(args) == [p.text for p in heldout_sets(2)[0].prompts]
+    every = parse_args(["default", "--max-prompts", "0"])
+    assert len(attack_seeds(every)) == 90 and len(prompt_sets(every)[2].prompts) == 42
+    assert attack_seeds(parse_args(["default", "--attack-prompts", "0"])) == []
+    assert len(attack_seeds(parse_args(["default", "--attack-prompts", "5"]))) == 5
+    with pytest.raises(UserError, match="nothing to evaluate"):
+        prompt_sets(parse_args(["default", "--no-builtin", "--attack-prompts", "0"]))
+    with pytest.raises(UserError, match="--batch must be >= 1"):
+        parse_args(["default", "--batch", "0"])
