@@ -288,7 +288,9 @@ def grpo() -> TrainConfig:
 
 
 def lora_small_gpu() -> TrainConfig:
-    """LoRA (rank 16) on a 7-8B model for a single 24-48 GB GPU: rank-sized optimizer states, no reference copy."""
+    """LoRA (rank 16) on a 7B policy with WildGuard: rank-sized optimizer states, no reference copy. `fast-srt plan`
+    puts its peak at about 53 GiB (an 80 GB card): the policy engine, the judge engine and the trainer each hold a
+    copy of 7B weights; on 24-48 GB, a smaller policy (`--model.model` of 1.5B fits 24 GiB with its base as judge)."""
     ref = llama8b_reference()
     return dataclasses.replace(
         ref, lora_rank=16, lora_alpha=32.0, run_dir="runs/lora_small_gpu",
