@@ -102,7 +102,8 @@ def run_fast_srt(steps: int, run_dir: Path) -> dict:
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {"step_s": [r["time/step_s"] for r in rows], "tokens_per_step": [r["tokens/generated"] for r in rows],
-            "phases": {k: statistics.median(r[k] for r in rows[1:]) for k in rows[-1] if k.startswith("time/")}}
+            "phases": {k: statistics.median(r[k] for r in rows[1:]) for k in rows[1]
+                       if k.startswith("time/") and all(k in r for r in rows[1:])}}
 
 
 def tokens_per_s(res: dict) -> float:

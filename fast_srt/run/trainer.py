@@ -211,7 +211,8 @@ def check_run_dir(run_dir: Path) -> None:
 
 
 # Fields a resumed run may change: they decide where and how often things are written, not what is trained.
-RESUME_MAY_CHANGE = ("resume", "run_dir", "save_every", "keep_checkpoints", "log_games", "inject_nan_loss_at_step")
+RESUME_MAY_CHANGE = ("resume", "run_dir", "save_every", "keep_checkpoints", "log_games", "inject_nan_loss_at_step",
+                     "wandb_project")  # where metrics are also sent, not what the run computes
 
 
 def check_resume_config(ckpt_dir: Path, cfg: TrainConfig) -> None:
