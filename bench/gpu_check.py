@@ -4,8 +4,9 @@ Each check runs the real code on the device and records pass/fail, its figures, 
 it. Without CUDA (`--dry-run`, or no device found) it prints what it would run and writes nothing.
 
 Checks:
-  kernels      the Triton kernels compiled on the device against their torch twins (pytest tests/kernels
-               tests/run/test_gpu.py)
+  kernels      the Triton kernels compiled on the device against their torch twins, and the trainer's packed and
+               shared-prefix attention (flash-attn varlen inside it) against whole-sample packing, log-probs and
+               gradients (pytest tests/kernels tests/run/test_gpu.py)
   flash_attn   packed log-probs with flash-attn varlen == each sample alone through SDPA (tiny model, fp32, bf16)
   kv_release   the engine's KV cache released and woken around a training phase: memory freed, same greedy tokens
   train_3      a 3-step run of the offline default, its console and per-phase seconds
