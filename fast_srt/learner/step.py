@@ -284,7 +284,8 @@ def micro_batch_loss(learner: Learner, mb, old, advs, ref, n_tokens: int, kl_in_
     metrics["tokens/_rows"] = batch.num_tokens
     ref_t = batch.scatter_responses(ref) if ref is not None else None
     if old is None and ref_t is not None:
-        metrics["kl/_sum"] = float((logp.detach() - ref_t)[batch.loss_mask].sum())
+        # a device tensor (no host sync per micro-step); loss_index, not a boolean mask (whose nonzero syncs)
+        metrics["kl/_sum"] = (logp.detach() - ref_t).index_select(0, batch.loss_index).sum()
         metrics["kl/_n"] = batch.num_loss_tokens
     if kl_in_loss and ref_t is not None:
         kl_loss, kl_metrics = kl_k3_loss(logp, ref_t, batch.loss_mask, num_tokens=n_tokens)
