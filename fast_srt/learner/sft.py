@@ -12,6 +12,10 @@ Pure Python apart from the tokenizer passed in. Every bad input raises `UserErro
   `Let's think step by step.\\n<think> {thinking} </think>\\n<answer> {response} </answer>`.
 - `build_sft_samples(records, tokenizer)`: defender-role `Sample`s (prompt = defender CoT prompt, response =
   target tokens + EOS, no sampler log-probs, metadata {"sft": True}).
+- `load_attacker_sft_records("builtin")`: the shipped attacker set `fast_srt/data/sft/attacker_cot_sft.jsonl`
+  (or a user JSONL of "seed", "kind" ("harmful"|"benign"), "thinking", "revision"; see the data README).
+- `build_attacker_sft_samples(records, tokenizer)`: attacker-role `Sample`s (prompt = the game's attacker CoT
+  prompt for the seed and its kind, response = `format_sft_target(thinking, revision)` tokens + EOS).
 - `SFTStream(samples, seed).next(k)`: k samples at a time, cycling through shuffled passes, deterministic.
 """
 
@@ -25,10 +29,12 @@ from typing import Any, Sequence
 
 from fast_srt.learner.batch import Sample
 from fast_srt.errors import UserError, decode_utf8, read_user_text
-from fast_srt.game.rules import FORMAT_TAGS, build_defender_prompt
+from fast_srt.game.rules import FORMAT_TAGS, build_attacker_prompt, build_defender_prompt
 
 BUILTIN_SFT_SET = "builtin"
 BUILTIN_SFT_FILE = "cot_sft.jsonl"
+BUILTIN_ATTACKER_SFT_FILE = "attacker_cot_sft.jsonl"
+ATTACKER_KINDS = ("harmful", "benign")
 DEFAULT_THINKING = (
     "The user is asking for help with this request. I should think about what they need and answer helpfully and "
     "safely."
@@ -110,13 +116,91 @@ def format_sft_target(thinking: str | None, response: str) -> str:
     return f"{thinking} </think>\n<answer> {response.strip()} </answer>"
 
 
-def build_sft_samples(records: Sequence[dict[str, Any]], tokenizer: Any) -> list[Sample]:
-    """Defender-role samples: prompt = the defender CoT prompt (ends with the think prefix), response = the
-    target tokens + EOS. Loss falls on response tokens only (batch.py's mask)."""
+def _attacker_example() -> str:
+    return '{"seed": "...", "kind": "harmful", "thinking": "...", "revision": "..."}'
+
+
+def parse_attacker_sft_line(line: str, where: str) -> dict[str, Any] | None:
+    """One attacker JSONL line -> {"seed", "kind", "thinking", "revision"}, or None for a blank line."""
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg}); write one object a line, e.g. "
+                        f"{_attacker_example()}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a JSON object like {_attacker_example()}, got {type(obj).__name__}")
+    rec: dict[str, Any] = {}
+    for field in ("seed", "thinking", "revision"):
+        value = obj.get(field)
+        if value is None:
+            raise UserError(f"{where}: no {field!r} field; each line needs {_attacker_example()}")
+        if not isinstance(value, str) or not value.strip():
+            raise UserError(f"{where}: {field!r} must be a non-empty string")
+        if field != "seed":
+            tags = [t for t in FORMAT_TAGS if t in value]
+            if tags:
+                raise UserError(f"{where}: {field!r} contains the format tag {tags[0]}; remove it (the target "
+                                f"adds the <think>/<answer> tags itself)")
+        rec[field] = value.strip()
+    kind = obj.get("kind")
+    if kind not in ATTACKER_KINDS:
+        raise UserError(f"{where}: 'kind' must be \"harmful\" or \"benign\" (which attacker instruction the seed "
+                        f"gets), got {kind!r}")
+    rec["kind"] = kind
+    return rec
+
+
+def load_attacker_sft_records(name_or_path: str | Path = BUILTIN_SFT_SET) -> list[dict[str, Any]]:
+    """Attacker CoT SFT records (seed, kind, thinking, revision) from the builtin set or a user JSONL file.
+    Raises only UserError for bad input."""
+    if isinstance(name_or_path, str) and name_or_path == BUILTIN_SFT_SET:
+        f = resources.files("fast_srt.data").joinpath("sft", BUILTIN_ATTACKER_SFT_FILE)
+        text, name = decode_utf8(f.read_bytes(), BUILTIN_ATTACKER_SFT_FILE), BUILTIN_ATTACKER_SFT_FILE
+    else:
+        path = Path(name_or_path)
+        text = read_user_text(path, "attacker SFT file",
+                              f"an existing .jsonl file (one object a line) or {BUILTIN_SFT_SET!r}")
+        name = str(path)
+    records = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        rec = parse_attacker_sft_line(line, f"{name}:{i}")
+        if rec is not None:
+            records.append(rec)
+    if not records:
+        raise UserError(f"attacker SFT file {name!r} holds no records; add one {_attacker_example()} object a line")
+    return records
+
+
+def _eos(tokenizer: Any) -> int:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no eos token; SFT targets "
                         f"need one to teach the model to stop")
+    return eos
+
+
+def build_attacker_sft_samples(records: Sequence[dict[str, Any]], tokenizer: Any) -> list[Sample]:
+    """Attacker-role samples: prompt = the game's attacker CoT prompt for the seed (the harmful or benign
+    instruction by "kind"; ends with the think prefix), response = `format_sft_target(thinking, revision)` tokens
+    + EOS. Loss falls on response tokens only (batch.py's mask)."""
+    eos = _eos(tokenizer)
+    samples = []
+    for rec in records:
+        prompt_text = build_attacker_prompt(tokenizer, rec["seed"], harmful=rec["kind"] == "harmful", cot=True)
+        prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False).input_ids)
+        target = format_sft_target(rec["thinking"], rec["revision"])
+        response_ids = list(tokenizer(target, add_special_tokens=False).input_ids) + [eos]
+        samples.append(Sample(prompt_ids=prompt_ids, response_ids=response_ids, role="attacker",
+                              vllm_logprobs=None, metadata={"sft": True}))
+    return samples
+
+
+def build_sft_samples(records: Sequence[dict[str, Any]], tokenizer: Any) -> list[Sample]:
+    """Defender-role samples: prompt = the defender CoT prompt (ends with the think prefix), response = the
+    target tokens + EOS. Loss falls on response tokens only (batch.py's mask)."""
+    eos = _eos(tokenizer)
     samples = []
     for rec in records:
         prompt_text = build_defender_prompt(tokenizer, rec["prompt"], cot=True)
