@@ -42,7 +42,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every checkpoint")
     ap.add_argument("--base-model", help="the frozen base model: judge when the judge is 'policy', and the frozen "
                                          "defender (default: the run's base model, else the checkpoint itself)")
-    ap.add_argument("--judge-model", help="'policy' (the base model), a model, or rule:NAME (default: the run's)")
+    ap.add_argument("--judge-model", help="'probe' (probes on the base model's hidden states), 'policy' (the base model asked the "
+                         "questions), a model, or rule:NAME (default: the run's, else probe)")
     ap.add_argument("--judge-template", choices=("chat", "wildguard"), help="default: the run's, else chat")
     ap.add_argument("--cot", action=argparse.BooleanOptionalAction, default=None,
                     help="the hidden-CoT game format (default: the run's, else on)")
@@ -66,7 +67,7 @@ def run_settings(args, run_config: dict | None) -> dict:
     """Judge, base model, dtype and format: the flags, else the run's config, else the defaults."""
     model = (run_config or {}).get("model", {})
     game = (run_config or {}).get("game", {})
-    return {"judge_model": args.judge_model or model.get("judge_model", "policy"),
+    return {"judge_model": args.judge_model or model.get("judge_model", "probe"),
             "judge_template": args.judge_template or model.get("judge_template", "chat"),
             "judge_constrained": model.get("judge_constrained", True),
             "dtype": args.dtype or model.get("dtype", "bfloat16"),

@@ -34,6 +34,7 @@ class SamplingSpec:
     regex: str | None = None  # vLLM structured outputs: the completion must match this regex
     logprobs: bool = True  # return the sampled token's log-prob per generated token
     fixed_length: bool = False  # generate exactly max_tokens (EOS ignored): identical work across commits
+    top_logprobs: int = 0  # also return the k most likely tokens (text -> log-prob) at every generated position
 
 
 @dataclass
@@ -43,6 +44,9 @@ class Generation:
     text: str
     logprobs: list[float]  # one per generated token; empty if not requested
     finish_reason: str | None
+    # per generated position, when SamplingSpec.top_logprobs > 0: (the chosen token's text, {token text: log-prob}
+    # of the k most likely tokens})
+    top: list[tuple[str, dict[str, float]]] = field(default_factory=list)
 
 
 @dataclass
@@ -94,7 +98,7 @@ class Engine:
 
     def __init__(self, model_dir: str | Path, *, dtype: str = "bfloat16", max_model_len: int = 2048,
                  kv_cache_gib: float = 2.0, seed: int = 0, enable_lora: bool = False, max_lora_rank: int = 16,
-                 enforce_eager: bool = True, name: str = "policy"):
+                 enforce_eager: bool = True, name: str = "policy", runner: str = "generate"):
         on_cpu = not cuda_available()
         configure_vllm_env(kv_cache_gib, on_cpu)
         from vllm import LLM
@@ -112,6 +116,13 @@ class Engine:
             kwargs["enable_sleep_mode"] = True  # lets the KV cache be released while training
         if enable_lora:
             kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank)
+        if runner == "pooling":  # the model's last hidden state for every token (a probe judge reads them)
+            from vllm.config import PoolerConfig
+
+            kwargs.pop("logprobs_mode")
+            kwargs.update(runner="pooling", convert="embed",
+                          pooler_config=PoolerConfig(task="token_embed", use_activation=False))
+        self.runner = runner
         t0 = time.perf_counter()
         try:
             self.llm = LLM(self.model_dir, **kwargs)
@@ -134,7 +145,7 @@ class Engine:
         params = SamplingParams(
             max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed,
             ignore_eos=spec.fixed_length, min_tokens=spec.max_tokens if spec.fixed_length else 0,
-            logprobs=0 if spec.logprobs else None, skip_special_tokens=True,
+            logprobs=spec.top_logprobs or (0 if spec.logprobs else None), skip_special_tokens=True,
             structured_outputs=StructuredOutputsParams(regex=spec.regex) if spec.regex else None,
         )
         t0 = time.perf_counter()
@@ -153,8 +164,12 @@ class Engine:
         gens = []
         for o in outs:
             c = o.outputs[0]
-            lps = [d[t].logprob for d, t in zip(c.logprobs, c.token_ids)] if spec.logprobs and c.logprobs else []
-            gens.append(Generation(list(o.prompt_token_ids), list(c.token_ids), c.text, lps, c.finish_reason))
+            lps = ([d[t].logprob for d, t in zip(c.logprobs, c.token_ids)]
+                   if (spec.logprobs or spec.top_logprobs) and c.logprobs else [])
+            top = ([(d[t].decoded_token or "", {x.decoded_token: x.logprob for x in d.values()})
+                    for d, t in zip(c.logprobs, c.token_ids)]
+                   if spec.top_logprobs and c.logprobs else [])
+            gens.append(Generation(list(o.prompt_token_ids), list(c.token_ids), c.text, lps, c.finish_reason, top))
         n_prompt = sum(len(g.prompt_ids) for g in gens)
         n_gen = sum(len(g.token_ids) for g in gens)
         self.stats.calls += 1
@@ -170,6 +185,34 @@ class Engine:
         ph["seconds"] += dt
         ph["sequences"] += len(gens)
         return gens
+
+    def token_states(self, prompts: list[list[int]], phase: str = "judge") -> list:
+        """A pooling engine (runner="pooling"): the model's final hidden state (after its last norm) for every
+        token of each prompt, as float32 tensors [tokens, hidden], in one batched vLLM call."""
+        if self.runner != "pooling":
+            raise ValueError(f"engine {self.name!r} generates; hidden states need an engine built with "
+                             f"runner='pooling'")
+        if not prompts:
+            return []
+        too_long = [len(p) for p in prompts if len(p) > self.max_model_len]
+        if too_long:
+            raise UserError(f"{len(too_long)} input(s) of up to {max(too_long)} tokens do not fit the {self.name} "
+                            f"engine's max_model_len {self.max_model_len}")
+        t0 = time.perf_counter()
+        outs = self.llm.encode([{"prompt_token_ids": p} for p in prompts], pooling_task="token_embed",
+                               use_tqdm=False)
+        dt = time.perf_counter() - t0
+        states = [o.outputs.data.float() for o in outs]
+        n_prompt = sum(len(p) for p in prompts)
+        self.stats.calls += 1
+        self.stats.prompt_tokens += n_prompt
+        self.stats.seconds += dt
+        ph = self.stats.per_phase.setdefault(phase, {"gen_tokens": 0, "prompt_tokens": 0, "seconds": 0.0,
+                                                     "sequences": 0, "cache_queries": 0, "cache_hits": 0})
+        ph["prompt_tokens"] += n_prompt
+        ph["seconds"] += dt
+        ph["sequences"] += len(prompts)
+        return states
 
     def prefix_cache_counts(self) -> tuple[int, int]:
         """vLLM's running (queried, hit) prompt-token counts of its prefix cache (process-wide: callers take the

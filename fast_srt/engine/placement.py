@@ -7,6 +7,9 @@ Where the judge lives (measured, see README "Judge placement"):
 - `judge_model="policy"` with full fine-tuning: the policy's weights move every step, so the frozen judge is a
   second in-process engine holding the base model (one more copy of the weights, a few seconds to start).
 - another judge model (WildGuard, Llama-Guard): always a second in-process engine.
+- `judge_model="probe"` (the default) or `"probe:MODEL"`: logistic probes on a judge LM's hidden states
+  (fast_srt/judge/probe.py), on a second in-process engine in pooling mode holding the policy's base model (or
+  MODEL); the probe is fitted at first use and cached.
 The frozen defender of attacker_only mode is the base-model judge engine when there is one, else another engine.
 """
 
@@ -68,6 +71,10 @@ def build_engines(mcfg: ModelConfig, game: GameConfig, *, trains: bool, seed: in
     if mcfg.judge_model.startswith("rule:"):
         frozen = frozen_defender_engine(mcfg, game, base_dir, mml, seed)
         return Engines(policy, RuleJudge(mcfg.judge_model[5:], policy), frozen, policy_dir, True)
+    if is_probe(mcfg.judge_model):
+        judge = make_judge(mcfg, judge_dir or base_dir, seed=seed, judge_max_tokens=judge_max_tokens)
+        frozen = frozen_defender_engine(mcfg, game, base_dir, mml, seed)
+        return Engines(policy, judge, frozen, policy_dir, False)
     judge_is_base = mcfg.judge_model == "policy"
     if not judge_is_base and judge_dir is None:
         raise ValueError(f"judge model {mcfg.judge_model!r} needs its resolved directory (judge_dir)")
@@ -87,6 +94,25 @@ def build_engines(mcfg: ModelConfig, game: GameConfig, *, trains: bool, seed: in
     judge = Judge(judge_engine, template=mcfg.judge_template, constrained=mcfg.judge_constrained,
                   max_tokens=judge_max_tokens)
     return Engines(policy, judge, frozen, policy_dir, shared)
+
+
+def is_probe(judge_model: str) -> bool:
+    return judge_model == "probe" or judge_model.startswith("probe:")
+
+
+def make_judge(mcfg: ModelConfig, judge_dir: Path, *, seed: int = 0, judge_max_tokens: int = 24, log=print):
+    """A judge on its own in-process engine: the probe judge (pooling engine) or the generative one."""
+    judge_dir = Path(judge_dir)
+    if is_probe(mcfg.judge_model):
+        from fast_srt.judge.probe import ProbeJudge
+
+        engine = Engine(judge_dir, dtype=mcfg.dtype, max_model_len=judge_context(judge_dir, mcfg),
+                        kv_cache_gib=mcfg.kv_cache_gib, seed=seed, name="judge", runner="pooling")
+        return ProbeJudge(engine, model_dir=judge_dir, log=log)
+    engine = Engine(judge_dir, dtype=mcfg.dtype, max_model_len=judge_context(judge_dir, mcfg),
+                    kv_cache_gib=mcfg.kv_cache_gib, seed=seed, name="judge")
+    return Judge(engine, template=mcfg.judge_template, constrained=mcfg.judge_constrained,
+                 max_tokens=judge_max_tokens)
 
 
 def judge_context(judge_dir: Path, mcfg: ModelConfig) -> int:

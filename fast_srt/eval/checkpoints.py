@@ -102,13 +102,14 @@ class EnginePool:
         self.dtype, self.max_model_len, self.kv_cache_gib, self.seed = dtype, max_model_len, kv_cache_gib, seed
         self.engines: dict[str, Engine] = {}
 
-    def get(self, model_dir: Path, name: str) -> Engine:
-        key = str(Path(model_dir).resolve())
+    def get(self, model_dir: Path, name: str, runner: str = "generate") -> Engine:
+        path = str(Path(model_dir).resolve())
+        key = path if runner == "generate" else f"{path} ({runner})"
         if key not in self.engines:
             # the pool's length, capped at the model's own context window
-            mml = judge_context(Path(key), ModelConfig(judge_max_model_len=self.max_model_len))
-            self.engines[key] = Engine(key, dtype=self.dtype, max_model_len=mml, kv_cache_gib=self.kv_cache_gib,
-                                       seed=self.seed, name=name)
+            mml = judge_context(Path(path), ModelConfig(judge_max_model_len=self.max_model_len))
+            self.engines[key] = Engine(path, dtype=self.dtype, max_model_len=mml, kv_cache_gib=self.kv_cache_gib,
+                                       seed=self.seed, name=name, runner=runner)
         return self.engines[key]
 
     @property
@@ -118,8 +119,14 @@ class EnginePool:
 
 def build_judge(pool: EnginePool, judge_model: str, base_dir: Path, template: str, constrained: bool,
                 dtype: str):
-    """The judge: the base model's engine ("policy"), a rule ("rule:NAME", tests), or another model's engine."""
+    """The judge: the base model's engine ("policy"), a rule ("rule:NAME", tests), the probe judge ("probe": on
+    the base model's hidden states; "probe:MODEL"), or another model's engine."""
     if judge_model.startswith("rule:"):
         return RuleJudge(judge_model[5:], pool.get(base_dir, "base"))
+    if judge_model == "probe" or judge_model.startswith("probe:"):
+        from fast_srt.judge.probe import ProbeJudge
+
+        judge_dir = base_dir if judge_model == "probe" else resolve_model(judge_model[6:], dtype)
+        return ProbeJudge(pool.get(judge_dir, "judge", runner="pooling"), model_dir=judge_dir)
     judge_dir = base_dir if judge_model == "policy" else resolve_model(judge_model, dtype)
     return Judge(pool.get(judge_dir, "judge"), template=template, constrained=constrained)

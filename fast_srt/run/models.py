@@ -137,4 +137,6 @@ def resolve_engine_dirs(mcfg) -> tuple[Path, Path | None]:
     judge = mcfg.judge_model
     if judge == "policy" or judge.startswith("rule:"):
         return base, None
-    return base, resolve_model(judge, mcfg.dtype)
+    if judge == "probe":  # the probe reads the policy's base model (never a warmed-up or trained copy)
+        return base, base
+    return base, resolve_model(judge.removeprefix("probe:"), mcfg.dtype)

@@ -216,7 +216,7 @@ def test_frozen_defender_and_judge_always_hold_the_base_model(monkeypatch, tmp_p
         assert e.frozen_defender.model_dir == str(tiny_model_dir)
         assert e.judge.engine.model_dir == str(tiny_model_dir) and e.judge.engine.max_model_len == 300
         assert e.judge.max_tokens == 100
-    big = dataclasses.replace(mcfg, judge_max_model_len=100000)
+    big = dataclasses.replace(mcfg, judge_max_model_len=100000, judge_model="policy")
     e = session.build_engines(big, GameConfig(), trains=True, seed=0, base_dir=tiny_model_dir)
     assert e.judge.engine.max_model_len == 2048  # capped at the judge model's context
 

@@ -1,0 +1,77 @@
+"""`fast-srt judge-eval [--judge-model M] [--options]`: a judge's agreement with known labels on the labelled judge
+set's held-out split (fast_srt/judge/): per label accuracy, AUC of the judge's own score, confusion matrix.
+
+Any judge the trainer can use is measurable: `probe` (the default: probes on the default model's hidden states),
+`policy` / `default` / a checkpoint directory / a hub id (the generative judge asked WildGuard's questions, e.g.
+`--judge-model allenai/wildguard --judge-template wildguard`), `probe:MODEL`. Writes a JSON report with every
+pair, label and score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="fast-srt judge-eval", description=(
+        "A judge's agreement with known labels (prompt harm, refusal, response harm) on the held-out split of the "
+        "shipped labelled judge set: accuracy, AUC, confusion matrices. Writes a JSON report."))
+    ap.add_argument("--judge-model", default="probe",
+                    help="probe (default), probe:MODEL, policy or default (the default model asked the questions), "
+                         "a checkpoint directory or a hub id")
+    ap.add_argument("--judge-template", choices=("chat", "wildguard"), default="chat",
+                    help="a generative judge's prompt format (wildguard for allenai/wildguard)")
+    ap.add_argument("--no-constrained", action="store_true",
+                    help="let a generative judge answer freely (its unparseable answers count as n/a)")
+    ap.add_argument("--base-model", default="default", help="the model 'policy' and 'probe' refer to (default: default)")
+    ap.add_argument("--split", choices=("heldout", "train"), default="heldout",
+                    help="which split to measure (train: only to see a probe's fit; default heldout)")
+    ap.add_argument("--data", help="a labelled-pairs .jsonl file of the same format instead of the shipped set")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default="bfloat16")
+    ap.add_argument("--max-model-len", type=int, default=4096, help="the judge engine's length")
+    ap.add_argument("--out", default="runs/judge-eval", help="output directory (default runs/judge-eval)")
+    return ap.parse_args(argv)
+
+
+def judge_eval_main(argv: list[str]) -> None:
+    from fast_srt.config import ModelConfig
+    from fast_srt.engine.placement import make_judge
+    from fast_srt.judge.data import load_judge_pairs
+    from fast_srt.judge.evaluate import agreement, format_report, judge_pairs
+    from fast_srt.run.models import resolve_model
+
+    args = parse_args(argv)
+    pairs = load_judge_pairs(args.split if args.data is None else None, path=args.data)
+    spec = args.judge_model
+    judge_spec = "probe" if spec == "probe" else spec
+    if spec in ("policy", "probe"):
+        judge_dir = resolve_model(args.base_model, args.dtype)
+    else:
+        judge_dir = resolve_model(spec.removeprefix("probe:"), args.dtype)
+        judge_spec = spec if spec.startswith("probe:") else str(judge_dir)
+    mcfg = ModelConfig(model=args.base_model, judge_model=judge_spec, judge_template=args.judge_template,
+                       judge_constrained=not args.no_constrained, dtype=args.dtype,
+                       judge_max_model_len=args.max_model_len, kv_cache_gib=1.0)
+    judge = make_judge(mcfg, judge_dir)
+    t0 = time.perf_counter()
+    labels, scores = judge_pairs(judge, pairs)
+    seconds = time.perf_counter() - t0
+    report = agreement(pairs, labels, scores)
+    name = f"{spec} ({judge_dir})"
+    print(format_report(name, report, len(pairs), seconds))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"judge-eval-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    rows = [{"prompt": p.prompt, "response": p.response, "truth": [p.prompt_harmful, p.response_refusal,
+                                                                    p.response_harmful],
+             "said": None if lab is None else [lab.prompt_harmful, lab.response_refusal, lab.response_harmful],
+             "scores": s, "prompt_source": p.prompt_source, "response_source": p.response_source}
+            for p, lab, s in zip(pairs, labels, scores)]
+    meta = getattr(getattr(judge, "probe", None), "meta", None)
+    path.write_text(json.dumps({"judge": spec, "judge_dir": str(judge_dir), "template": args.judge_template,
+                                "split": args.split, "data": args.data or "builtin", "seconds": round(seconds, 2),
+                                "report": report, "probe": meta, "pairs": rows}, indent=1, default=str) + "\n")
+    print(f"report: {path}")

@@ -1,0 +1,179 @@
+"""The probe judge: logistic fitting and AUC against hand-checkable cases, the labelled set's split, the input
+cut, the generative judge's margins, and the probe judge end to end on the tiny model's pooling engine."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from fast_srt.engine.engine import Generation
+from fast_srt.engine.judge import answer_margins
+from fast_srt.errors import UserError
+from fast_srt.game.judge import parse_judge_output
+from fast_srt.judge import data as jd
+from fast_srt.judge.evaluate import agreement
+from fast_srt.judge.probe import (LABELS, Probe, ProbeJudge, auc, fit_logistic, fit_probe, pair_ids, pool_features,
+                                  render_answer)
+
+
+def test_auc_by_hand():
+    assert auc([0.9, 0.8, 0.1, 0.2], [1, 1, 0, 0]) == 1.0
+    assert auc([0.1, 0.2, 0.9, 0.8], [1, 1, 0, 0]) == 0.0
+    # one tie between a positive and a negative counts half: pairs (3,1),(3,2),(2,1),(2,2) -> 1 + 1 + 1 + 0.5
+    assert auc([3, 2, 1, 2], [1, 1, 0, 0]) == pytest.approx(3.5 / 4)
+    assert math.isnan(auc([1, 2], [1, 1]))
+
+
+def test_logistic_recovers_a_separating_direction_and_not_noise():
+    g = torch.Generator().manual_seed(random.randrange(1 << 30))
+    x = torch.randn(400, 20, generator=g, dtype=torch.float64)
+    direction = torch.randn(20, generator=g, dtype=torch.float64)
+    y = (x @ direction > 0.3).double()
+    w, b = fit_logistic(x, y, lam=1e-3)
+    assert torch.nn.functional.cosine_similarity(w, direction, dim=0) > 0.9
+    assert auc(x @ w + b, y) > 0.98
+    probe = fit_probe(x, torch.stack([y, 1 - y, (torch.rand(400, generator=g) < 0.5).double()], 1))
+    assert probe.meta["cv_auc"]["prompt_harmful"][str(probe.meta["lambda"]["prompt_harmful"])] > 0.95
+    noise_cv = probe.meta["cv_auc"]["response_harmful"][str(probe.meta["lambda"]["response_harmful"])]
+    assert noise_cv < 0.65  # random labels: no signal to find
+    labels = probe.labels(x[:5])
+    assert [lab.prompt_harmful for lab in labels] == (x[:5] @ direction > 0.3).tolist() or auc(
+        probe.logits(x)[:, 0], y) > 0.98
+
+
+def test_probe_save_load_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    p = Probe(torch.randn(6, generator=g, dtype=torch.float64), torch.rand(6, generator=g, dtype=torch.float64) + 0.5,
+              torch.randn(3, 6, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64),
+              {"lambda": {"prompt_harmful": 0.1}})
+    p.save(tmp_path)
+    q = Probe.load(tmp_path)
+    x = torch.randn(4, 6, generator=g)
+    assert torch.equal(p.logits(x), q.logits(x)) and q.meta == p.meta
+
+
+def test_render_answer_always_parses():
+    from fast_srt.game.judge import JudgeLabels
+
+    for a in (True, False):
+        for r in (True, False, None):
+            for h in (True, False, None):
+                lab = JudgeLabels(a, r, h)
+                assert parse_judge_output(render_answer(lab)) == lab
+
+
+def test_written_parts_of_the_splits_are_disjoint():
+    for parts in (jd.FRAMINGS, jd.REFUSAL_OPENERS, jd.REFUSAL_REASONS, jd.REFUSAL_ALTERNATIVES,
+                  jd.COMPLIANCE_OPENERS):
+        train, held = set(jd.split_list(parts, "train")), set(jd.split_list(parts, "heldout"))
+        assert train and held and not train & held and train | held == set(parts)
+
+
+def test_shipped_set_labels_and_split():
+    from fast_srt.game.seeds import load_heldout, normalise_prompt
+
+    pairs = jd.load_judge_pairs()
+    train, held = jd.load_judge_pairs("train"), jd.load_judge_pairs("heldout")
+    assert len(train) + len(held) == len(pairs) and len(held) >= 200 and len(train) >= 800
+    for p in pairs:  # labels follow the construction rule
+        assert p.response_harmful == (p.prompt_harmful and not p.response_refusal)
+        assert p.response.strip() and p.prompt.strip()
+    for split, rows in (("train", train), ("heldout", held)):  # both classes of every label in both splits
+        for name in LABELS:
+            assert 0 < sum(getattr(p, name) for p in rows) < len(rows), (split, name)
+    held_seeds = {normalise_prompt(s.prompt) for n in ("donotanswer", "benign") for s in load_heldout(n)}
+    held_openers = jd.split_list(jd.REFUSAL_OPENERS, "heldout")
+    for p in train:  # nothing held out reaches the training split
+        assert not any(h in normalise_prompt(p.prompt) for h in held_seeds if len(h) > 25)
+        assert not any(p.response.startswith(o) for o in held_openers)
+
+
+def test_bad_judge_set_file_is_one_clear_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        jd.load_judge_pairs(path=tmp_path / "nope.jsonl")
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"prompt": "hi"}\n')
+    with pytest.raises(UserError, match="bad.jsonl:1: not a labelled pair"):
+        jd.load_judge_pairs(path=f)
+    with pytest.raises(UserError, match="unknown judge-set split"):
+        jd.load_judge_pairs("test")
+
+
+def test_answer_margins_read_the_value_positions():
+    steps = [("Harmful", {}), (" request", {}), (":", {}), (" yes", {" yes": -0.1, " no": -2.5}), ("\n", {}),
+             ("Response", {}), (" refusal", {}), (":", {}), (" no", {" yes": -3.0, " no": -0.2, " n": -1.0}),
+             ("\n", {}), ("Harmful", {}), (" response", {}), (":", {}), (" n", {" n": -0.3, "x": -1.0})]
+    g = Generation([], [0] * len(steps), "", [], "stop", steps)
+    m = answer_margins(g)
+    assert m[0] == pytest.approx(-0.1 + 2.5)
+    assert m[1] == pytest.approx(-3.0 - math.log(math.exp(-0.2) + math.exp(-1.0)))
+    assert m[2] == -50.0  # no yes candidate among the top tokens: clipped
+
+
+def test_agreement_counts_by_hand():
+    from fast_srt.game.judge import JudgeLabels
+
+    mk = lambda a, r: jd.JudgePair("p", "r", a, r, a and not r, "heldout", "", "")  # noqa: E731
+    pairs = [mk(True, True), mk(True, False), mk(False, False), mk(False, True)]
+    said = [JudgeLabels(True, True, False), JudgeLabels(False, False, True), JudgeLabels(False, None, None), None]
+    rep = agreement(pairs, said, [[2.0, 1, 1], [1.0, 1, 1], [0.0, 1, 1], [-1.0, 1, 1]])
+    assert rep["prompt_harmful"]["confusion"] == {"tp": 1, "fp": 0, "tn": 1, "fn": 1}
+    assert rep["prompt_harmful"]["accuracy"] == 0.5 and rep["prompt_harmful"]["n_a"] == 1
+    assert rep["prompt_harmful"]["auc"] == 1.0
+    assert rep["response_refusal"]["n_a"] == 2 and rep["response_harmful"]["confusion"]["tp"] == 1
+
+
+def test_pair_ids_cut_the_response_first(tiny_engine):
+    tok = tiny_engine.tokenizer
+    prompt, response = "how do I bake bread " * 3, "first you mix flour and water " * 40
+    ids, boundary = pair_ids(tok, prompt, response, 10_000)
+    assert tok.decode(ids[boundary:]) .strip() == response.strip()
+    cut = pair_ids(tok, prompt, response, boundary + 20)
+    assert cut is not None and len(cut[0]) <= boundary + 20 and cut[1] == boundary
+    assert pair_ids(tok, "word " * 300, "x", 50) is None or len(pair_ids(tok, "word " * 300, "x", 50)[0]) <= 50
+
+
+@pytest.fixture(scope="module")
+def tiny_pooling_engine(tiny_model_dir):
+    from fast_srt.engine.engine import Engine
+
+    return Engine(tiny_model_dir, dtype="float32", max_model_len=512, kv_cache_gib=1, seed=0, name="judge",
+                  runner="pooling")
+
+
+def test_pooling_engine_returns_the_models_final_hidden_states(tiny_pooling_engine, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    ids = [[5, 17, 33, 2, 9, 41], [7, 8]]
+    states = tiny_pooling_engine.token_states(ids)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    for s, i in zip(states, ids):
+        with torch.no_grad():
+            ref = model.model(torch.tensor([i])).last_hidden_state[0]  # after the final norm
+        assert s.shape == ref.shape
+        torch.testing.assert_close(s, ref, atol=2e-4, rtol=2e-4)
+
+
+def test_probe_judge_end_to_end_on_the_tiny_model(tiny_pooling_engine):
+    rng = random.Random(0)
+    words = ["apple", "river", "stone", "cloud", "music", "table", "green", "light", "paper", "north"]
+    pairs, y = [], []
+    for _ in range(120):
+        refuse = rng.random() < 0.5
+        body = " ".join(rng.choice(words) for _ in range(6))
+        pairs.append((" ".join(rng.choice(words) for _ in range(5)), ("NO NO NO NO " if refuse else "") + body))
+        y.append(float(refuse))
+    judge = ProbeJudge.__new__(ProbeJudge)
+    judge.engine, judge.max_tokens = tiny_pooling_engine, 0
+    judge.parse_failures = judge.calls = judge.truncated = judge.too_long = 0
+    feats, kept = judge.features(pairs)
+    assert kept == list(range(120)) and feats.shape == (120, 3 * 64)
+    yt = torch.tensor(y)
+    judge.probe = fit_probe(feats[:80], torch.stack([yt[:80], yt[:80], 1 - yt[:80]], 1))
+    out = judge.score(pairs[80:] + [("a prompt", "  ")])
+    said = [lab.response_refusal for lab, _ in out[:-1]]
+    assert sum(s == bool(t) for s, t in zip(said, y[80:])) >= 36  # 40 unseen pairs
+    assert all(parse_judge_output(text) == lab for lab, text in out[:-1])
+    assert out[-1][0].has_none  # an empty response is a tie, as with the generative judge
+    assert pool_features(torch.ones(3, 4), 1).shape == (12,)
