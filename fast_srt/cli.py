@@ -1,5 +1,5 @@
-"""`fast-srt` command line: dispatches to one module of `fast_srt.commands` per command (train, play, eval, plot,
-plan, bench); nothing imports this module.
+"""`fast-srt` command line: dispatches to one module of `fast_srt.commands` per command (train, play, eval,
+judge-eval, plot, plan, bench); nothing imports this module.
 
 Bad input (UserError) is printed as one line and exits with code 2, without a traceback.
 """
@@ -12,7 +12,7 @@ import sys
 from fast_srt.engine.engine import QUIET_ENV
 from fast_srt.errors import UserError
 
-USAGE = """usage: fast-srt {train,play,eval,plot,plan,bench} [--help] [--verbose] [options]
+USAGE = """usage: fast-srt {train,play,eval,judge-eval,plot,plan,bench} [--help] [--verbose] [options]
 
   train [PRESET] [--options]   self-play RL training (the main job); `fast-srt train --help` lists presets
   play [--options]             play one batch of real games and print them side by side
@@ -20,6 +20,8 @@ USAGE = """usage: fast-srt {train,play,eval,plot,plan,bench} [--help] [--verbose
                                safety (attack success, refusal, over-refusal) and attack diversity on held-out sets
   plan [PRESET] [--budget-gib G] [--device cuda|cpu] [train options]
                                the memory plan phase by phase: does it fit, what to change if not
+  judge-eval [--judge-model M] [--options]
+                               a judge's agreement with known labels: accuracy, AUC, confusion matrices
   plot RUN_DIR [--out DIR]     a run's metrics as PNG curves (rewards, format, outcomes, policy, sampler, time)
   bench [PRESET] [--bench-steps N] [--out PATH] [train options]
                                time whole steps of a fixed workload: seconds, tokens, FLOPs per phase
@@ -70,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
             from fast_srt.commands.plan import plan_main
 
             plan_main(rest)
+        elif cmd == "judge-eval":
+            from fast_srt.commands.judge_eval import judge_eval_main
+
+            judge_eval_main(rest)
         elif cmd == "plot":
             from fast_srt.commands.plot import plot_main
 

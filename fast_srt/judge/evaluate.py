@@ -18,14 +18,15 @@ from fast_srt.judge.probe import auc
 def judge_pairs(judge, pairs: list[JudgePair]) -> tuple[list, list[list[float]]]:
     """(labels per pair, three scores per pair: nan where the judge has none)."""
     query = [(p.prompt, p.response) for p in pairs]
-    if hasattr(judge, "logits"):  # the probe judge
+    if hasattr(judge, "logits"):  # the probe judge: its logits are its scores, their signs its labels
+        from fast_srt.game.judge import JudgeLabels
+
         logits, kept = judge.logits(query)
         scores = [[math.nan] * 3 for _ in pairs]
-        labels = [None] * len(pairs)
+        labels: list = [None] * len(pairs)
         for j, row in zip(kept, logits.tolist()):
             scores[j] = row
-        for (lab, _), i in zip(judge.score(query), range(len(pairs))):
-            labels[i] = lab
+            labels[j] = JudgeLabels(row[0] > 0, row[1] > 0, row[2] > 0)
         return labels, scores
     if hasattr(judge, "score_with_margins"):
         out = judge.score_with_margins(query)

@@ -312,8 +312,10 @@ def plan_input_from_config(cfg, *, device: str, budget_gib: float, policy: str |
     m = cfg.model
     policy_shape = resolve_shape(policy or m.model)
     judge_shape = None
-    if m.judge_model not in ("policy",) and not m.judge_model.startswith("rule:"):
-        judge_shape = resolve_shape(judge or m.judge_model)
+    if m.judge_model == "probe":  # a pooling engine holding the policy's base model (another copy of its weights)
+        judge_shape = resolve_shape(judge) if judge else policy_shape
+    elif m.judge_model not in ("policy",) and not m.judge_model.startswith("rule:"):
+        judge_shape = resolve_shape(judge or m.judge_model.removeprefix("probe:"))
     b = 4 if m.dtype == "float32" else 2
     kv = m.kv_cache_gib
     return PlanInput(policy=policy_shape, judge=judge_shape, lora_rank=cfg.lora_rank, dtype_bytes=b,
