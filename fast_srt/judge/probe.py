@@ -210,35 +210,56 @@ def probe_key(model_dir: Path) -> str:
 
 
 def ensure_probe(judge: "ProbeJudge", model_dir: Path, log=print) -> Probe:
-    """The cached probe for this model and labelled set, or fit it now (features of the training split through
-    the judge's own engine) and cache it atomically."""
-    from fast_srt.judge.data import load_judge_pairs
+    """The probe for this model and labelled set: cached here, or shipped with the package (the default model's,
+    `fast_srt/data/judge/probes/`, rebuilt by `python -m fast_srt.judge.probe`), else fitted now (features of the
+    training split through the judge's own engine) and cached atomically."""
     from fast_srt.run.models import cache_dir
 
-    target = cache_dir() / f"judge-probe-{probe_key(model_dir)}"
-    if (target / META_FILE).is_file() and (target / PROBE_FILE).is_file():
-        return Probe.load(target)
+    key = probe_key(model_dir)
+    target = cache_dir() / f"judge-probe-{key}"
+    for d in (target, shipped_probe_dir(key)):  # fitted here before, or shipped for this exact model and set
+        if (d / META_FILE).is_file() and (d / PROBE_FILE).is_file():
+            return Probe.load(d)
+    probe = fit_from_judge_set(judge, model_dir)
+    _save_atomic(probe, target)
+    cv = ", ".join(f"{k} {max(v.values()):.3f}" for k, v in probe.meta["cv_auc"].items())
+    log(f"[fast_srt] judge probe fitted on {probe.meta['n_train']} labelled pairs in {probe.meta['seconds']:.0f}s "
+        f"(cross-validated AUC: {cv}) -> {target} (done once)")
+    return probe
+
+
+def shipped_probe_dir(key: str):
+    return Path(str(resources.files("fast_srt.data").joinpath("judge", "probes"))) / key
+
+
+def fit_from_judge_set(judge: "ProbeJudge", model_dir: Path) -> Probe:
+    """Fit a probe on the training split's features through the judge's own engine."""
+    from fast_srt.judge.data import load_judge_pairs
+
     t0 = time.perf_counter()
     pairs = load_judge_pairs("train")
     feats, kept = judge.features([(p.prompt, p.response) for p in pairs])
     targets = torch.tensor([[float(getattr(pairs[i], name)) for name in LABELS] for i in kept])
     probe = fit_probe(feats, targets)
-    probe.meta.update(model_dir=str(model_dir), seconds=round(time.perf_counter() - t0, 1), version=PROBE_VERSION)
+    probe.meta.update(model_dir=str(model_dir), seconds=round(time.perf_counter() - t0, 1), version=PROBE_VERSION,
+                      model_fingerprint=model_fingerprint(model_dir)[:16])
+    return probe
+
+
+def _save_atomic(probe: Probe, target: Path) -> None:
+    """Write into a temporary directory beside the target, then rename: never a half-written probe."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
         probe.save(tmp)
         try:
-            os.replace(tmp, target) if not target.exists() else None
+            if not target.exists():
+                os.replace(tmp, target)
         except OSError:
-            if not (target / META_FILE).is_file():
+            if not (target / META_FILE).is_file():  # another process finished first: keep its copy
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    cv = ", ".join(f"{k} {max(v.values()):.3f}" for k, v in probe.meta["cv_auc"].items())
-    log(f"[fast_srt] judge probe fitted on {len(kept)} labelled pairs in {probe.meta['seconds']:.0f}s "
-        f"(cross-validated AUC: {cv}) -> {target} (done once)")
-    return probe
 
 
 # ------------------------------------------------------------------------------------------------ the judge
@@ -299,3 +320,25 @@ class ProbeJudge:
 def check_probe_model(model_dir: Path) -> None:
     if not (Path(model_dir) / "config.json").is_file():
         raise UserError(f"the probe judge needs a checkpoint directory; {model_dir} has no config.json")
+
+
+def main() -> None:  # python -m fast_srt.judge.probe: refit the default model's probe and ship it in the package
+    from fast_srt.config import ModelConfig
+    from fast_srt.engine.engine import Engine
+    from fast_srt.engine.placement import judge_context
+    from fast_srt.run.models import ensure_default_model
+
+    model_dir = ensure_default_model("bfloat16")
+    engine = Engine(model_dir, dtype="bfloat16", max_model_len=judge_context(model_dir, ModelConfig()),
+                    kv_cache_gib=1.0, name="judge", runner="pooling")
+    judge = ProbeJudge(engine, probe=Probe(torch.zeros(1), torch.ones(1), torch.zeros(3, 1), torch.zeros(3)))
+    probe = fit_from_judge_set(judge, model_dir)
+    target = shipped_probe_dir(probe_key(model_dir))
+    if target.exists():
+        shutil.rmtree(target)
+    _save_atomic(probe, target)
+    print(f"fitted in {probe.meta['seconds']}s, cross-validated AUC {probe.meta['cv_auc']}: {target}")
+
+
+if __name__ == "__main__":
+    main()

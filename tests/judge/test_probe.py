@@ -177,3 +177,28 @@ def test_probe_judge_end_to_end_on_the_tiny_model(tiny_pooling_engine):
     assert all(parse_judge_output(text) == lab for lab, text in out[:-1])
     assert out[-1][0].has_none  # an empty response is a tie, as with the generative judge
     assert pool_features(torch.ones(3, 4), 1).shape == (12,)
+
+
+def test_probe_is_fitted_once_then_cached(tiny_pooling_engine, tiny_model_dir, tmp_path, monkeypatch):
+    """First use fits on the labelled set's training split and caches atomically; the second use loads the cache
+    (fitting again would raise); a shipped probe for another model is never picked up."""
+    from fast_srt.judge import probe as P
+
+    monkeypatch.setenv("FAST_SRT_CACHE", str(tmp_path))
+    subset = jd.load_judge_pairs("train")[::8]  # every 8th training pair keeps the test short
+    monkeypatch.setattr(jd, "load_judge_pairs", lambda split=None, path=None: subset)
+    lines = []
+    judge = ProbeJudge(tiny_pooling_engine, model_dir=tiny_model_dir, log=lines.append)
+    assert len(lines) == 1 and "fitted on" in lines[0]
+    assert judge.probe.meta["n_train"] == len(subset)
+    cached = list(tmp_path.glob("judge-probe-*"))
+    assert len(cached) == 1 and not list(tmp_path.glob("*.tmp-*"))
+
+    def no_fit(*a, **k):
+        raise AssertionError("fitted again")
+
+    monkeypatch.setattr(P, "fit_from_judge_set", no_fit)
+    again = ProbeJudge(tiny_pooling_engine, model_dir=tiny_model_dir, log=lines.append)
+    assert torch.equal(again.probe.w, judge.probe.w) and len(lines) == 1
+    assert P.probe_key(tiny_model_dir) == cached[0].name.removeprefix("judge-probe-")
+    assert not P.shipped_probe_dir(P.probe_key(tiny_model_dir)).exists()
