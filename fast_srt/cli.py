@@ -12,9 +12,12 @@ import sys
 from fast_srt.engine.engine import QUIET_ENV
 from fast_srt.errors import UserError
 
-USAGE = """usage: fast-srt {train,play,eval,judge-eval,plot,plan,bench} [--help] [--verbose] [options]
+USAGE = """usage: fast-srt {train,sft,play,eval,judge-eval,plot,plan,bench} [--help] [--verbose] [options]
 
   train [PRESET] [--options]   self-play RL training (the main job); `fast-srt train --help` lists presets
+  sft [PRESET] [--format-prompts N] [--format-temperatures T,...] [--warmup.* options]
+                               only the format warm-up: train (or reuse) it, print where it is cached and how
+                               often each role keeps the <think>/<answer> format afterwards
   play [--options]             play one batch of real games and print them side by side
   eval CHECKPOINT [--compare BASELINE] [--options]
                                safety (attack success, refusal, over-refusal) and attack diversity on held-out sets
@@ -80,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             from fast_srt.commands.plot import plot_main
 
             plot_main(rest)
+        elif cmd == "sft":
+            from fast_srt.commands.sft import sft_main
+
+            sft_main(rest)
         elif cmd == "train":
             from fast_srt.commands.train import train_main
 

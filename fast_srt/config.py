@@ -168,6 +168,31 @@ class OptimConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class WarmupConfig:
+    steps: int = 0
+    """Format warm-up before RL: optimizer steps of plain SFT on the defender and attacker CoT sets
+    (fast_srt.learner.warmup); the warmed checkpoint, cached under ~/.cache/fast_srt, becomes the policy's base
+    model (RL start and KL reference). 0 turns it off."""
+    lr: float = 1e-4
+    """Peak learning rate of the warm-up (AdamW; linear warm-up over 10% of the steps, cosine to 0.1 x lr)."""
+    batch_size: int = 8
+    """SFT samples per warm-up step (drawn from both sets, shuffled)."""
+    seed: int = 0
+    """Seed of the warm-up's data order and torch."""
+    defender_data: str = "builtin"
+    """Defender CoT SFT data: 'builtin' (fast_srt/data/sft/cot_sft.jsonl) or a JSONL file of {"prompt",
+    "response"} with optional "thinking"."""
+    attacker_data: str = "builtin"
+    """Attacker CoT SFT data: 'builtin' (fast_srt/data/sft/attacker_cot_sft.jsonl) or a JSONL file of {"seed",
+    "kind", "thinking", "revision"}."""
+
+    def __post_init__(self):
+        _require(self.steps >= 0, f"warmup.steps must be >= 0 (0 turns the warm-up off), got {self.steps}")
+        _require(self.lr > 0, f"warmup.lr must be > 0, got {self.lr}")
+        _require(self.batch_size >= 1, f"warmup.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Self-play RL training (Self-RedTeam) in one process."""
 
@@ -176,6 +201,7 @@ class TrainConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
     steps: int = 200
     """Self-play steps (rollout + update + weight sync each)."""
     run_dir: str = "runs/default"
@@ -217,6 +243,8 @@ class TrainConfig:
                  f"or drop --wandb-project")
         _require(self.game.cot or self.algo.sft_coef == 0,
                  "the no-CoT ablation (game.cot False) needs algo.sft_coef 0: the SFT targets are CoT-formatted")
+        _require(self.game.cot or self.warmup.steps == 0,
+                 "the no-CoT ablation (game.cot False) needs warmup.steps 0: the warm-up teaches the CoT format")
         _require(self.sampling.games_per_step % self.algo.samples_per_prompt == 0,
                  f"games_per_step ({self.sampling.games_per_step}) must be a multiple of samples_per_prompt "
                  f"({self.algo.samples_per_prompt})")
@@ -225,8 +253,10 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------------------------------
 # Presets: functions returning a TrainConfig. `fast-srt train PRESET --field value` overrides any field.
 
-def cpu_default() -> TrainConfig:
-    """The offline default: SmolLM2-135M-Instruct on CPU, a few minutes for a handful of steps."""
+def cpu_base() -> TrainConfig:
+    """The ablation presets' base: SmolLM2-135M-Instruct on CPU without the format warm-up and the auxiliary SFT
+    loss (48 new tokens, temperature 1). To give an ablation the default's warm start, add
+    `--warmup.steps 24 --sampling.max-new-tokens 128` (and `--algo.sft-coef 1` to keep the format)."""
     return TrainConfig(
         model=ModelConfig(model="default", dtype="bfloat16", max_model_len=1024, kv_cache_gib=1.0),
         sampling=SamplingConfig(games_per_step=8, max_new_tokens=48, judge_max_tokens=24),
@@ -234,6 +264,18 @@ def cpu_default() -> TrainConfig:
         optim=OptimConfig(lr=1e-6, updates_per_step=2, micro_batch_tokens=4096, warmup_ratio=0.0),
         steps=5, save_every=5, run_dir="runs/cpu_default", log_games=2,
     )
+
+
+def cpu_default() -> TrainConfig:
+    """The offline default: SmolLM2-135M-Instruct on CPU, a few minutes for a handful of steps. A format warm-up
+    (24 SFT steps, cached after the first run) teaches both roles the <think>/<answer> format and the auxiliary
+    SFT loss (1 sample per micro-step) keeps it; 128 new tokens leave room for it; temperature 0.8
+    (docs/measurements.md §8)."""
+    base = cpu_base()
+    return dataclasses.replace(
+        base, sampling=dataclasses.replace(base.sampling, max_new_tokens=128, temperature=0.8),
+        algo=dataclasses.replace(base.algo, sft_coef=1.0, sft_samples_per_micro_step=1),
+        warmup=WarmupConfig(steps=24, lr=1e-4, batch_size=8, seed=0))
 
 
 def llama8b_reference() -> TrainConfig:
@@ -255,35 +297,35 @@ def _ablation(base: TrainConfig, **game) -> TrainConfig:
 
 def attacker_only() -> TrainConfig:
     """Ablation: only the attacker trains, against a frozen base-model defender without CoT."""
-    return _ablation(cpu_default(), mode="attacker_only")
+    return _ablation(cpu_base(), mode="attacker_only")
 
 
 def defender_only() -> TrainConfig:
     """Ablation: every seed goes verbatim to the defender (static attacker = the data)."""
-    return _ablation(cpu_default(), mode="defender_only")
+    return _ablation(cpu_base(), mode="defender_only")
 
 
 def no_cot() -> TrainConfig:
     """Ablation: no hidden chain-of-thought, no format reward, no SFT."""
-    cfg = _ablation(cpu_default(), cot=False)
+    cfg = _ablation(cpu_base(), cot=False)
     return dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, sft_coef=0.0))
 
 
 def rl_with_sft() -> TrainConfig:
-    """The main method's auxiliary loss on the CPU default: self-play RL plus PTX-SFT (coefficient 1)."""
-    cpu = cpu_default()
+    """The main method's auxiliary loss on the CPU base: self-play RL plus PTX-SFT (coefficient 1)."""
+    cpu = cpu_base()
     return dataclasses.replace(cpu, algo=dataclasses.replace(cpu.algo, sft_coef=1.0, sft_samples_per_micro_step=2))
 
 
 def rl_only() -> TrainConfig:
-    """Ablation: RL without SFT (the CPU default already has sft_coef 0; explicit for the ablation table)."""
-    cpu = cpu_default()
+    """Ablation: RL without SFT (cpu_base has sft_coef 0 and no warm-up; explicit for the ablation table)."""
+    cpu = cpu_base()
     return dataclasses.replace(cpu, algo=dataclasses.replace(cpu.algo, sft_coef=0.0))
 
 
 def grpo() -> TrainConfig:
     """GRPO instead of REINFORCE++: 2 plays per seed, group-normalised rewards."""
-    cpu = cpu_default()
+    cpu = cpu_base()
     return dataclasses.replace(cpu, algo=dataclasses.replace(cpu.algo, estimator="grpo", samples_per_prompt=2))
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from fast_srt import faults
-from fast_srt.config import TrainConfig
+from fast_srt.config import TrainConfig, WarmupConfig
 from fast_srt.engine.engine import SamplingSpec
 from fast_srt.engine.placement import Engines, build_engines
 from fast_srt.engine.rollout import play_games
@@ -58,6 +58,7 @@ class Run:
     resumed: bool
     step_records: dict  # the checkpointed step's metrics and game lines (written again if a kill lost them)
     sampling: SamplingSpec
+    warmup_key: str | None = None  # the format warm-up the run started from (fast_srt.learner.warmup), if any
     probe: str = ""  # a fixed chat prompt, generated greedily after each weight write
     probe_text: str = ""
 
@@ -221,7 +222,9 @@ def check_resume_config(ckpt_dir: Path, cfg: TrainConfig) -> None:
     saved_path = Path(ckpt_dir) / RUN_CONFIG_FILE
     if not saved_path.is_file():
         raise UserError(f"checkpoint {ckpt_dir} has no {RUN_CONFIG_FILE}; it was not written by `fast-srt train`")
-    saved = _flatten(json.loads(saved_path.read_text()))
+    # a run written before the warm-up existed had none (its defaults: steps 0)
+    saved = {**_flatten({"warmup": dataclasses.asdict(WarmupConfig())}),
+             **_flatten(json.loads(saved_path.read_text()))}
     now = _flatten(json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
     diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
              for k in sorted(set(saved) | set(now))
@@ -269,6 +272,19 @@ def run_plan(cfg: TrainConfig, engines) -> str:
     return render(p, plan(p), detail=False)
 
 
+def warmed_base(cfg: TrainConfig, base_dir: Path, judge_dir: Path | None):
+    """The format warm-up (trained once, then cached) as the policy's base model. The judge stays the original
+    base model when it is the policy's ("policy"): the warm-up teaches the game's format, not the judge's task.
+    Returns (base_dir, judge_dir, model config for the engines, warm-up key)."""
+    from fast_srt.learner.warmup import ensure_warmup
+
+    warm = ensure_warmup(base_dir, cfg.warmup, cfg.model.dtype)
+    mcfg = cfg.model
+    if mcfg.judge_model == "policy":
+        mcfg, judge_dir = dataclasses.replace(mcfg, judge_model=str(base_dir)), base_dir
+    return warm, judge_dir, mcfg, warm.name.removeprefix("warmup-")
+
+
 def setup_run(cfg: TrainConfig) -> Run:
     """Resume point, seeds, trainer model (+ LoRA), engines, reference, optimizer, kernels; all chosen once."""
     from fast_srt.kernels import select_advantages_impl
@@ -288,8 +304,12 @@ def setup_run(cfg: TrainConfig) -> Run:
         ckpt_dir = find_latest(run_dir)
         if ckpt_dir is None:
             raise UserError(f"--resume: {run_dir} has no complete checkpoint; run without --resume to start")
+        check_resume_config(ckpt_dir, cfg)  # before any warm-up trains
     elif find_latest(run_dir) is not None:
         raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue or a new --run-dir")
+    mcfg, warm_key = cfg.model, None
+    if cfg.warmup.steps:  # the warmed checkpoint is the policy's base: RL start, KL reference, engines' base
+        base_dir, judge_dir, mcfg, warm_key = warmed_base(cfg, base_dir, judge_dir)
     pool = SeedPool(cfg.game, rng_seed=cfg.seed)
     # shared-prefix batches need the project's attention (flash-attn varlen inside it on CUDA when installed)
     attn = VARLEN_SDPA if cfg.optim.share_prefix else None
@@ -298,6 +318,11 @@ def setup_run(cfg: TrainConfig) -> Run:
     if ckpt_dir is not None:
         ckpt_dir, state = load_checkpoint(run_dir, model=model)  # checks it is the same model
         check_resume_config(ckpt_dir, cfg)
+        saved_key = (state.get("extra") or {}).get("warmup_key")
+        if saved_key != warm_key:
+            raise UserError(f"--resume: the run started from warm-up {saved_key or 'none'} but this configuration "
+                            f"gives {warm_key or 'none'} (the base model's files or the warm-up data changed); "
+                            f"resume with the run's own base model and data, or start a new --run-dir")
         if not cfg.lora_rank:
             model = load_policy(str(ckpt_dir), dtype=torch.float32, device=device, attn=attn,
                                 gradient_checkpointing=cfg.gradient_checkpointing)
@@ -308,7 +333,7 @@ def setup_run(cfg: TrainConfig) -> Run:
             load_lora_adapter(model, ckpt_dir)
     optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
     check_free_space(run_dir, checkpoint_bytes(model))
-    engines = build_engines(cfg.model, cfg.game, trains=True, seed=cfg.seed, base_dir=base_dir,
+    engines = build_engines(mcfg, cfg.game, trains=True, seed=cfg.seed, base_dir=base_dir,
                             policy_dir=Path(ckpt_dir) if ckpt_dir is not None else base_dir, judge_dir=judge_dir,
                             judge_max_tokens=cfg.sampling.judge_max_tokens)
     ref = None
@@ -339,14 +364,15 @@ def setup_run(cfg: TrainConfig) -> Run:
                       sft_stream=sft_stream, total_updates=n_updates)
     return Run(cfg=cfg, run_dir=run_dir, pool=pool, options=GameOptions(mode=cfg.game.mode, cot=cfg.game.cot),
                reward_fn=reward_function(cfg.game.reward), engines=engines, learner=learner,
-               start_step=start_step, resumed=state is not None, step_records=step_records,
+               start_step=start_step, resumed=state is not None, step_records=step_records, warmup_key=warm_key,
                sampling=SamplingSpec(max_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
                                      top_p=cfg.sampling.top_p, fixed_length=cfg.sampling.fixed_length))
 
 
 def checkpoint_extra(run: Run, records: dict) -> dict:
     """What a checkpoint carries besides weights, optimizer, scheduler and RNG (all weights_only-loadable)."""
-    extra = {"seed_rng": _list_state(run.pool.rng.getstate()), "step_records": records}
+    extra = {"seed_rng": _list_state(run.pool.rng.getstate()), "step_records": records,
+             "warmup_key": run.warmup_key}
     if run.learner.sft_stream is not None:
         extra["sft_stream"] = run.learner.sft_stream.state_dict()
     if run.learner.scaler.is_enabled():
