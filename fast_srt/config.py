@@ -14,6 +14,15 @@ from typing import Literal
 from fast_srt.errors import UserError
 
 
+def cache_dir() -> "Path":
+    """Where converted models, the format warm-up and fitted judge probes live: $FAST_SRT_CACHE, else
+    ~/.cache/fast_srt."""
+    import os
+    from pathlib import Path
+
+    return Path(os.environ.get("FAST_SRT_CACHE", Path.home() / ".cache" / "fast_srt"))
+
+
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise UserError(msg)
@@ -23,9 +32,11 @@ def _require(cond: bool, msg: str) -> None:
 class ModelConfig:
     model: str = "default"
     """Policy model: 'default' (SmolLM2-135M-Instruct, offline), a local HF checkpoint directory, or a hub id."""
-    judge_model: str = "policy"
-    """Judge model: 'policy' (the policy's own frozen base model), or a name/path like `model` (e.g.
-    allenai/wildguard or meta-llama/Llama-Guard-3-1B where a hub is reachable)."""
+    judge_model: str = "probe"
+    """Judge: 'probe' (logistic probes on the policy's frozen base model's hidden states, fitted once on the
+    shipped labelled judge set: fast_srt/engine/probe_judge.py), 'probe:MODEL' (the same on another model),
+    'policy' (the base model asked WildGuard's questions), or a name/path like `model` (e.g. allenai/wildguard or
+    meta-llama/Llama-Guard-3-1B where a hub is reachable)."""
     judge_template: Literal["chat", "wildguard"] = "chat"
     """'chat': the classifier question as a chat message; 'wildguard': WildGuard's raw prompt format."""
     judge_constrained: bool = True

@@ -1,5 +1,5 @@
 """`fast-srt judge-eval [--judge-model M] [--options]`: a judge's agreement with known labels on the labelled judge
-set's held-out split (fast_srt/judge/): per label accuracy, AUC of the judge's own score, confusion matrix.
+set's held-out split (fast_srt/game/judge_set.py): per label accuracy, AUC of the judge's own score, confusion matrix.
 
 Any judge the trainer can use is measurable: `probe` (the default: probes on the default model's hidden states),
 `policy` / `default` / a checkpoint directory / a hub id (the generative judge asked WildGuard's questions, e.g.
@@ -39,8 +39,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def judge_eval_main(argv: list[str]) -> None:
     from fast_srt.config import ModelConfig
     from fast_srt.engine.placement import make_judge
-    from fast_srt.judge.data import load_judge_pairs
-    from fast_srt.judge.evaluate import agreement, format_report, judge_pairs
+    from fast_srt.game.judge_set import load_judge_pairs
+    from fast_srt.eval.judge_agreement import agreement, format_report, judge_pairs
     from fast_srt.run.models import resolve_model
 
     args = parse_args(argv)

@@ -8,7 +8,7 @@ Where the judge lives (measured, see README "Judge placement"):
   second in-process engine holding the base model (one more copy of the weights, a few seconds to start).
 - another judge model (WildGuard, Llama-Guard): always a second in-process engine.
 - `judge_model="probe"` (the default) or `"probe:MODEL"`: logistic probes on a judge LM's hidden states
-  (fast_srt/judge/probe.py), on a second in-process engine in pooling mode holding the policy's base model (or
+  (fast_srt/engine/probe_judge.py), on a second in-process engine in pooling mode holding the policy's base model (or
   MODEL); the probe is fitted at first use and cached.
 The frozen defender of attacker_only mode is the base-model judge engine when there is one, else another engine.
 """
@@ -104,7 +104,7 @@ def make_judge(mcfg: ModelConfig, judge_dir: Path, *, seed: int = 0, judge_max_t
     """A judge on its own in-process engine: the probe judge (pooling engine) or the generative one."""
     judge_dir = Path(judge_dir)
     if is_probe(mcfg.judge_model):
-        from fast_srt.judge.probe import ProbeJudge
+        from fast_srt.engine.probe_judge import ProbeJudge
 
         engine = Engine(judge_dir, dtype=mcfg.dtype, max_model_len=judge_context(judge_dir, mcfg),
                         kv_cache_gib=mcfg.kv_cache_gib, seed=seed, name="judge", runner="pooling")

@@ -6,7 +6,7 @@ input is the model's chat template with the prompt as the user turn and the resp
 features are the mean hidden state over the prompt's tokens, the mean over the response's tokens and the last
 token's state (3 x hidden). Three L2-regularised logistic heads (prompt harmful, response refusal, response
 harmful) read them; each regularisation strength is chosen by 5-fold cross-validated AUC on the training split of
-the labelled judge set (fast_srt/judge/data.py), never on the held-out split.
+the labelled judge set (fast_srt/game/judge_set.py), never on the held-out split.
 
 Why a probe and not the LM asked the questions: on the 135M default, the generative answer carries no signal
 (docs/measurements.md, judge section: AUC 0.63 / 0.39 / 0.41 for its yes-minus-no logit), while the same model's
@@ -196,7 +196,7 @@ def model_fingerprint(model_dir: Path) -> str:
 
 
 def judge_set_bytes() -> bytes:
-    from fast_srt.judge.data import JUDGE_SET_FILE
+    from fast_srt.game.judge_set import JUDGE_SET_FILE
 
     return resources.files("fast_srt.data").joinpath("judge", JUDGE_SET_FILE).read_bytes()
 
@@ -211,9 +211,9 @@ def probe_key(model_dir: Path) -> str:
 
 def ensure_probe(judge: "ProbeJudge", model_dir: Path, log=print) -> Probe:
     """The probe for this model and labelled set: cached here, or shipped with the package (the default model's,
-    `fast_srt/data/judge/probes/`, rebuilt by `python -m fast_srt.judge.probe`), else fitted now (features of the
+    `fast_srt/data/judge/probes/`, rebuilt by `python -m fast_srt.commands.judge_assets probe`), else fitted now (features of the
     training split through the judge's own engine) and cached atomically."""
-    from fast_srt.run.models import cache_dir
+    from fast_srt.config import cache_dir
 
     key = probe_key(model_dir)
     target = cache_dir() / f"judge-probe-{key}"
@@ -221,7 +221,7 @@ def ensure_probe(judge: "ProbeJudge", model_dir: Path, log=print) -> Probe:
         if (d / META_FILE).is_file() and (d / PROBE_FILE).is_file():
             return Probe.load(d)
     probe = fit_from_judge_set(judge, model_dir)
-    _save_atomic(probe, target)
+    save_probe(probe, target)
     cv = ", ".join(f"{k} {max(v.values()):.3f}" for k, v in probe.meta["cv_auc"].items())
     log(f"[fast_srt] judge probe fitted on {probe.meta['n_train']} labelled pairs in {probe.meta['seconds']:.0f}s "
         f"(cross-validated AUC: {cv}) -> {target} (done once)")
@@ -234,7 +234,7 @@ def shipped_probe_dir(key: str):
 
 def fit_from_judge_set(judge: "ProbeJudge", model_dir: Path) -> Probe:
     """Fit a probe on the training split's features through the judge's own engine."""
-    from fast_srt.judge.data import load_judge_pairs
+    from fast_srt.game.judge_set import load_judge_pairs
 
     t0 = time.perf_counter()
     pairs = load_judge_pairs("train")
@@ -246,7 +246,7 @@ def fit_from_judge_set(judge: "ProbeJudge", model_dir: Path) -> Probe:
     return probe
 
 
-def _save_atomic(probe: Probe, target: Path) -> None:
+def save_probe(probe: Probe, target: Path) -> None:
     """Write into a temporary directory beside the target, then rename: never a half-written probe."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
@@ -321,24 +321,3 @@ def check_probe_model(model_dir: Path) -> None:
     if not (Path(model_dir) / "config.json").is_file():
         raise UserError(f"the probe judge needs a checkpoint directory; {model_dir} has no config.json")
 
-
-def main() -> None:  # python -m fast_srt.judge.probe: refit the default model's probe and ship it in the package
-    from fast_srt.config import ModelConfig
-    from fast_srt.engine.engine import Engine
-    from fast_srt.engine.placement import judge_context
-    from fast_srt.run.models import ensure_default_model
-
-    model_dir = ensure_default_model("bfloat16")
-    engine = Engine(model_dir, dtype="bfloat16", max_model_len=judge_context(model_dir, ModelConfig()),
-                    kv_cache_gib=1.0, name="judge", runner="pooling")
-    judge = ProbeJudge(engine, probe=Probe(torch.zeros(1), torch.ones(1), torch.zeros(3, 1), torch.zeros(3)))
-    probe = fit_from_judge_set(judge, model_dir)
-    target = shipped_probe_dir(probe_key(model_dir))
-    if target.exists():
-        shutil.rmtree(target)
-    _save_atomic(probe, target)
-    print(f"fitted in {probe.meta['seconds']}s, cross-validated AUC {probe.meta['cv_auc']}: {target}")
-
-
-if __name__ == "__main__":
-    main()

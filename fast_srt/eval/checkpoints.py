@@ -124,7 +124,7 @@ def build_judge(pool: EnginePool, judge_model: str, base_dir: Path, template: st
     if judge_model.startswith("rule:"):
         return RuleJudge(judge_model[5:], pool.get(base_dir, "base"))
     if judge_model == "probe" or judge_model.startswith("probe:"):
-        from fast_srt.judge.probe import ProbeJudge
+        from fast_srt.engine.probe_judge import ProbeJudge
 
         judge_dir = base_dir if judge_model == "probe" else resolve_model(judge_model[6:], dtype)
         return ProbeJudge(pool.get(judge_dir, "judge", runner="pooling"), model_dir=judge_dir)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 
-from fast_srt.judge.data import LABELS, JudgePair
-from fast_srt.judge.probe import auc
+from fast_srt.engine.probe_judge import auc
+from fast_srt.game.judge_set import LABELS, JudgePair
 
 
 def judge_pairs(judge, pairs: list[JudgePair]) -> tuple[list, list[list[float]]]:

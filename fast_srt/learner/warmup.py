@@ -92,7 +92,7 @@ def warmup_key(base_dir: Path, wcfg, dtype: str, defender: list[dict], attacker:
 
 
 def warmup_dir(key: str) -> Path:
-    from fast_srt.run.models import cache_dir
+    from fast_srt.config import cache_dir
 
     return cache_dir() / f"{PREFIX}{key}"
 

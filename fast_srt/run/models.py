@@ -31,9 +31,7 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
-def cache_dir() -> Path:
-    """Where converted models live: $FAST_SRT_CACHE, else ~/.cache/fast_srt."""
-    return Path(os.environ.get("FAST_SRT_CACHE", Path.home() / ".cache" / "fast_srt"))
+from fast_srt.config import cache_dir  # noqa: E402  (re-exported: where converted models live)
 
 
 def resolve_model(spec: str, dtype: str = "bfloat16") -> Path:

@@ -9,12 +9,12 @@ import torch
 
 from fast_srt.engine.engine import Generation
 from fast_srt.engine.judge import answer_margins
+from fast_srt.engine.probe_judge import (LABELS, Probe, ProbeJudge, auc, fit_logistic, fit_probe, pair_ids,
+                                        pool_features, render_answer)
 from fast_srt.errors import UserError
+from fast_srt.eval.judge_agreement import agreement
+from fast_srt.game import judge_set as jd
 from fast_srt.game.judge import parse_judge_output
-from fast_srt.judge import data as jd
-from fast_srt.judge.evaluate import agreement
-from fast_srt.judge.probe import (LABELS, Probe, ProbeJudge, auc, fit_logistic, fit_probe, pair_ids, pool_features,
-                                  render_answer)
 
 
 def test_auc_by_hand():
@@ -182,7 +182,7 @@ def test_probe_judge_end_to_end_on_the_tiny_model(tiny_pooling_engine):
 def test_probe_is_fitted_once_then_cached(tiny_pooling_engine, tiny_model_dir, tmp_path, monkeypatch):
     """First use fits on the labelled set's training split and caches atomically; the second use loads the cache
     (fitting again would raise); a shipped probe for another model is never picked up."""
-    from fast_srt.judge import probe as P
+    from fast_srt.engine import probe_judge as P
 
     monkeypatch.setenv("FAST_SRT_CACHE", str(tmp_path))
     subset = jd.load_judge_pairs("train")[::8]  # every 8th training pair keeps the test short
