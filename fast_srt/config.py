@@ -280,11 +280,11 @@ def cpu_base() -> TrainConfig:
 def cpu_default() -> TrainConfig:
     """The offline default: SmolLM2-135M-Instruct on CPU, a few minutes for a handful of steps. A format warm-up
     (24 SFT steps, cached after the first run) teaches both roles the <think>/<answer> format and the auxiliary
-    SFT loss (1 sample per micro-step) keeps it; 128 new tokens leave room for it; temperature 0.8
-    (docs/measurements.md §8)."""
+    SFT loss (1 sample per micro-step) keeps it; 128 new tokens leave room for it; temperature 0.6
+    (docs/measurements.md §9)."""
     base = cpu_base()
     return dataclasses.replace(
-        base, sampling=dataclasses.replace(base.sampling, max_new_tokens=128, temperature=0.8),
+        base, sampling=dataclasses.replace(base.sampling, max_new_tokens=128, temperature=0.6),
         algo=dataclasses.replace(base.algo, sft_coef=1.0, sft_samples_per_micro_step=1),
         warmup=WarmupConfig(steps=24, lr=1e-4, batch_size=8, seed=0))
 
