@@ -38,6 +38,7 @@ from fast_srt.run.checkpoint import (LORA_ADAPTER_FILE, RUN_CONFIG_FILE, check_f
 from fast_srt.run.metrics import MetricsLog, PhaseTimer, Status, console_line, step_perf, to_floats
 from fast_srt.run.models import resolve_engine_dirs
 from fast_srt.run.report import child_processes, throughput_lines
+from fast_srt.run.trend import trend_lines
 
 PROBE_PROMPT = "What is the capital of France?"
 GREEDY_PROBE = SamplingSpec(max_tokens=16, temperature=0.0, logprobs=False)
@@ -174,11 +175,24 @@ def train(cfg: TrainConfig) -> Path:
         status.line(console_line(records["metrics"][0]))
     for line in throughput_lines(engines):
         print(line)
+    for line in trend_lines(read_metrics(run_dir / "metrics.jsonl")):  # did it learn? slopes with 95% intervals
+        print(line)
     print(f"one process: pid {os.getpid()}, child processes {child_processes()}; judge parse failures "
           f"{engines.judge.parse_failures}/{engines.judge.calls}")
     print(f"done: {cfg.steps - run.start_step} steps in {time.perf_counter() - t_start:.1f} s; metrics in "
           f"{run_dir / 'metrics.jsonl'}, games in {games_log.path}, checkpoints in {run_dir / 'checkpoints'}")
     return run_dir
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The run's metrics lines (every step, a resumed run's earlier ones too); unreadable lines are skipped."""
+    out = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return [r for r in out if isinstance(r, dict) and "step" in r]
 
 
 def write_records(log: MetricsLog, games_log: MetricsLog, records: dict) -> None:
