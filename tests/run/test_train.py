@@ -49,6 +49,8 @@ def test_defender_learns_rule_judge_optimum(tiny_model_dir, tmp_path, seed):
     print(f"seed {seed}: first step with 3-step mean >= {LEARN_TARGET}: {reached}; rewards {rewards}")
     assert sum(rewards[:3]) / 3 < 0, "the task must start far from its optimum"
     assert reached is not None, f"reward never reached {LEARN_TARGET}: {rewards}"
+    trend = [ln for ln in p.stdout.splitlines() if ln.startswith("trend defender reward")]
+    assert len(trend) == 1 and trend[0].endswith("rising"), p.stdout[-2000:]  # the run's own summary sees it
 
 
 KILL_STEP = 2
