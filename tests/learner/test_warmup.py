@@ -290,3 +290,16 @@ def test_resume_check_accepts_a_run_from_before_the_warmup(tmp_path):
     with pytest.raises(UserError) as e:
         check_resume_config(tmp_path, dataclasses.replace(cfg, warmup=WarmupConfig(steps=4)))
     assert "warmup.steps" in _one_line(e)
+
+
+def test_setup_run_takes_the_warmed_base_and_keeps_the_original_judge(tiny_model_dir, small_data, cache):
+    from fast_srt.config import ModelConfig
+    from fast_srt.run.trainer import warmed_base
+
+    cfg = TrainConfig(model=ModelConfig(model=str(tiny_model_dir), judge_model="policy", dtype="float32"),
+                      warmup=_wcfg(small_data))
+    warm, judge_dir, mcfg, key = warmed_base(cfg, tiny_model_dir, None)
+    assert warm.parent == cache and warmup.is_complete(warm) and warm.name == warmup.PREFIX + key
+    assert judge_dir == tiny_model_dir and mcfg.judge_model == str(tiny_model_dir)  # the judge is not warmed
+    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, judge_model="probe"))
+    assert warmed_base(other, tiny_model_dir, tiny_model_dir)[1:3] == (tiny_model_dir, other.model)
