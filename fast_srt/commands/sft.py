@@ -90,11 +90,12 @@ def _short(text: str, n: int = 150) -> str:
 
 
 def sft_main(argv: list[str]) -> None:
-    from fast_srt.learner.warmup import ensure_warmup
+    from fast_srt.learner.warmup import ensure_warmup, load_warmup_data
     from fast_srt.run.models import resolve_model
 
     cfg, n, temps = parse_sft_args(argv)
     t0 = time.perf_counter()
+    load_warmup_data(cfg.warmup)  # a bad data file is refused before any model is resolved or converted
     base = resolve_model(cfg.model.model, cfg.model.dtype)
     warm = ensure_warmup(base, cfg.warmup, cfg.model.dtype)
     print(f"warmed checkpoint: {warm}")

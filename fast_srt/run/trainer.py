@@ -312,6 +312,10 @@ def setup_run(cfg: TrainConfig) -> Run:
     compute_dtype = getattr(torch, cfg.model.dtype)
     # fp32 master weights; matmuls in the compute dtype under autocast (bf16 updates at lr 5e-7 would vanish)
     autocast = lambda: torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)  # noqa
+    if cfg.warmup.steps:  # bad warm-up data is refused before any model is resolved or converted
+        from fast_srt.learner.warmup import load_warmup_data
+
+        load_warmup_data(cfg.warmup)
     base_dir, judge_dir = resolve_engine_dirs(cfg.model)
     ckpt_dir, state = None, None
     if cfg.resume:
