@@ -12,13 +12,14 @@ import sys
 from fast_srt.engine.engine import QUIET_ENV
 from fast_srt.errors import UserError
 
-USAGE = """usage: fast-srt {train,sft,play,eval,judge-eval,plot,plan,bench} [--help] [--verbose] [options]
+USAGE = """usage: fast-srt {train,sft,play,games,eval,judge-eval,plot,plan,bench} [--help] [--verbose] [options]
 
   train [PRESET] [--options]   self-play RL training (the main job); `fast-srt train --help` lists presets
   sft [PRESET] [--format-prompts N] [--format-temperatures T,...] [--warmup.* options]
                                only the format warm-up: train (or reuse) it, print where it is cached and how
                                often each role keeps the <think>/<answer> format afterwards
   play [--options]             play one batch of real games and print them side by side
+  games RUN_DIR [--step N]     a training run's logged games side by side (default: its last step)
   eval CHECKPOINT [--compare BASELINE] [--options]
                                safety (attack success, refusal, over-refusal) and attack diversity on held-out sets
   plan [PRESET] [--budget-gib G] [--device cuda|cpu] [train options]
@@ -75,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             from fast_srt.commands.plan import plan_main
 
             plan_main(rest)
+        elif cmd == "games":
+            from fast_srt.commands.play import games_main
+
+            games_main(rest)
         elif cmd == "judge-eval":
             from fast_srt.commands.judge_eval import judge_eval_main
 

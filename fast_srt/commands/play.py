@@ -83,3 +83,58 @@ def play_main(argv: list[str]) -> None:
         print(line)
     print(f"startup {t_ready - t0:.1f} s (engines {engines.policy.startup_s:.1f} s); pid {os.getpid()}, "
           f"child processes: {child_processes()}")
+
+
+def print_logged_games(records: list[dict], width: int = 100) -> None:
+    """Games as `train` logs them (games.jsonl lines), in the same side-by-side layout as `play`."""
+    for k, g in enumerate(records):
+        print("=" * width)
+        print(f"step {g['step']} game {k}  [{g['data_type']}]  seed: {_short(g['seed'], width - 36)}")
+        if g.get("attacker_raw") is not None:
+            print(textwrap.fill(f"  attacker (raw, hidden CoT included): {_short(g['attacker_raw'], 300)}", width,
+                                subsequent_indent="    "))
+            print(textwrap.fill(f"  attacker prompt: {_short(g['attacker_public'] or '', 400)}", width,
+                                subsequent_indent="    "))
+        print(textwrap.fill(f"  defender (raw): {_short(g['defender_raw'] or '', 300)}", width,
+                            subsequent_indent="    "))
+        print(textwrap.fill(f"  defender answer: {_short(g['defender_public'] or '', 400)}", width,
+                            subsequent_indent="    "))
+        judged = " | ".join((g.get("judge") or "").splitlines())
+        ra = "-" if g.get("reward_attacker") is None else f"{g['reward_attacker']:+.1f}"
+        rd = "-" if g.get("reward_defender") is None else f"{g['reward_defender']:+.1f}"
+        print(f"  judge: {judged}  -> outcome {g['outcome']}; reward attacker {ra}, defender {rd}")
+    print("=" * width)
+
+
+def games_main(argv: list[str]) -> None:
+    """`fast-srt games RUN_DIR [--step N] [--n K]`: a training run's logged games (games.jsonl), side by side;
+    default the last logged step."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from fast_srt.errors import UserError
+
+    ap = argparse.ArgumentParser(prog="fast-srt games", description="A training run's logged games, side by side "
+                                 "(the run logs --log-games games per step; default: the last logged step).")
+    ap.add_argument("run_dir")
+    ap.add_argument("--step", type=int, help="which step (default: the last one logged)")
+    ap.add_argument("--n", type=int, default=8, help="at most this many games (default 8)")
+    args = ap.parse_args(argv)
+    path = Path(args.run_dir) / "games.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; pass the directory of a `fast-srt train` run")
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    if not rows:
+        raise UserError(f"{path} holds no games (the run logs --log-games per step; 0 logs none)")
+    step = args.step if args.step is not None else max(r["step"] for r in rows)
+    chosen = [r for r in rows if r["step"] == step][: args.n]
+    if not chosen:
+        raise UserError(f"{path} has no games of step {step}; logged steps: {min(r['step'] for r in rows)}-"
+                        f"{max(r['step'] for r in rows)}")
+    print_logged_games(chosen)
