@@ -165,5 +165,7 @@ def meta(argv, args, rs, settings, sets, seeds, judge, frozen, pool, t0) -> dict
 def judge_description(rs: dict, judge) -> str:
     if rs["judge_model"].startswith("rule:"):
         return f"{rs['judge_model']} (a rule, no model)"
+    if rs["judge_model"] == "probe" or rs["judge_model"].startswith("probe:"):
+        return f"{rs['judge_model']} (logistic probes on the hidden states of {judge.engine.model_dir})"
     return (f"{rs['judge_model']} on {judge.engine.model_dir} ({rs['judge_template']} template"
             f"{', constrained' if rs['judge_constrained'] else ''})")
