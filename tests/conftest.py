@@ -44,3 +44,12 @@ def tiny_bos_engine(tmp_path_factory):
     model_dir = make_tiny_model(tmp_path_factory.mktemp("tiny_bos") / "llama", arch="llama", bos=True)
     return Engine(model_dir, dtype="float32", max_model_len=256, kv_cache_gib=1, seed=0, name="bos")
 
+
+@pytest.fixture(scope="session")
+def tiny_pooling_engine(tiny_model_dir):
+    """A pooling engine (final hidden state of every token) on the tiny model, for the probe judge. Session-scoped
+    like the others: tearing an in-process engine down mid-session breaks the rest."""
+    from fast_srt.engine.engine import Engine
+
+    return Engine(tiny_model_dir, dtype="float32", max_model_len=512, kv_cache_gib=1, seed=0, name="judge",
+                  runner="pooling")

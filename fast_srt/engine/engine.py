@@ -119,8 +119,10 @@ class Engine:
         if runner == "pooling":  # the model's last hidden state for every token (a probe judge reads them)
             from vllm.config import PoolerConfig
 
+            # no vLLM stats: a pooling engine's stat logger would take over the process-wide prefix-cache
+            # counters the generating engines read (LLM.get_metrics); its own seconds and tokens are counted here
             kwargs.pop("logprobs_mode")
-            kwargs.update(runner="pooling", convert="embed",
+            kwargs.update(runner="pooling", convert="embed", disable_log_stats=True,
                           pooler_config=PoolerConfig(task="token_embed", use_activation=False))
         self.runner = runner
         t0 = time.perf_counter()

@@ -64,18 +64,24 @@ def _check_text(obj: dict, field: str, where: str, required: bool) -> str | None
     return value.strip()
 
 
-def parse_sft_line(line: str, where: str) -> dict[str, Any] | None:
-    """One JSONL line -> {"prompt", "thinking", "response"} (+ "kind" if given), or None for a blank line."""
+def _json_object(line: str, where: str, example: str) -> dict | None:
+    """One JSONL line as a JSON object (None for a blank line); anything else is one UserError line."""
     if not line.strip():
         return None
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        raise UserError(f'{where}: not valid JSON ({e.msg}); write one object a line, e.g. '
-                        f'{{"prompt": "...", "response": "..."}}') from None
+        raise UserError(f"{where}: not valid JSON ({e.msg}); write one object a line, e.g. {example}") from None
     if not isinstance(obj, dict):
-        raise UserError(f'{where}: expected a JSON object like {{"prompt": "...", "response": "..."}}, '
-                        f"got {type(obj).__name__}")
+        raise UserError(f"{where}: expected a JSON object like {example}, got {type(obj).__name__}")
+    return obj
+
+
+def parse_sft_line(line: str, where: str) -> dict[str, Any] | None:
+    """One JSONL line -> {"prompt", "thinking", "response"} (+ "kind" if given), or None for a blank line."""
+    obj = _json_object(line, where, '{"prompt": "...", "response": "..."}')
+    if obj is None:
+        return None
     rec: dict[str, Any] = {
         "prompt": _check_text(obj, "prompt", where, required=True),
         "thinking": _check_text(obj, "thinking", where, required=False) or DEFAULT_THINKING,
@@ -122,15 +128,9 @@ def _attacker_example() -> str:
 
 def parse_attacker_sft_line(line: str, where: str) -> dict[str, Any] | None:
     """One attacker JSONL line -> {"seed", "kind", "thinking", "revision"}, or None for a blank line."""
-    if not line.strip():
+    obj = _json_object(line, where, _attacker_example())
+    if obj is None:
         return None
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: not valid JSON ({e.msg}); write one object a line, e.g. "
-                        f"{_attacker_example()}") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{where}: expected a JSON object like {_attacker_example()}, got {type(obj).__name__}")
     rec: dict[str, Any] = {}
     for field in ("seed", "thinking", "revision"):
         value = obj.get(field)

@@ -322,7 +322,8 @@ def setup_run(cfg: TrainConfig) -> Run:
         ckpt_dir = find_latest(run_dir)
         if ckpt_dir is None:
             raise UserError(f"--resume: {run_dir} has no complete checkpoint; run without --resume to start")
-        check_resume_config(ckpt_dir, cfg)  # before any warm-up trains
+        if cfg.warmup.steps:
+            check_resume_config(ckpt_dir, cfg)  # before any warm-up trains (without one: after the model check)
     elif find_latest(run_dir) is not None:
         raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue or a new --run-dir")
     mcfg, warm_key = cfg.model, None

@@ -134,14 +134,6 @@ def test_pair_ids_cut_the_response_first(tiny_engine):
     assert pair_ids(tok, "word " * 300, "x", 50) is None or len(pair_ids(tok, "word " * 300, "x", 50)[0]) <= 50
 
 
-@pytest.fixture(scope="module")
-def tiny_pooling_engine(tiny_model_dir):
-    from fast_srt.engine.engine import Engine
-
-    return Engine(tiny_model_dir, dtype="float32", max_model_len=512, kv_cache_gib=1, seed=0, name="judge",
-                  runner="pooling")
-
-
 def test_pooling_engine_returns_the_models_final_hidden_states(tiny_pooling_engine, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

@@ -90,5 +90,5 @@ def test_eval_bad_input_is_one_line(cli, tmp_path, tiny_model_dir):
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
     assert "has no complete checkpoint" in _one_line_error(cli("eval", run))
     qwen = make_tiny_model(tmp_path / "qwen", arch="qwen2")
-    err = _one_line_error(cli("eval", qwen, "--base-model", tiny_model_dir, *TINY))
+    err = _one_line_error(cli("eval", qwen, "--base-model", tiny_model_dir, "--judge-model", "policy", *TINY))
     assert "not of the family its judge expects" in err and "model_type 'qwen2' vs 'llama'" in err
