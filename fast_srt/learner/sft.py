@@ -57,11 +57,16 @@ def _check_text(obj: dict, field: str, where: str, required: bool) -> str | None
             return None  # blank optional thinking: use the default
         raise UserError(f"{where}: {field!r} must be a non-empty string")
     if field != "prompt":
-        tags = [t for t in FORMAT_TAGS if t in value]
-        if tags:
-            raise UserError(f"{where}: {field!r} contains the format tag {tags[0]}; remove it (the target "
-                            f"adds the <think>/<answer> tags itself)")
+        _refuse_format_tags(value, field, where)
     return value.strip()
+
+
+def _refuse_format_tags(value: str, field: str, where: str) -> None:
+    """A target text must not carry the <think>/<answer> tags: the target adds them itself."""
+    tags = [t for t in FORMAT_TAGS if t in value]
+    if tags:
+        raise UserError(f"{where}: {field!r} contains the format tag {tags[0]}; remove it (the target "
+                        f"adds the <think>/<answer> tags itself)")
 
 
 def _json_object(line: str, where: str, example: str) -> dict | None:
@@ -139,10 +144,7 @@ def parse_attacker_sft_line(line: str, where: str) -> dict[str, Any] | None:
         if not isinstance(value, str) or not value.strip():
             raise UserError(f"{where}: {field!r} must be a non-empty string")
         if field != "seed":
-            tags = [t for t in FORMAT_TAGS if t in value]
-            if tags:
-                raise UserError(f"{where}: {field!r} contains the format tag {tags[0]}; remove it (the target "
-                                f"adds the <think>/<answer> tags itself)")
+            _refuse_format_tags(value, field, where)
         rec[field] = value.strip()
     kind = obj.get("kind")
     if kind not in ATTACKER_KINDS:
