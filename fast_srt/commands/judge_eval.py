@@ -46,12 +46,11 @@ def judge_eval_main(argv: list[str]) -> None:
     args = parse_args(argv)
     pairs = load_judge_pairs(args.split if args.data is None else None, path=args.data)
     spec = args.judge_model
-    judge_spec = "probe" if spec == "probe" else spec
-    if spec in ("policy", "probe"):
+    if spec in ("policy", "probe"):  # the base model, asked the questions or read by the probe
         judge_dir = resolve_model(args.base_model, args.dtype)
     else:
         judge_dir = resolve_model(spec.removeprefix("probe:"), args.dtype)
-        judge_spec = spec if spec.startswith("probe:") else str(judge_dir)
+    judge_spec = spec if spec == "probe" or spec.startswith("probe:") else str(judge_dir)
     mcfg = ModelConfig(model=args.base_model, judge_model=judge_spec, judge_template=args.judge_template,
                        judge_constrained=not args.no_constrained, dtype=args.dtype,
                        judge_max_model_len=args.max_model_len, kv_cache_gib=1.0)

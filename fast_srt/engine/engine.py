@@ -172,21 +172,25 @@ class Engine:
                     for d, t in zip(c.logprobs, c.token_ids)]
                    if spec.top_logprobs and c.logprobs else [])
             gens.append(Generation(list(o.prompt_token_ids), list(c.token_ids), c.text, lps, c.finish_reason, top))
-        n_prompt = sum(len(g.prompt_ids) for g in gens)
-        n_gen = sum(len(g.token_ids) for g in gens)
+        ph = self._count(phase, sum(len(g.prompt_ids) for g in gens), sum(len(g.token_ids) for g in gens), dt,
+                         len(gens))
+        ph["cache_queries"] += q1 - q0  # prompt tokens looked up in the prefix cache, and found there
+        ph["cache_hits"] += h1 - h0
+        return gens
+
+    def _count(self, phase: str, n_prompt: int, n_gen: int, seconds: float, sequences: int) -> dict:
+        """Add one call to the running totals and its phase's; returns the phase's counters."""
         self.stats.calls += 1
         self.stats.prompt_tokens += n_prompt
         self.stats.gen_tokens += n_gen
-        self.stats.seconds += dt
+        self.stats.seconds += seconds
         ph = self.stats.per_phase.setdefault(phase, {"gen_tokens": 0, "prompt_tokens": 0, "seconds": 0.0,
                                                      "sequences": 0, "cache_queries": 0, "cache_hits": 0})
-        ph["cache_queries"] += q1 - q0  # prompt tokens looked up in the prefix cache, and found there
-        ph["cache_hits"] += h1 - h0
         ph["gen_tokens"] += n_gen
         ph["prompt_tokens"] += n_prompt
-        ph["seconds"] += dt
-        ph["sequences"] += len(gens)
-        return gens
+        ph["seconds"] += seconds
+        ph["sequences"] += sequences
+        return ph
 
     def token_states(self, prompts: list[list[int]], phase: str = "judge") -> list:
         """A pooling engine (runner="pooling"): the model's final hidden state (after its last norm) for every
@@ -203,18 +207,8 @@ class Engine:
         t0 = time.perf_counter()
         outs = self.llm.encode([{"prompt_token_ids": p} for p in prompts], pooling_task="token_embed",
                                use_tqdm=False)
-        dt = time.perf_counter() - t0
-        states = [o.outputs.data.float() for o in outs]
-        n_prompt = sum(len(p) for p in prompts)
-        self.stats.calls += 1
-        self.stats.prompt_tokens += n_prompt
-        self.stats.seconds += dt
-        ph = self.stats.per_phase.setdefault(phase, {"gen_tokens": 0, "prompt_tokens": 0, "seconds": 0.0,
-                                                     "sequences": 0, "cache_queries": 0, "cache_hits": 0})
-        ph["prompt_tokens"] += n_prompt
-        ph["seconds"] += dt
-        ph["sequences"] += len(prompts)
-        return states
+        self._count(phase, sum(len(p) for p in prompts), 0, time.perf_counter() - t0, len(prompts))
+        return [o.outputs.data.float() for o in outs]
 
     def prefix_cache_counts(self) -> tuple[int, int]:
         """vLLM's running (queried, hit) prompt-token counts of its prefix cache (process-wide: callers take the

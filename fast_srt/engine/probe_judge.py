@@ -9,11 +9,12 @@ harmful) read them; each regularisation strength is chosen by 5-fold cross-valid
 the labelled judge set (fast_srt/game/judge_set.py), never on the held-out split.
 
 Why a probe and not the LM asked the questions: on the 135M default, the generative answer carries no signal
-(docs/measurements.md, judge section: AUC 0.63 / 0.39 / 0.41 for its yes-minus-no logit), while the same model's
-hidden states separate the labels (AUCs there). A probe costs one forward over the pair (no instruction prefix,
-no decoding) and is fitted in seconds once the features exist; it is built at first use, from the shipped
-labelled set, and cached beside the converted default model (`cache_dir()/judge-probe-<key>`), the key covering
-the model's weights, the labelled set and the probe's settings.
+(docs/measurements.md §8: held-out AUC 0.60 / 0.50 / 0.44 for its yes-minus-no log-prob), while the same model's
+hidden states separate the labels (held-out AUC 0.96 / 1.00 / 0.98). A probe costs one forward over the pair (no
+instruction prefix, no decoding) and is fitted in seconds once the features exist. The default model's probe ships
+in the package; any other is fitted at first use from the shipped labelled set and cached
+(`cache_dir()/judge-probe-<key>`), the key covering the model's weights, the labelled set and the probe's
+settings.
 
 The answer keeps the judge protocol: three labels, rendered as WildGuard's three lines, never unparseable.
 """
@@ -32,7 +33,6 @@ from pathlib import Path
 
 import torch
 
-from fast_srt.errors import UserError
 from fast_srt.game.judge import JudgeLabels
 
 PROBE_VERSION = 1
@@ -60,10 +60,11 @@ def pair_ids(tokenizer, prompt: str, response: str, limit: int) -> tuple[list[in
     def enc(t):
         return list(tokenizer(t, add_special_tokens=False).input_ids)
 
-    p_ids, r_ids = enc(prompt), enc(response)
+    r_ids = enc(response)
     head = enc(render_chat(tokenizer, [{"role": "user", "content": prompt}]))
     over = len(head) + len(r_ids) - limit
-    if over > 0:
+    if over > 0:  # rare: only then is the prompt tokenized on its own
+        p_ids = enc(prompt)
         cut_r = min(over, max(0, len(r_ids) - 16))
         r_ids = r_ids[: len(r_ids) - cut_r]
         over -= cut_r
@@ -316,8 +317,4 @@ class ProbeJudge:
         self.calls += len(kept)
         return out
 
-
-def check_probe_model(model_dir: Path) -> None:
-    if not (Path(model_dir) / "config.json").is_file():
-        raise UserError(f"the probe judge needs a checkpoint directory; {model_dir} has no config.json")
 

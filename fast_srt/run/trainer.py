@@ -35,7 +35,7 @@ from fast_srt.learner.policy import (VARLEN_SDPA, build_optimizer, build_schedul
 from fast_srt.learner.step import Learner, games_to_samples, learner_step, pick_logprob_impl, total_updates
 from fast_srt.run.checkpoint import (LORA_ADAPTER_FILE, RUN_CONFIG_FILE, check_free_space, checkpoint_bytes,
                                      find_latest, load_checkpoint, restore_trainer_state, save_checkpoint)
-from fast_srt.run.metrics import MetricsLog, PhaseTimer, Status, console_line, step_perf, to_floats
+from fast_srt.run.metrics import MetricsLog, PhaseTimer, Status, console_line, read_metrics, step_perf, to_floats
 from fast_srt.run.models import resolve_engine_dirs
 from fast_srt.run.report import child_processes, throughput_lines
 from fast_srt.run.trend import trend_lines
@@ -182,17 +182,6 @@ def train(cfg: TrainConfig) -> Path:
     print(f"done: {cfg.steps - run.start_step} steps in {time.perf_counter() - t_start:.1f} s; metrics in "
           f"{run_dir / 'metrics.jsonl'}, games in {games_log.path}, checkpoints in {run_dir / 'checkpoints'}")
     return run_dir
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The run's metrics lines (every step, a resumed run's earlier ones too); unreadable lines are skipped."""
-    out = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return [r for r in out if isinstance(r, dict) and "step" in r]
 
 
 def write_records(log: MetricsLog, games_log: MetricsLog, records: dict) -> None:

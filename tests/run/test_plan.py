@@ -42,11 +42,12 @@ def test_known_shapes_have_their_published_sizes():
 
 def test_tiny_model_peak_within_15_percent(tiny_model_dir):
     """The training phase predicted for the tiny model against its measured peak (a fresh process each). Its peaks
-    are about 0.2 GiB, so allocator noise alone moves them by 0.02-0.04 GiB (measured -5% quiet, -16% once in a
-    full test run): within 15%, or within 0.04 GiB. The default model's cases (slow) hold to 15% alone."""
+    are about 0.2 GiB, where allocator noise only adds (measured -5% quiet, -16% once in a full test run), so the
+    peak is the smaller of two fresh-process measurements."""
     for tokens, lora in ((8192, 0), (4096, 4)):
-        r = run_case(str(tiny_model_dir), tokens, lora, ckpt=False, kl=False)
-        assert abs(r["error"]) <= 0.15 or abs(r["predicted_gib"] - r["measured_gib"]) <= 0.04, r
+        r = min((run_case(str(tiny_model_dir), tokens, lora, ckpt=False, kl=False) for _ in range(2)),
+                key=lambda x: x["measured_gib"])
+        assert abs(r["error"]) <= 0.15, r
 
 
 @pytest.mark.slow
