@@ -42,11 +42,11 @@ def test_known_shapes_have_their_published_sizes():
 
 def test_tiny_model_peak_within_15_percent(tiny_model_dir):
     """The training phase predicted for the tiny model against its measured peak (a fresh process each). Its peaks
-    are about 0.2 GiB, where allocator noise only adds (measured -5% quiet, -16% once in a full test run), so the
-    peak is the smaller of two fresh-process measurements."""
+    are about 0.2 GiB, where what glibc's heap keeps varies from run to run as much as the tolerance (-2% to -18%
+    seen), so it is measured with large blocks returned at free (`steady_malloc`): the live tensors, repeatable to
+    0.3 points."""
     for tokens, lora in ((8192, 0), (4096, 4)):
-        r = min((run_case(str(tiny_model_dir), tokens, lora, ckpt=False, kl=False) for _ in range(2)),
-                key=lambda x: x["measured_gib"])
+        r = run_case(str(tiny_model_dir), tokens, lora, ckpt=False, kl=False, steady_malloc=True)
         assert abs(r["error"]) <= 0.15, r
 
 
