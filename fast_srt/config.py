@@ -238,6 +238,11 @@ class TrainConfig:
     """LoRA scale numerator (scale = alpha / rank)."""
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     """Names of the linear layers that get adapters."""
+    lora_in_engine: bool = True
+    """With LoRA: the policy engine holds the base weights and serves the policy as a LoRA request, each weight sync
+    writes only the adapter's tensors in place, and the policy's base model as judge (`--model.judge-model policy`)
+    and attacker_only's frozen defender read the same engine without the adapter: one copy of the base weights.
+    False: the merged weights are written into the policy engine and a base-model judge gets its own engine."""
     logprob_impl: Literal["auto", "naive", "twin", "native", "triton"] = "auto"
     """Log-prob + entropy implementation, chosen once: auto = Triton on CUDA, else the C++ op when built and
     measured faster, else the chunked torch twin; naive = full [tokens, vocab] logits (for comparison only)."""

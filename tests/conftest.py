@@ -53,3 +53,13 @@ def tiny_pooling_engine(tiny_model_dir):
 
     return Engine(tiny_model_dir, dtype="float32", max_model_len=512, kv_cache_gib=1, seed=0, name="judge",
                   runner="pooling")
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_engine(tiny_model_dir):
+    """A generating engine on the tiny model that serves LoRA adapters (rank up to 8). Session-scoped like the
+    others."""
+    from fast_srt.engine.engine import Engine
+
+    return Engine(tiny_model_dir, dtype="float32", max_model_len=256, kv_cache_gib=1, seed=0, name="lora",
+                  enable_lora=True, max_lora_rank=8)

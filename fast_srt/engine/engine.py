@@ -21,6 +21,8 @@ from fast_srt.errors import UserError
 
 
 QUIET_ENV = "FAST_SRT_QUIET"  # set by the CLI unless --verbose: no weight-loading progress bars
+ADAPTER = object()  # Engine.generate's default: the engine's attached LoRA adapter, if any
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's max_lora_rank accepts
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,10 @@ class Engine:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
             kwargs["enable_sleep_mode"] = True  # lets the KV cache be released while training
         if enable_lora:
-            kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank)
+            fit = [r for r in VLLM_LORA_RANKS if r >= max_lora_rank]
+            if not fit:
+                raise UserError(f"LoRA rank {max_lora_rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]})")
+            kwargs.update(enable_lora=True, max_lora_rank=fit[0], max_loras=1)
         if runner == "pooling":  # the model's last hidden state for every token (a probe judge reads them)
             from vllm.config import PoolerConfig
 
@@ -134,11 +139,31 @@ class Engine:
         self.tokenizer = self.llm.get_tokenizer()
         self.stats = EngineStats()
         self._kv_sleeping = False
+        self.adapter = None  # a LoRARequest every generate call uses unless told otherwise (attach_adapter)
 
-    def generate(self, prompts: list[str] | list[list[int]], spec: SamplingSpec, lora=None, phase: str = "generate",
-                 ) -> list[Generation]:
+    def attach_adapter(self, adapter_dir: str | Path, name: str = "policy", lora_int_id: int = 1) -> None:
+        """Serve the PEFT LoRA adapter in `adapter_dir` on this engine's base weights: every `generate` uses it
+        unless it passes `lora=None` (the judge and the frozen defender read the base through `base_model()`).
+        weight_sync.push_adapter rewrites its tensors in place afterwards."""
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(name, lora_int_id, str(adapter_dir))
+        try:
+            self.llm.llm_engine.add_lora(request)  # loaded now: in place writes need it resident
+        except (OSError, ValueError) as e:
+            raise UserError(f"vLLM could not load the LoRA adapter in {adapter_dir}: {str(e).splitlines()[0][:300]}"
+                            ) from None
+        self.adapter = request
+
+    def base_model(self) -> "BaseModelView":
+        """This engine without its adapter: what the base-model judge and the frozen defender use on it."""
+        return BaseModelView(self)
+
+    def generate(self, prompts: list[str] | list[list[int]], spec: SamplingSpec, lora=ADAPTER,
+                 phase: str = "generate") -> list[Generation]:
         """Generate one completion per prompt (templated text, or its token ids from `encode`), in one batched
-        vLLM call."""
+        vLLM call; with the attached adapter (if any) unless `lora` says otherwise (None: the base weights)."""
+        lora = self.adapter if lora is ADAPTER else lora
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
@@ -243,3 +268,18 @@ class Engine:
         if self._kv_sleeping:
             self.llm.wake_up(tags=["kv_cache"])
             self._kv_sleeping = False
+
+
+class BaseModelView:
+    """An engine's base weights without its LoRA adapter: the same engine (weights, KV cache, counters), generating
+    with no LoRA request. The base-model judge and attacker_only's frozen defender share the policy's engine this
+    way when the policy trains a LoRA adapter."""
+
+    def __init__(self, engine: Engine):
+        self.shared = engine
+
+    def generate(self, prompts, spec: SamplingSpec, phase: str = "generate") -> list[Generation]:
+        return self.shared.generate(prompts, spec, lora=None, phase=phase)
+
+    def __getattr__(self, name):
+        return getattr(self.shared, name)

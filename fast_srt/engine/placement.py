@@ -6,11 +6,15 @@ Where the judge lives (measured, see README "Judge placement"):
 - `judge_model="policy"` and nothing trains (`fast-srt play`): the policy engine serves the judge too.
 - `judge_model="policy"` with full fine-tuning: the policy's weights move every step, so the frozen judge is a
   second in-process engine holding the base model (one more copy of the weights, a few seconds to start).
+- `judge_model="policy"` with a LoRA adapter served by the engine (`lora_rank`): the policy engine holds the base
+  weights and the policy is the base + adapter (a LoRA request), so the judge reads the same engine without the
+  adapter (`Engine.base_model()`): one copy of the base weights for policy and judge.
 - another judge model (WildGuard, Llama-Guard): always a second in-process engine.
 - `judge_model="probe"` (the default) or `"probe:MODEL"`: logistic probes on a judge LM's hidden states
   (fast_srt/engine/probe_judge.py), on a second in-process engine in pooling mode holding the policy's base model (or
   MODEL); the probe is fitted at first use and cached.
-The frozen defender of attacker_only mode is the base-model judge engine when there is one, else another engine.
+The frozen defender of attacker_only mode is the base-model judge engine when there is one (or the policy engine's
+base weights when it serves an adapter), else another engine.
 """
 
 from __future__ import annotations
@@ -36,9 +40,27 @@ class Engines:
         """Each distinct engine once (the judge and the frozen defender may share one)."""
         out: list[Engine] = []
         for e in (self.policy, self.judge.engine, self.frozen_defender):
+            e = getattr(e, "shared", e)  # a BaseModelView is its engine
             if e is not None and all(e is not x for x in out):
                 out.append(e)
         return out
+
+    def describe(self) -> str:
+        """Which engine serves what, e.g. `1 engine: policy engine (policy: base + LoRA adapter; judge: base)`."""
+        roles: dict[int, list[str]] = {id(e): [] for e in self.unique()}
+        roles[id(self.policy)].append("policy" + (": base + LoRA adapter" if self.policy.adapter else ""))
+        judge = getattr(self.judge, "engine", None)
+        if isinstance(self.judge, RuleJudge):
+            roles[id(self.policy)].append("judge: a rule, no model")
+        elif judge is not None:
+            roles[id(getattr(judge, "shared", judge))].append("judge" + (": base" if judge is not self.policy and
+                                                                         hasattr(judge, "shared") else ""))
+        if self.frozen_defender is not None:
+            f = self.frozen_defender
+            roles[id(getattr(f, "shared", f))].append("frozen defender" + (": base" if hasattr(f, "shared") else ""))
+        n = len(roles)
+        return f"{n} engine{'s' if n > 1 else ''}: " + "; ".join(
+            f"{e.name} engine ({'; '.join(roles[id(e)])})" for e in self.unique())
 
     def snapshot(self) -> dict:
         """Per-engine phase counters now, for `since`."""
@@ -59,35 +81,42 @@ class Engines:
 
 def build_engines(mcfg: ModelConfig, game: GameConfig, *, trains: bool, seed: int, base_dir: Path,
                   policy_dir: Path | None = None, judge_dir: Path | None = None, max_model_len: int | None = None,
-                  judge_max_tokens: int = 24) -> Engines:
+                  judge_max_tokens: int = 24, lora_rank: int = 0) -> Engines:
     """base_dir: the policy's base model (resolved), which the base-model judge and attacker_only's frozen defender
     always hold (never a checkpoint); policy_dir: the weights the policy engine starts from (a checkpoint on
-    resume; default base_dir); judge_dir: the resolved judge model when it is not the policy's base model."""
+    resume; default base_dir); judge_dir: the resolved judge model when it is not the policy's base model.
+    lora_rank > 0: the policy engine holds base_dir and serves the policy as a LoRA adapter of up to that rank
+    (the caller attaches it: Engine.attach_adapter); the base-model judge and the frozen defender share it."""
     base_dir = Path(base_dir)
-    policy_dir = Path(policy_dir or base_dir)
+    policy_dir = base_dir if lora_rank else Path(policy_dir or base_dir)
     mml = max_model_len or mcfg.max_model_len
     policy = Engine(policy_dir, dtype=mcfg.dtype, max_model_len=mml, kv_cache_gib=mcfg.kv_cache_gib, seed=seed,
-                    name="policy")
+                    name="policy", enable_lora=lora_rank > 0, max_lora_rank=max(lora_rank, 1))
+    base_view = policy.base_model() if lora_rank else None
     if mcfg.judge_model.startswith("rule:"):
-        frozen = frozen_defender_engine(mcfg, game, base_dir, mml, seed)
+        frozen = base_view if game.mode == "attacker_only" and base_view else frozen_defender_engine(
+            mcfg, game, base_dir, mml, seed)
         return Engines(policy, RuleJudge(mcfg.judge_model[5:], policy), frozen, policy_dir, True)
     if is_probe(mcfg.judge_model):
         judge = make_judge(mcfg, judge_dir or base_dir, seed=seed, judge_max_tokens=judge_max_tokens)
-        frozen = frozen_defender_engine(mcfg, game, base_dir, mml, seed)
+        frozen = base_view if game.mode == "attacker_only" and base_view else frozen_defender_engine(
+            mcfg, game, base_dir, mml, seed)
         return Engines(policy, judge, frozen, policy_dir, False)
     judge_is_base = mcfg.judge_model == "policy"
     if not judge_is_base and judge_dir is None:
         raise ValueError(f"judge model {mcfg.judge_model!r} needs its resolved directory (judge_dir)")
-    shared = judge_is_base and not trains
+    shared = judge_is_base and (not trains or base_view is not None)
     if shared:
-        judge_engine = policy
+        judge_engine = base_view or policy
     else:
         jdir = base_dir if judge_is_base else Path(judge_dir)
         judge_engine = Engine(jdir, dtype=mcfg.dtype, max_model_len=judge_context(jdir, mcfg),
                               kv_cache_gib=mcfg.kv_cache_gib, seed=seed, name="judge")
     frozen = None
     if game.mode == "attacker_only":
-        if judge_is_base and judge_engine is not policy:
+        if base_view is not None:
+            frozen = base_view
+        elif judge_is_base and judge_engine is not policy:
             frozen = judge_engine
         else:
             frozen = frozen_defender_engine(mcfg, game, base_dir, mml, seed)

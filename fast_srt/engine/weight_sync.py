@@ -8,7 +8,14 @@ every write (cached KV blocks were computed with the old weights).
 Tied embeddings: vLLM keeps its own (repacked) copy of the output head; `lm_head.weight` must always be sent,
 otherwise the engine keeps a stale head. `fast_srt.learner.policy.weights_for_engine` adds it.
 
-Tested by tests/test_weight_sync.py: a weight written into the engine changes its next generation.
+LoRA in the engine (`push_adapter`): the engine holds the base weights and serves the policy as a LoRA request.
+vLLM keeps a loaded adapter twice: as a `LoRAModel` in its adapter cache (q/k/v and gate/up packed into the fused
+layers' lists, the scale folded into B) and copied into the LoRA layers' stacked slot buffers while it is active.
+The write updates both in place (the cache, so a re-activation brings the new values; the slot, so the next forward
+uses them) and resets the prefix cache. Only the adapter's tensors move: rank-sized, not model-sized.
+
+Tested by tests/engine/test_weight_sync.py: a weight written into the engine changes its next generation, and a
+written adapter changes the policy's generations and leaves the base model's (the judge's) unchanged.
 """
 
 from __future__ import annotations
@@ -40,5 +47,50 @@ def push_weights(llm, weights: Iterable[tuple[str, torch.Tensor]]) -> float:
     t0 = time.perf_counter()
     with torch.no_grad():
         _model_runner(llm).reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+    llm.reset_prefix_cache()
+    return time.perf_counter() - t0
+
+
+def _lora_manager(llm):
+    runner = _model_runner(llm)
+    manager = getattr(getattr(runner, "lora_manager", None), "_adapter_manager", None)
+    if manager is None:
+        raise RuntimeError("the engine was built without LoRA (Engine(enable_lora=True))")
+    return manager
+
+
+def push_adapter(llm, lora_int_id: int, adapters: Iterable[tuple[str, tuple[torch.Tensor, torch.Tensor]]]) -> float:
+    """Write LoRA tensors into the engine's loaded adapter `lora_int_id`, in place; return the seconds it took.
+
+    adapters: (module name in HF naming, e.g. `model.layers.0.self_attn.q_proj`, (A [r, in], scaled B [out, r]))
+    pairs, as `fast_srt.learner.lora.adapter_for_engine` gives them. Every layer the engine's adapter holds must be
+    given, and nothing else."""
+    t0 = time.perf_counter()
+    manager = _lora_manager(llm)
+    lora_model = manager.get_adapter(lora_int_id)
+    if lora_model is None:
+        raise RuntimeError(f"adapter {lora_int_id} is not loaded in the engine (load it with a LoRA request first)")
+    where = {}  # HF module name -> the engine's (A, B) tensors for it (q/k/v and gate/up live in packed lists)
+    for name, weights in lora_model.loras.items():
+        subs = manager.packed_modules.get(name, [name])
+        a_list = weights.lora_a if isinstance(weights.lora_a, list) else [weights.lora_a]
+        b_list = weights.lora_b if isinstance(weights.lora_b, list) else [weights.lora_b]
+        where.update({sub: (a, b) for sub, a, b in zip(subs, a_list, b_list) if a is not None})
+    with torch.no_grad():
+        for name, (new_a, new_b) in adapters:
+            if name not in where:
+                raise KeyError(f"adapted layer {name} is not in the engine's adapter {lora_int_id}")
+            a, b = where.pop(name)
+            a.copy_(new_a)
+            b.copy_(new_b)
+        if where:
+            raise KeyError(f"no tensors given for {len(where)} layer(s) of the engine's adapter, e.g. "
+                           f"{next(iter(where))}")
+        if lora_int_id in manager.lora_index_to_id:  # active: refresh its slot in the layers' stacked buffers
+            slot = manager.lora_index_to_id.index(lora_int_id)
+            for module_name, module in manager.modules.items():
+                weights = lora_model.get_lora(module_name)
+                if weights is not None:
+                    module.set_lora(slot, weights.lora_a, weights.lora_b)
     llm.reset_prefix_cache()
     return time.perf_counter() - t0

@@ -101,3 +101,37 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in model.state_dict().items() if ".lora_A" in k or ".lora_B" in k}
+
+
+@torch.no_grad()
+def adapter_for_engine(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each adapted layer's (A [r, in], (alpha/r) B [out, r]) by its module name, fp32: what an engine's LoRA slot
+    holds (vLLM folds the scale into B when it loads an adapter)."""
+    return {name: (m.lora_A.detach(), m.lora_B.detach() * m.scale) for name, m in model.named_modules()
+            if isinstance(m, LoRALinear)}
+
+
+def save_peft_adapter(model: nn.Module, out_dir, base_model: str = "") -> None:
+    """The adapters as a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors): what vLLM loads for a
+    LoRA request, and what `peft.PeftModel.from_pretrained` reads."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    mods = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if not mods:
+        raise ValueError("the model has no LoRA adapters to save")
+    first = next(iter(mods.values()))
+    rank = first.lora_A.shape[0]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, m in mods.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.detach().float().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.detach().float().contiguous()
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": first.scale * rank,
+              "target_modules": sorted({n.rsplit(".", 1)[-1] for n in mods}), "lora_dropout": 0.0, "bias": "none",
+              "base_model_name_or_path": str(base_model)}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))

@@ -5,7 +5,8 @@ Pure arithmetic on config.json shapes (no weights loaded), so it answers for mod
 
 What each phase holds (bytes; P = parameters, P_lin = parameters of the decoder's linear layers, b = bytes of the
 compute dtype, T = tokens of one micro-batch):
-- resident all step: the engines' weights (P x b each; the judge shares the policy engine only in `play`), the
+- resident all step: the engines' weights (P x b each; the policy's base model as judge shares the policy engine
+  in `play`, and with a LoRA adapter served by the engine, whose two copies of the adapter count too), the
   trainer's weights (full fine-tuning: fp32 master copy, 4P; LoRA: the frozen base as the trainer holds it, see
   `trainer_weights`, plus fp32 adapters), AdamW's two fp32 moments (8 x trainable), and the frozen KL reference
   (full fine-tuning with kl_coef > 0: linears in the compute dtype, the rest fp32, as `load_reference` builds it).
@@ -146,6 +147,7 @@ class PlanInput:
     budget_gib: float = 80.0
     trains: bool = True
     lora_base_in_compute_dtype: bool = True  # what the trainer does (learner/lora.py: base_to_compute_dtype)
+    lora_in_engine: bool = True  # LoRA: the policy engine serves the adapter on the base (the base judge shares it)
 
 
 @dataclass
@@ -213,9 +215,12 @@ def plan(p: PlanInput) -> list[Phase]:
     judge_tokens = p.judge_prompt_tokens + 32
     kv_judge = (p.judge_kv_cache_gib if p.judge_kv_cache_gib is not None
                 else kv_need_gib(judge, 2 * p.games_per_step, judge_tokens, b))
-    shared_engine = not p.trains and p.judge is None
+    adapter_in_engine = p.trains and p.lora_rank > 0 and p.lora_in_engine
+    shared_engine = p.judge is None and (not p.trains or adapter_in_engine)  # the judge reads the base weights
     resident = {"policy engine weights": b * s.params / GIB,
                 "runtime overhead": RUNTIME_OVERHEAD_GIB.get(p.device, 0.75)}
+    if adapter_in_engine:  # vLLM holds the adapter twice: its adapter cache and the active slot's stacked buffers
+        resident["policy engine LoRA adapter (cache + slot)"] = 2 * b * s.lora_params(p.lora_rank) / GIB
     if not shared_engine:
         resident["judge engine weights"] = b * judge.params / GIB
     if p.trains:
@@ -237,8 +242,11 @@ def plan(p: PlanInput) -> list[Phase]:
     if p.trains:
         tr = Phase("training", dict(resident))
         if p.device != "cuda":  # no sleep mode on CPU: the KV caches stay allocated
-            tr.parts["policy KV cache"] = kv_policy
-            tr.parts["judge KV cache"] = kv_judge
+            if shared_engine:
+                tr.parts["policy KV cache (judge shares it)"] = max(kv_policy, kv_judge)
+            else:
+                tr.parts["policy KV cache"] = kv_policy
+                tr.parts["judge KV cache"] = kv_judge
         trainable = s.lora_params(p.lora_rank) if p.lora_rank else s.params
         tr.parts["gradients (fp32)"] = 4 * trainable / GIB
         if not (p.lora_rank and p.lora_base_in_compute_dtype):  # frozen fp32 weights are cast every forward
@@ -324,7 +332,7 @@ def plan_input_from_config(cfg, *, device: str, budget_gib: float, policy: str |
                      micro_batch_tokens=cfg.optim.micro_batch_tokens,
                      gradient_checkpointing=cfg.gradient_checkpointing, kl=cfg.algo.kl_coef > 0,
                      kv_cache_gib=kv, judge_kv_cache_gib=kv if not m.judge_model.startswith("rule:") else 0.0,
-                     device=device, budget_gib=budget_gib, trains=trains)
+                     device=device, budget_gib=budget_gib, trains=trains, lora_in_engine=cfg.lora_in_engine)
 
 
 def device_budget_gib(device: str) -> float:

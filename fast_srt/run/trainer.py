@@ -24,12 +24,12 @@ from fast_srt.config import TrainConfig, WarmupConfig
 from fast_srt.engine.engine import SamplingSpec
 from fast_srt.engine.placement import Engines, build_engines
 from fast_srt.engine.rollout import play_games
-from fast_srt.engine.weight_sync import push_weights
+from fast_srt.engine.weight_sync import push_adapter, push_weights
 from fast_srt.errors import UserError
 from fast_srt.game.rewards import reward_function
 from fast_srt.game.rules import GameOptions
 from fast_srt.game.seeds import SeedPool
-from fast_srt.learner.lora import apply_lora, base_to_compute_dtype
+from fast_srt.learner.lora import adapter_for_engine, apply_lora, base_to_compute_dtype, save_peft_adapter
 from fast_srt.learner.policy import (VARLEN_SDPA, build_optimizer, build_scheduler, load_policy, load_reference,
                                      weights_for_engine)
 from fast_srt.learner.step import Learner, games_to_samples, learner_step, pick_logprob_impl, total_updates
@@ -103,12 +103,27 @@ def train_step(run: Run, step: int, status: Status) -> tuple[dict, list]:
 
 
 def sync_weights(engine, model) -> float:
-    """Write the trainer's weights into the live engine, in place, in its dtype (see weight_sync.py)."""
-    n = len(model.state_dict()) + 1  # + the output head, always sent
-    weights = weights_for_engine(model, engine.dtype)
-    dt = push_weights(engine.llm, faults.hit_halfway("weight_sync", weights, n))
+    """Write the trainer's weights into the live engine, in place, in its dtype (see weight_sync.py): with an
+    adapter served by the engine only the adapter's tensors, else every weight (LoRA merged)."""
+    if engine.adapter is not None:
+        adapters = adapter_for_engine(model)
+        dt = push_adapter(engine.llm, engine.adapter.lora_int_id,
+                          faults.hit_halfway("weight_sync", adapters.items(), len(adapters)))
+    else:
+        n = len(model.state_dict()) + 1  # + the output head, always sent
+        weights = weights_for_engine(model, engine.dtype)
+        dt = push_weights(engine.llm, faults.hit_halfway("weight_sync", weights, n))
     engine.wake_kv_cache()
     return dt
+
+
+def attach_policy_adapter(engine, model, base_dir: Path) -> None:
+    """Serve the trainer's adapter (fresh, or the checkpoint's on resume) on the policy engine's base weights."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fast_srt-adapter-") as d:  # read once: later writes go in place
+        save_peft_adapter(model, d, base_model=str(base_dir))
+        engine.attach_adapter(d)
 
 
 def probe_changed(run: Run) -> bool:
@@ -151,6 +166,7 @@ def train(cfg: TrainConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     print(run_plan(cfg, engines))
+    print(engines.describe())
     print(f"start-up {time.perf_counter() - t_start:.1f} s; torch threads {torch.get_num_threads()}; log-prob "
           f"impl {getattr(learner.logprob_fn, '__name__', learner.logprob_fn)}; from step {run.start_step}",
           flush=True)
@@ -269,7 +285,8 @@ def run_plan(cfg: TrainConfig, engines) -> str:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     judge_engine = getattr(engines.judge, "engine", None)
-    judge = judge_engine.model_dir if judge_engine is not None and judge_engine is not engines.policy else None
+    shares = getattr(judge_engine, "shared", judge_engine) is engines.policy  # the same engine (base weights)
+    judge = judge_engine.model_dir if judge_engine is not None and not shares else None
     p = plan_input_from_config(cfg, device=device, budget_gib=device_budget_gib(device),
                                policy=str(engines.policy_dir), judge=judge)
     return render(p, plan(p), detail=False)
@@ -341,9 +358,12 @@ def setup_run(cfg: TrainConfig) -> Run:
             load_lora_adapter(model, ckpt_dir)
     optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
     check_free_space(run_dir, checkpoint_bytes(model))
+    adapter_rank = cfg.lora_rank if cfg.lora_in_engine else 0  # the engine serves the adapter (LoRA requests)
     engines = build_engines(mcfg, cfg.game, trains=True, seed=cfg.seed, base_dir=base_dir,
                             policy_dir=Path(ckpt_dir) if ckpt_dir is not None else base_dir, judge_dir=judge_dir,
-                            judge_max_tokens=cfg.sampling.judge_max_tokens)
+                            judge_max_tokens=cfg.sampling.judge_max_tokens, lora_rank=adapter_rank)
+    if adapter_rank:
+        attach_policy_adapter(engines.policy, model, base_dir)
     ref = None
     if cfg.algo.kl_coef > 0 and not cfg.lora_rank:  # with LoRA the reference is the model with adapters off
         ref = load_reference(str(base_dir), compute_dtype, device, attn=attn)

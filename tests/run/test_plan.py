@@ -89,3 +89,16 @@ def test_plan_cli_and_bad_input():
     assert bad.returncode == 2 and "--device must be cuda or cpu" in bad.stderr
     with pytest.raises(UserError):
         resolve_shape("/nonexistent/dir")
+
+
+def test_lora_in_one_engine_drops_the_judge_engine():
+    """With the policy's base model as judge and the adapter served by the policy engine, the plan holds one copy
+    of the base weights on the engine side (plus the adapter twice); with two engines, two copies."""
+    s = resolve_shape("7b")
+    one = plan(PlanInput(policy=s, lora_rank=16, lora_in_engine=True))
+    two = plan(PlanInput(policy=s, lora_rank=16, lora_in_engine=False))
+    for a, b in zip(one, two):
+        assert "judge engine weights" not in a.parts and b.parts["judge engine weights"] == pytest.approx(
+            2 * s.params / 2**30)
+        assert a.parts["policy engine LoRA adapter (cache + slot)"] == pytest.approx(4 * s.lora_params(16) / 2**30)
+    assert max(p.total for p in one) < max(p.total for p in two) - 13

@@ -276,3 +276,21 @@ def test_variants_run_two_steps(tiny_model_dir, tmp_path, variant):
             assert x["samples/defender"] == 0 and x["samples/attacker"] > 0
         else:
             assert x["samples/defender"] > 0
+
+
+def test_lora_in_one_engine_trains_and_resumes(tiny_model_dir, tmp_path):
+    """LoRA with the policy's base model as judge: one engine serves both (the policy as base + adapter, the judge
+    as the base), each sync writes only the adapter, and a run killed mid-step resumes."""
+    run = tmp_path / "run"
+    args = _tiny_args(tiny_model_dir, run, "--lora-rank", "4", "--model.judge-model", "policy", "--save-every", "1")
+    args += ["--steps", "3"]
+    p = _train(args, extra_env={faults.ENV: "generate:3"}, timeout=600)  # killed in step 3, after step 2's save
+    assert p.returncode == -9, p.stderr[-3000:]
+    assert "1 engine: policy engine (policy: base + LoRA adapter; judge: base)" in p.stdout, p.stdout[-3000:]
+    m = read_metrics(run / "metrics.jsonl")
+    assert [x["step"] for x in m] == [1, 2] and all(x["time/sync_push_s"] > 0 for x in m)
+    assert any(x["sync/probe_changed"] for x in m)  # the written adapter reached the policy's generations
+    p = _train(args + ["--resume"], timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "1 engine:" in p.stdout and "from step 2" in p.stdout
+    assert [x["step"] for x in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
