@@ -253,6 +253,7 @@ def test_bad_input_checkpoint_from_another_model(tiny_model_dir, tmp_path):
     ["rloo", "grpo", "--algo.estimator", "rloo", "--game.no-cot"],
     ["attacker_only", "attacker_only", "--game.no-cot"],
     ["lora", "rl_only", "--lora-rank", "4", "--game.no-cot"],
+    ["lora_merged", "rl_only", "--lora-rank", "4", "--game.no-cot", "--no-lora-in-engine"],
 ], ids=lambda v: v[0])
 def test_variants_run_two_steps(tiny_model_dir, tmp_path, variant):
     """Every estimator, the SFT loss and the attacker-only game run through the same loop and log every step."""
