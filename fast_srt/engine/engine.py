@@ -121,6 +121,10 @@ class Engine:
             if not fit:
                 raise UserError(f"LoRA rank {max_lora_rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]})")
             kwargs.update(enable_lora=True, max_lora_rank=fit[0], max_loras=1)
+            if on_cpu:  # vLLM's CPU LoRA ops copy the adapter per token; one matmul per adapter instead
+                from fast_srt.engine.weight_sync import use_grouped_cpu_lora_ops
+
+                use_grouped_cpu_lora_ops()
         if runner == "pooling":  # the model's last hidden state for every token (a probe judge reads them)
             from vllm.config import PoolerConfig
 

@@ -94,3 +94,59 @@ def push_adapter(llm, lora_int_id: int, adapters: Iterable[tuple[str, tuple[torc
                     module.set_lora(slot, weights.lora_a, weights.lora_b)
     llm.reset_prefix_cache()
     return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------------- CPU LoRA ops
+# vLLM's CPU LoRA ops (vllm.lora.ops.torch_ops) gather a copy of the adapter's matrix for every token
+# (`weights[indices]`: [tokens, out, r]) and contract token by token: memory traffic of tokens x out x r per layer.
+# With one adapter every token of a call uses the same matrix, so one matmul per slot does the same work. These
+# replacements keep the ops' signatures and results; a token whose index is -1 (no adapter) gets no LoRA term
+# (vLLM's version indexes the last slot with -1 there).
+
+def _lora_product(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype) -> torch.Tensor:
+    """[tokens, in] x each token's slot of weights [slots, (1,) out, in] -> [tokens, out] in `dtype`."""
+    w = weights.squeeze(1) if weights.dim() == 4 else weights
+    x = inputs.to(dtype)
+    slots = indices.unique().tolist()
+    if len(slots) == 1 and slots[0] >= 0:
+        return x @ w[slots[0]].to(dtype).t()
+    out = x.new_zeros(x.shape[0], w.shape[1])
+    for s in slots:
+        if s >= 0:
+            rows = (indices == s).nonzero().squeeze(1)
+            out[rows] = x[rows] @ w[s].to(dtype).t()
+    return out
+
+
+def _bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling=1.0):
+    out = _lora_product(inputs, lora_a_weights, lora_indices_tensor, output_tensor.dtype)
+    output_tensor[:, : out.shape[1]] = scaling * out
+
+
+def _bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs=True):
+    out = _lora_product(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    limit = 1 if out.shape[0] == 1 and output_tensor.shape[0] != 1 else output_tensor.shape[0]
+    n = min(out.shape[1], output_tensor.shape[1])
+    if add_inputs:
+        output_tensor[:, :n] += out[:limit, :n]
+    else:
+        output_tensor[:, :n] = out[:limit, :n]
+
+
+def _bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset, slice_size,
+                       add_inputs=True):
+    out = _lora_product(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    if add_inputs:
+        output_tensor[:, slice_offset: slice_offset + slice_size] += out
+    else:
+        output_tensor[:, slice_offset: slice_offset + slice_size] = out
+
+
+def use_grouped_cpu_lora_ops() -> None:
+    """Replace vLLM's per-token CPU LoRA ops with the grouped ones above (process-wide; before any LoRA forward)."""
+    import vllm.lora.ops.torch_ops.lora_ops as ops
+    import vllm.lora.punica_wrapper.punica_cpu as punica
+
+    for module in (ops, punica):  # the sgmv_* ops call the bgmv_* ones through lora_ops' globals
+        module.bgmv_shrink, module.bgmv_expand, module.bgmv_expand_slice = (_bgmv_shrink, _bgmv_expand,
+                                                                            _bgmv_expand_slice)

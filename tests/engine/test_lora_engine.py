@@ -84,3 +84,47 @@ def test_adapter_write_refuses_layers_it_does_not_match(tiny_lora_engine, traine
         push_adapter(engine.llm, engine.adapter.lora_int_id, extra.items())
     with pytest.raises(RuntimeError, match="not loaded"):
         push_adapter(engine.llm, 7, adapters.items())
+
+
+def _reference(inputs, weights, indices):
+    """Float64 per-token LoRA product; index -1: no adapter (zeros)."""
+    w = weights.squeeze(1).double()
+    out = torch.zeros(inputs.shape[0], w.shape[1], dtype=torch.float64)
+    for t, s in enumerate(indices.tolist()):
+        if s >= 0:
+            out[t] = w[s] @ inputs[t].double()
+    return out
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("mix", ["one", "mixed"])
+def test_grouped_cpu_lora_ops_against_float64(dtype, tol, mix):
+    """The grouped CPU LoRA ops (one matmul per adapter slot) against a float64 per-token product: shrink with its
+    scale, expand adding or not, the sliced expand; odd sizes; a mixed batch with tokens of no adapter (-1)."""
+    from fast_srt.engine import weight_sync as ws
+
+    g = torch.Generator().manual_seed(7 if mix == "one" else 8)
+    n, d_in, r, d_out = 37, 53, 5, 29
+    idx = (torch.full((n,), 1) if mix == "one" else torch.randint(-1, 3, (n,), generator=g))
+    x = torch.randn(n, d_in, generator=g).to(dtype)
+    a = torch.randn(3, 1, r, d_in, generator=g).to(dtype)
+    y = torch.zeros(n, r, dtype=dtype)
+    ws._bgmv_shrink(x, a, y, idx, 0.5)
+    want = 0.5 * _reference(x, a, idx)
+    assert torch.allclose(y.double(), want, atol=tol * want.abs().max().item(), rtol=tol)
+
+    h = torch.randn(n, r, generator=g).to(dtype)
+    b = torch.randn(3, 1, d_out, r, generator=g).to(dtype)
+    base = torch.randn(n, d_out + 3, generator=g).to(dtype)
+    prod = _reference(h, b, idx)
+    for add in (True, False):
+        out = base.clone()
+        ws._bgmv_expand(h, b, out, idx, add_inputs=add)
+        want = base.double().clone()
+        want[:, :d_out] = (want[:, :d_out] if add else 0) + prod
+        assert torch.allclose(out.double(), want, atol=tol * want.abs().max().item(), rtol=tol)
+        out = base.clone()
+        ws._bgmv_expand_slice(h, b[:, :, :d_out - 4], out, idx, 3, d_out - 4, add_inputs=add)
+        want = base.double().clone()
+        want[:, 3:d_out - 1] = (want[:, 3:d_out - 1] if add else 0) + prod[:, :d_out - 4]
+        assert torch.allclose(out.double(), want, atol=tol * want.abs().max().item(), rtol=tol)
