@@ -155,7 +155,7 @@ def train(cfg: TrainConfig) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     status = Status(cfg.steps)
-    print(run_plan(cfg, engines))
+    print(run_plan(cfg, engines, ranks.world))
     print(f"start-up {time.perf_counter() - t_start:.1f} s; torch threads {torch.get_num_threads()}; log-prob "
           f"impl {getattr(learner.logprob_fn, '__name__', learner.logprob_fn)}; from step {run.start_step}",
           flush=True)
@@ -277,7 +277,7 @@ def load_lora_adapter(model, ckpt_dir: Path) -> None:
     model.load_state_dict(saved, strict=False)  # the adapters only; the base weights came from the base model
 
 
-def run_plan(cfg: TrainConfig, engines) -> str:
+def run_plan(cfg: TrainConfig, engines, ranks: int = 1) -> str:
     """The planner's two-line memory plan for this run on this device (fast_srt.run.plan, as `fast-srt plan`)."""
     from fast_srt.run.plan import device_budget_gib, plan, plan_input_from_config, render
 
@@ -285,7 +285,7 @@ def run_plan(cfg: TrainConfig, engines) -> str:
     judge_engine = getattr(engines.judge, "engine", None)
     judge = judge_engine.model_dir if judge_engine is not None and judge_engine is not engines.policy else None
     p = plan_input_from_config(cfg, device=device, budget_gib=device_budget_gib(device),
-                               policy=str(engines.policy_dir), judge=judge)
+                               policy=str(engines.policy_dir), judge=judge, ranks=ranks)
     return render(p, plan(p), detail=False)
 
 

@@ -133,3 +133,18 @@ def test_two_ranks_killed_then_resumed(tiny_model_dir, tmp_path, point):
         assert a != b
     assert find_latest(run).name == "step_00000003"
     assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_plan_per_rank():
+    """`fast-srt plan --ranks N`: one rank's plan (its share of the games), saying every rank holds all of it,
+    and that more ranks do not shrink a peak that does not fit (a judge on every rank, no sharding)."""
+    from fast_srt.run.plan import PlanInput, plan, render, resolve_shape
+
+    one = PlanInput(policy=resolve_shape("8b"), judge=resolve_shape("7b"), games_per_step=64, budget_gib=80)
+    eight = PlanInput(**{**one.__dict__, "ranks": 8})
+    kv = lambda p: sum(v for ph in plan(p) for k, v in ph.parts.items() if "KV" in k)  # noqa: E731
+    assert kv(eight) < kv(one)  # 8 games a rank instead of 64
+    text = render(eight, plan(eight))
+    assert "each of 8 ranks holds all of this" in text and "8 of the 64 games" in text
+    assert "more ranks do not lower this peak" in text and "FSDP2 is not built" in text
+    assert "per rank" not in render(one, plan(one))
