@@ -22,7 +22,7 @@ USAGE = """usage: fast-srt {train,sft,play,games,eval,judge-eval,plot,plan,bench
   games RUN_DIR [--step N]     a training run's logged games side by side (default: its last step)
   eval CHECKPOINT [--compare BASELINE] [--options]
                                safety (attack success, refusal, over-refusal) and attack diversity on held-out sets
-  plan [PRESET] [--budget-gib G] [--device cuda|cpu] [train options]
+  plan [PRESET] [--budget-gib G] [--device cuda|cpu] [--ranks N] [train options]
                                the memory plan phase by phase: does it fit, what to change if not
   judge-eval [--judge-model M] [--options]
                                a judge's agreement with known labels: accuracy, AUC, confusion matrices

@@ -6,7 +6,8 @@ vLLM, and only the learner, run and kernels layers import torch at module level.
     learner  torch only: batches, the policy forward, losses, LoRA, SFT, the learner's step
     run      checkpoints, metrics, model resolution, reports, the trainer loop
     eval     held-out prompt sets, the refusal matcher, diversity, the evaluator on engines, its reports
-    commands one module per CLI command; cli.py dispatches to them
+    commands one module per CLI command; cli.py dispatches to them; __main__.py (`python -m fast_srt`, what torchrun
+             launches) runs cli.py
 Leaves any layer may import: errors, config, faults (and kernels from the learner).
 """
 
@@ -25,6 +26,7 @@ ALLOWED = {  # layer -> layers it may import
     "eval": {"game", "engine", "run"},
     "commands": {"game", "engine", "learner", "run", "eval", "kernels"},
     "cli": {"commands", "engine"},
+    "__main__": {"cli"},
 }
 
 

@@ -1,5 +1,6 @@
-"""`fast-srt plan [PRESET] [--budget-gib G] [--device cuda|cpu] [--prompt-tokens N] [train options]`: the memory
-plan of a run, phase by phase, before anything is loaded; whether it fits and what to change if not.
+"""`fast-srt plan [PRESET] [--budget-gib G] [--device cuda|cpu] [--prompt-tokens N] [--ranks N] [train options]`: the
+memory plan of a run, phase by phase, before anything is loaded; whether it fits and what to change if not. --ranks:
+the plan of one rank of a torchrun launch (every rank holds its own engines, judge and model; budget per device).
 
 The model and judge may be sizes (8b, 7b, 70b, 1.5b, 135m), known hub ids, local directories or `default`; every
 other setting is the train command's (`--lora-rank`, `--sampling.games-per-step`, `--sampling.max-new-tokens`,
@@ -16,7 +17,8 @@ def plan_main(argv: list[str]) -> None:
     from fast_srt.commands.train import parse_train_args
     from fast_srt.run.plan import plan, plan_input_from_config, render
 
-    opts = {"--budget-gib": 80.0, "--device": "cuda", "--prompt-tokens": 320, "--judge-prompt-tokens": 640}
+    opts = {"--budget-gib": 80.0, "--device": "cuda", "--prompt-tokens": 320, "--judge-prompt-tokens": 640,
+            "--ranks": 1}
     rest, it = [], iter(argv)
     for a in it:
         key, _, val = a.partition("=")
@@ -34,8 +36,10 @@ def plan_main(argv: list[str]) -> None:
         raise UserError(f"--device must be cuda or cpu, got {opts['--device']!r}")
     if opts["--budget-gib"] <= 0:
         raise UserError(f"--budget-gib must be > 0, got {opts['--budget-gib']}")
+    if opts["--ranks"] < 1:
+        raise UserError(f"--ranks must be >= 1 (the torchrun ranks: nnodes x nproc_per_node), got {opts['--ranks']}")
     cfg = parse_train_args(rest)
     p = plan_input_from_config(cfg, device=opts["--device"], budget_gib=opts["--budget-gib"],
                                prompt_tokens=opts["--prompt-tokens"],
-                               judge_prompt_tokens=opts["--judge-prompt-tokens"])
+                               judge_prompt_tokens=opts["--judge-prompt-tokens"], ranks=opts["--ranks"])
     print(render(p, plan(p)))

@@ -90,6 +90,18 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def launcher_kwargs(seed: int) -> dict:
+    """Under torchrun (torch.distributed initialised with more than one rank, fast_srt.run.distributed): vLLM's
+    "external_launcher" executor, which builds one engine in each rank's process on the existing process group
+    (each rank generates on its own, no tensor parallelism), and a sampling seed per rank, so that ranks do not draw
+    the same random numbers. One process: the seed as given, vLLM's default executor."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return {"seed": seed}
+    return {"distributed_executor_backend": "external_launcher", "seed": seed + 100_003 * dist.get_rank()}
+
+
 class Engine:
     """One in-process vLLM engine.
 
@@ -113,6 +125,7 @@ class Engine:
         kwargs = dict(dtype=dtype, max_model_len=max_model_len, seed=seed, enforce_eager=enforce_eager,
                       logprobs_mode="processed_logprobs", use_tqdm_on_load=os.environ.get(QUIET_ENV) != "1",
                       disable_log_stats=False)
+        kwargs.update(launcher_kwargs(seed))  # under torchrun: one engine per rank, each its own sampling seed
         if not on_cpu:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
             kwargs["enable_sleep_mode"] = True  # lets the KV cache be released while training

@@ -25,6 +25,7 @@ import torch
 from fast_srt import faults
 from fast_srt.config import TrainConfig
 from fast_srt.errors import UserError
+from fast_srt.learner import collective
 from fast_srt.learner.batch import (ROLE_IDS, Sample, pack, pack_shared, split_micro_batches,
                                     split_shared_micro_batches)
 from fast_srt.learner.lora import adapters_disabled
@@ -54,13 +55,23 @@ class Learner:
 def learner_step(learner: Learner, step: int, samples, timer) -> dict:
     """Old and reference log-probs, advantages, then the PPO-clip updates; returns their metrics."""
     cfg = learner.cfg
-    minis = mini_batches(cfg, step, len(samples))
+    # under torchrun every rank makes the same number of mini-batches (a rank with fewer samples, or none, gets
+    # empty ones and adds a zero gradient): the ranks' optimizer steps line up one to one
+    minis = mini_batches(cfg, step, len(samples), collective.all_max(len(samples)))
     learner.model.eval()
     counts: dict = {}
     with timer("logprob"):
         old, ref = old_and_ref_logprobs(learner, samples, needs_old(cfg, minis, len(samples)), counts)
     with timer("advantage"):
-        advs, metrics = compute_advantages(cfg, samples, old, ref, learner.adv_fns, learner.device)
+        # REINFORCE++ whitens per role over the whole batch: under torchrun, over every rank's samples
+        whiten_all = collective.active() and cfg.algo.estimator == "reinforce_pp" and cfg.algo.whiten
+        if samples:
+            advs, metrics = compute_advantages(cfg, samples, old, ref, learner.adv_fns, learner.device,
+                                               whiten=not whiten_all)
+        else:  # this rank played no trainable game: it still joins every reduction
+            advs, metrics = [], {"kl/_sum": 0.0, "kl/_n": 0}
+        if whiten_all:
+            advs = whiten_across_ranks(samples, advs)
     learner.model.train()
     with timer("train"):
         metrics.update(update_policy(learner, step, samples, old, ref, advs, minis))
@@ -72,11 +83,12 @@ def learner_step(learner: Learner, step: int, samples, timer) -> dict:
     return metrics
 
 
-def mini_batches(cfg: TrainConfig, step: int, n: int) -> list[list[int]]:
-    """The rollout's samples shuffled (seeded by step) and dealt into min(updates_per_step, n) mini-batches."""
+def mini_batches(cfg: TrainConfig, step: int, n: int, n_max: int | None = None) -> list[list[int]]:
+    """The rollout's samples shuffled (seeded by step) and dealt into min(updates_per_step, n) mini-batches; n_max
+    (the most samples any rank holds, under torchrun) in place of n decides how many, so every rank makes as many."""
     order = list(range(n))
     random.Random(cfg.seed * 100003 + step).shuffle(order)
-    k = min(cfg.optim.updates_per_step, n)
+    k = min(cfg.optim.updates_per_step, n if n_max is None else n_max)
     return [order[m::k] for m in range(k)]
 
 
@@ -157,10 +169,11 @@ def old_and_ref_logprobs(learner: Learner, samples, need_old: list[bool] | None 
     return old, None
 
 
-def compute_advantages(cfg, samples, old, ref, adv_fns, device: torch.device,
+def compute_advantages(cfg, samples, old, ref, adv_fns, device: torch.device, whiten: bool = True,
                        ) -> tuple[list[torch.Tensor], dict]:
     """Per-sample advantages [R_s] for the chosen estimator, on the whole rollout at once, on `device` (the device
-    the advantage kernels were chosen for: select_advantages_impl(device) in setup_run)."""
+    the advantage kernels were chosen for: select_advantages_impl(device) in setup_run). whiten False: REINFORCE++
+    returns the returns unwhitened (the caller whitens them over every rank: whiten_across_ranks)."""
     reinforce_fn, group_fn = adv_fns
     full = pack(samples, device=device)  # the advantage pass is O(T)
     have = [o is not None for o in old]
@@ -174,13 +187,30 @@ def compute_advantages(cfg, samples, old, ref, adv_fns, device: torch.device,
         if cfg.algo.kl_coef > 0 and not all(have):
             raise ValueError("REINFORCE++ with kl_coef > 0 needs the old log-probs of every sample")
         adv, _ = reinforce_fn(old_t, ref_t, full.rewards, full.cu_seqlens, full.loss_mask, full.roles,
-                              kl_coef=cfg.algo.kl_coef, n_roles=len(ROLE_IDS), whiten=cfg.algo.whiten)
+                              kl_coef=cfg.algo.kl_coef, n_roles=len(ROLE_IDS), whiten=cfg.algo.whiten and whiten)
     else:
         # dense ids 0..G-1: ties and empty turns leave gaps in the (seed, role) group numbers
         raw = torch.tensor([s.metadata["group"] for s in samples], dtype=torch.int64)
         groups = torch.unique(raw, return_inverse=True)[1].to(device)
         adv = group_fn(full.rewards, groups, full.cu_seqlens, full.loss_mask, kind=cfg.algo.estimator)
     return full.split_responses(adv.cpu()), {"kl/_sum": kl_sum, "kl/_n": kl_n}
+
+
+def whiten_across_ranks(samples, returns: list[torch.Tensor], eps: float = 1e-8) -> list[torch.Tensor]:
+    """REINFORCE++'s per-role whitening (the advantage kernel's: masked mean and population variance per role, in
+    float64, variance clamped at eps) over the response tokens of every rank's samples together."""
+    n_roles = len(ROLE_IDS)
+    stats = [0.0] * (3 * n_roles)  # per role: count, sum, sum of squares
+    for s, r in zip(samples, returns):
+        k, r64 = ROLE_IDS[s.role], r.double()
+        stats[k] += r64.numel()
+        stats[n_roles + k] += float(r64.sum())
+        stats[2 * n_roles + k] += float((r64 * r64).sum())
+    stats = collective.all_sum(stats)
+    mean = [stats[n_roles + k] / max(stats[k], 1) for k in range(n_roles)]
+    var = [max(stats[2 * n_roles + k] / max(stats[k], 1) - mean[k] ** 2, eps) for k in range(n_roles)]
+    return [((r.double() - mean[ROLE_IDS[s.role]]) / var[ROLE_IDS[s.role]] ** 0.5).float()
+            for s, r in zip(samples, returns)]
 
 
 def update_policy(learner: Learner, step: int, samples, old, ref, advs, minis: list[list[int]] | None = None,
@@ -205,7 +235,8 @@ def update_policy(learner: Learner, step: int, samples, old, ref, advs, minis: l
     for m in range(n_mini):
         idx = minis[m]
         mini = [samples[i] for i in idx]
-        n_tokens = sum(len(s.response_ids) for s in mini)
+        # the token mean is over the mini-batch of every rank together (collective.py)
+        n_tokens = int(collective.all_sum([sum(len(s.response_ids) for s in mini)])[0])
         where = {id(s): i for s, i in zip(mini, idx)}  # sample -> its index in the rollout
         optimizer.zero_grad(set_to_none=True)
         acc.setdefault("optim/lr", []).append(torch.tensor(optimizer.param_groups[0]["lr"]))
@@ -230,6 +261,10 @@ def update_policy(learner: Learner, step: int, samples, old, ref, advs, minis: l
                     per_mini[k] = per_mini.get(k, 0.0) + v
                 else:
                     acc.setdefault(k, []).append(v)
+        if collective.active():  # one rank's non-finite loss skips the update on all; else the summed gradient
+            finite = collective.all_true(finite)
+            if finite:
+                collective.reduce_gradients(model.parameters())
         if finite:
             scaler.unscale_(optimizer)
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)

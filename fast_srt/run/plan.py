@@ -148,6 +148,7 @@ class PlanInput:
     trains: bool = True
     lora_base_in_compute_dtype: bool = True  # what the trainer does (learner/lora.py: base_to_compute_dtype)
     lora_in_engine: bool = True  # LoRA: the policy engine serves the adapter on the base (the base judge shares it)
+    ranks: int = 1  # torchrun ranks: each holds all of the plan on its own device, with games_per_step / ranks games
 
 
 @dataclass
@@ -211,10 +212,11 @@ def plan(p: PlanInput) -> list[Phase]:
     s, b = p.policy, p.dtype_bytes
     judge = p.judge or s
     seq_tokens = p.prompt_tokens + p.max_new_tokens
-    kv_policy = p.kv_cache_gib if p.kv_cache_gib is not None else kv_need_gib(s, p.games_per_step, seq_tokens, b)
+    games = max(1, p.games_per_step // p.ranks)  # this rank's share of the batch
+    kv_policy = p.kv_cache_gib if p.kv_cache_gib is not None else kv_need_gib(s, games, seq_tokens, b)
     judge_tokens = p.judge_prompt_tokens + 32
     kv_judge = (p.judge_kv_cache_gib if p.judge_kv_cache_gib is not None
-                else kv_need_gib(judge, 2 * p.games_per_step, judge_tokens, b))
+                else kv_need_gib(judge, 2 * games, judge_tokens, b))
     adapter_in_engine = p.trains and p.lora_rank > 0 and p.lora_in_engine
     shared_engine = p.judge is None and (not p.trains or adapter_in_engine)  # the judge reads the base weights
     resident = {"policy engine weights": b * s.params / GIB,
@@ -284,7 +286,19 @@ def advice(p: PlanInput, phases: list[Phase]) -> list[str]:
     if "judge engine weights" in parts:
         tips.append(f"- a smaller judge, or the policy's base model as judge, drops "
                     f"{parts['judge engine weights']:.1f} GiB of judge weights")
+    if p.ranks > 1:
+        tips.append(f"- more ranks do not lower this peak: each of the {p.ranks} ranks holds a whole copy of the model, "
+                    f"its optimizer state and its own engines and judge (no sharding: FSDP2 is not built); give each "
+                    f"rank a device that holds it (judging on fewer ranks is not built either)")
     return tips
+
+
+def ranks_line(p: PlanInput, peak: float) -> list[str]:
+    if p.ranks == 1:
+        return []
+    return [f"  per rank: each of {p.ranks} ranks holds all of this (its own engines, judge and model, "
+            f"{max(1, p.games_per_step // p.ranks)} of the {p.games_per_step} games) on its own device; on CPU, "
+            f"ranks on one machine share its RAM ({p.ranks} x {peak:.2f} GiB if all are local)"]
 
 
 def render(p: PlanInput, phases: list[Phase], detail: bool = True) -> str:
@@ -294,7 +308,7 @@ def render(p: PlanInput, phases: list[Phase], detail: bool = True) -> str:
         fits = "fits" if peak <= p.budget_gib else "DOES NOT FIT"
         return "\n".join([f"memory plan ({p.device}, `fast-srt plan` for the parts): "
                           + " | ".join(f"{ph.name} {ph.total:.2f} GiB" for ph in phases),
-                          f"  peak {peak:.2f} GiB of {p.budget_gib:.0f} GiB: {fits}"]
+                          f"  peak {peak:.2f} GiB of {p.budget_gib:.0f} GiB: {fits}"] + ranks_line(p, peak)
                          + ["  " + t for t in advice(p, phases)])
     head = (f"memory plan: policy {p.policy.name} ({p.policy.params / 1e9:.2f}B params), judge "
             f"{(p.judge or p.policy).name}, {'LoRA rank ' + str(p.lora_rank) if p.lora_rank else 'full fine-tuning'}"
@@ -309,13 +323,14 @@ def render(p: PlanInput, phases: list[Phase], detail: bool = True) -> str:
     peak = max(ph.total for ph in phases)
     verdict = "FITS" if peak <= p.budget_gib else "DOES NOT FIT"
     lines.append(f"  peak {peak:.2f} GiB of {p.budget_gib:.0f} GiB: {verdict}")
+    lines += ranks_line(p, peak)
     lines += ["  " + t for t in advice(p, phases)]
     return "\n".join(lines)
 
 
 def plan_input_from_config(cfg, *, device: str, budget_gib: float, policy: str | None = None,
                            judge: str | None = None, prompt_tokens: int = 320,
-                           judge_prompt_tokens: int = 640, trains: bool = True) -> PlanInput:
+                           judge_prompt_tokens: int = 640, trains: bool = True, ranks: int = 1) -> PlanInput:
     """A PlanInput from a TrainConfig; policy/judge: shapes to use instead of cfg.model's (a resolved directory)."""
     m = cfg.model
     policy_shape = resolve_shape(policy or m.model)
@@ -332,7 +347,8 @@ def plan_input_from_config(cfg, *, device: str, budget_gib: float, policy: str |
                      micro_batch_tokens=cfg.optim.micro_batch_tokens,
                      gradient_checkpointing=cfg.gradient_checkpointing, kl=cfg.algo.kl_coef > 0,
                      kv_cache_gib=kv, judge_kv_cache_gib=kv if not m.judge_model.startswith("rule:") else 0.0,
-                     device=device, budget_gib=budget_gib, trains=trains, lora_in_engine=cfg.lora_in_engine)
+                     device=device, budget_gib=budget_gib, trains=trains, lora_in_engine=cfg.lora_in_engine,
+                     ranks=ranks)
 
 
 def device_budget_gib(device: str) -> float:

@@ -29,10 +29,12 @@ from fast_srt.errors import UserError
 from fast_srt.game.rewards import reward_function
 from fast_srt.game.rules import GameOptions
 from fast_srt.game.seeds import SeedPool
+from fast_srt.learner import collective
 from fast_srt.learner.lora import adapter_for_engine, apply_lora, base_to_compute_dtype, save_peft_adapter
 from fast_srt.learner.policy import (VARLEN_SDPA, build_optimizer, build_scheduler, load_policy, load_reference,
                                      weights_for_engine)
 from fast_srt.learner.step import Learner, games_to_samples, learner_step, pick_logprob_impl, total_updates
+from fast_srt.run import distributed
 from fast_srt.run.checkpoint import (LORA_ADAPTER_FILE, RUN_CONFIG_FILE, check_free_space, checkpoint_bytes,
                                      find_latest, load_checkpoint, restore_trainer_state, save_checkpoint)
 from fast_srt.run.metrics import MetricsLog, PhaseTimer, Status, console_line, read_metrics, step_perf, to_floats
@@ -62,6 +64,7 @@ class Run:
     warmup_key: str | None = None  # the format warm-up the run started from (fast_srt.learner.warmup), if any
     probe: str = ""  # a fixed chat prompt, generated greedily after each weight write
     probe_text: str = ""
+    ranks: distributed.Ranks = dataclasses.field(default_factory=distributed.Ranks)  # torchrun: this rank, world
 
 
 # ------------------------------------------------------------------------------------------------ the step
@@ -73,12 +76,13 @@ def train_step(run: Run, step: int, status: Status) -> tuple[dict, list]:
     # 1-2) play and judge one batch of games (each seed samples_per_prompt times: the GRPO/RLOO group)
     status.phase(step, "play + judge")
     seeds, group_of = run.pool.group_batch(cfg.sampling.games_per_step, cfg.algo.samples_per_prompt)
+    seeds, group_of = distributed.my_share(seeds, group_of, run.ranks)  # torchrun: this rank's share of the batch
     games = play_games(engines.policy, engines.judge, seeds, run.options, run.sampling, run.reward_fn,
                        engines.frozen_defender)
     # 3) samples of both roles, ties and parse failures dropped
     samples, skipped = games_to_samples(games, run.options, cfg.algo.remove_ties, group_of)
     metrics = {"step": step, **rollout_metrics(games, samples, skipped, engines.judge)}
-    if samples:
+    if distributed.global_count(len(samples)):  # torchrun: a rank with none still joins the reductions
         # 4-6) old and reference log-probs, advantages, PPO-clip updates
         status.phase(step, "learn")
         engines.policy.release_for_training()
@@ -154,18 +158,19 @@ def train(cfg: TrainConfig) -> Path:
     """Set up once, then per step: train_step, checkpoint (every save_every and at the end), log."""
     t_start = time.perf_counter()
     run = setup_run(cfg)
-    run_dir, engines, learner = run.run_dir, run.engines, run.learner
+    run_dir, engines, learner, ranks = run.run_dir, run.engines, run.learner, run.ranks
     run.probe = engines.policy.tokenizer.apply_chat_template([{"role": "user", "content": PROBE_PROMPT}],
                                                              tokenize=False, add_generation_prompt=True)
     probe_changed(run)
     resume_step = run.start_step if run.resumed else None
     # a kill between the checkpoint and its metrics line loses no line: the checkpoint carries the step's records
-    log = MetricsLog(run_dir / "metrics.jsonl", resume_step, restore=run.step_records.get("metrics"))
-    games_log = MetricsLog(run_dir / "games.jsonl", resume_step, restore=run.step_records.get("games"))
+    if ranks.main:  # torchrun: rank 0 writes the logs and checkpoints (fast_srt.run.distributed)
+        log = MetricsLog(run_dir / "metrics.jsonl", resume_step, restore=run.step_records.get("metrics"))
+        games_log = MetricsLog(run_dir / "games.jsonl", resume_step, restore=run.step_records.get("games"))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     status = Status(cfg.steps)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    print(run_plan(cfg, engines))
+    print(run_plan(cfg, engines, ranks.world))
     print(engines.describe())
     print(f"start-up {time.perf_counter() - t_start:.1f} s; torch threads {torch.get_num_threads()}; log-prob "
           f"impl {getattr(learner.logprob_fn, '__name__', learner.logprob_fn)}; from step {run.start_step}",
@@ -174,21 +179,28 @@ def train(cfg: TrainConfig) -> Path:
     for step in range(run.start_step + 1, cfg.steps + 1):
         faults.enter_step(step)
         metrics, games = train_step(run, step, status)
-        records = {"metrics": [metrics], "games": [game_record(step, g) for g in games[: cfg.log_games]]}
+        metrics = distributed.reduce_metrics(metrics, ranks)  # torchrun: one record for all ranks
+        records = {"metrics": [metrics], "games": distributed.gather_games(
+            [game_record(step, g) for g in games[: cfg.log_games]], cfg.log_games, ranks)}
         if step % cfg.save_every == 0 or step == cfg.steps:
             status.phase(step, "checkpoint")
             t0 = time.perf_counter()
-            try:
-                save_checkpoint(run_dir, step, learner.model, engines.policy.tokenizer, learner.optimizer,
-                                learner.scheduler, checkpoint_extra(run, records), dataclasses.asdict(cfg),
-                                keep_last=cfg.keep_checkpoints)
-            except UserError:  # a failed write (disk full): the step's lines still reach the logs, then one line
-                write_records(log, games_log, records)
-                raise
+            if ranks.main:
+                try:
+                    save_checkpoint(run_dir, step, learner.model, engines.policy.tokenizer, learner.optimizer,
+                                    learner.scheduler, checkpoint_extra(run, records), dataclasses.asdict(cfg),
+                                    keep_last=cfg.keep_checkpoints)
+                except UserError:  # a failed write (disk full): the step's lines still reach the logs, then one line
+                    write_records(log, games_log, records)
+                    raise
+            distributed.barrier(ranks)  # no rank goes on before the checkpoint is complete
             faults.hit("after_checkpoint")
             records["metrics"] = [{**metrics, "time/checkpoint_s": time.perf_counter() - t0}]
-        write_records(log, games_log, records)
+        if ranks.main:
+            write_records(log, games_log, records)
         status.line(console_line(records["metrics"][0]))
+        if ranks.world > 1:
+            status.line(distributed.rank_times_line(records["metrics"][0], ranks))
     for line in throughput_lines(engines):
         print(line)
     for line in trend_lines(read_metrics(run_dir / "metrics.jsonl")):  # did it learn? slopes with 95% intervals
@@ -196,7 +208,9 @@ def train(cfg: TrainConfig) -> Path:
     print(f"one process: pid {os.getpid()}, child processes {child_processes()}; judge parse failures "
           f"{engines.judge.parse_failures}/{engines.judge.calls}")
     print(f"done: {cfg.steps - run.start_step} steps in {time.perf_counter() - t_start:.1f} s; metrics in "
-          f"{run_dir / 'metrics.jsonl'}, games in {games_log.path}, checkpoints in {run_dir / 'checkpoints'}")
+          f"{run_dir / 'metrics.jsonl'}, games in {run_dir / 'games.jsonl'}, checkpoints in {run_dir / 'checkpoints'}"
+          + (f"; {ranks.world} ranks" if ranks.world > 1 else ""))
+    distributed.finish(ranks)
     return run_dir
 
 
@@ -279,7 +293,7 @@ def load_lora_adapter(model, ckpt_dir: Path) -> None:
     model.load_state_dict(saved, strict=False)  # the adapters only; the base weights came from the base model
 
 
-def run_plan(cfg: TrainConfig, engines) -> str:
+def run_plan(cfg: TrainConfig, engines, ranks: int = 1) -> str:
     """The planner's two-line memory plan for this run on this device (fast_srt.run.plan, as `fast-srt plan`)."""
     from fast_srt.run.plan import device_budget_gib, plan, plan_input_from_config, render
 
@@ -288,7 +302,7 @@ def run_plan(cfg: TrainConfig, engines) -> str:
     shares = getattr(judge_engine, "shared", judge_engine) is engines.policy  # the same engine (base weights)
     judge = judge_engine.model_dir if judge_engine is not None and not shares else None
     p = plan_input_from_config(cfg, device=device, budget_gib=device_budget_gib(device),
-                               policy=str(engines.policy_dir), judge=judge)
+                               policy=str(engines.policy_dir), judge=judge, ranks=ranks)
     return render(p, plan(p), detail=False)
 
 
@@ -311,6 +325,8 @@ def setup_run(cfg: TrainConfig) -> Run:
 
     faults.target()  # a malformed FAST_SRT_KILL_AT is refused before anything starts
     check_trainable_sampling(cfg)
+    ranks = distributed.init_from_env()  # torchrun: the process group, before any engine (fast_srt.run.distributed)
+    distributed.check_split(cfg.sampling.games_per_step, cfg.algo.samples_per_prompt, ranks)
     run_dir = Path(cfg.run_dir)
     check_run_dir(run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the one place the device is chosen
@@ -322,7 +338,7 @@ def setup_run(cfg: TrainConfig) -> Run:
         from fast_srt.learner.warmup import load_warmup_data
 
         load_warmup_data(cfg.warmup)
-    base_dir, judge_dir = resolve_engine_dirs(cfg.model)
+    base_dir, judge_dir = distributed.main_first(ranks, lambda: resolve_engine_dirs(cfg.model))
     ckpt_dir, state = None, None
     if cfg.resume:
         ckpt_dir = find_latest(run_dir)
@@ -334,7 +350,8 @@ def setup_run(cfg: TrainConfig) -> Run:
         raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue or a new --run-dir")
     mcfg, warm_key = cfg.model, None
     if cfg.warmup.steps:  # the warmed checkpoint is the policy's base: RL start, KL reference, engines' base
-        base_dir, judge_dir, mcfg, warm_key = warmed_base(cfg, base_dir, judge_dir)
+        base_dir, judge_dir, mcfg, warm_key = distributed.main_first(
+            ranks, lambda: warmed_base(cfg, base_dir, judge_dir))
     pool = SeedPool(cfg.game, rng_seed=cfg.seed)
     # shared-prefix batches need the project's attention (flash-attn varlen inside it on CUDA when installed)
     attn = VARLEN_SDPA if cfg.optim.share_prefix else None
@@ -356,6 +373,7 @@ def setup_run(cfg: TrainConfig) -> Run:
         base_to_compute_dtype(model, compute_dtype)  # frozen: no fp32 master needed (fast_srt.run.plan)
         if ckpt_dir is not None:
             load_lora_adapter(model, ckpt_dir)
+    collective.broadcast_parameters(model)  # torchrun: every rank starts from rank 0's weights
     optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
     check_free_space(run_dir, checkpoint_bytes(model))
     adapter_rank = cfg.lora_rank if cfg.lora_in_engine else 0  # the engine serves the adapter (LoRA requests)
@@ -393,6 +411,7 @@ def setup_run(cfg: TrainConfig) -> Run:
     return Run(cfg=cfg, run_dir=run_dir, pool=pool, options=GameOptions(mode=cfg.game.mode, cot=cfg.game.cot),
                reward_fn=reward_function(cfg.game.reward), engines=engines, learner=learner,
                start_step=start_step, resumed=state is not None, step_records=step_records, warmup_key=warm_key,
+               ranks=ranks,
                sampling=SamplingSpec(max_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
                                      top_p=cfg.sampling.top_p, fixed_length=cfg.sampling.fixed_length))
 
