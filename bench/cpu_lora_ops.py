@@ -3,7 +3,7 @@
 The default model (bf16) with a rank-16 adapter on all seven projections (random B, so the adapter changes the
 tokens); 16 prompts of 301 tokens, 48 greedy tokens each (EOS ignored). Interleaved per round: the base model
 (no LoRA request), the adapter with vLLM's ops, the adapter with the grouped ops; the prefix cache is reset before
-each call. Prints seconds per call and whether both ops gave the same tokens.
+each call. Prints seconds per call and how far both ops' greedy tokens agree.
 
     .venv/bin/python bench/cpu_lora_ops.py [--rounds 2]
 """
@@ -65,8 +65,12 @@ def main() -> None:
             tokens[name] = [o.token_ids for o in out]
     for name, ts in times.items():
         print(f"{name:22s} " + "  ".join(f"{t:6.2f} s" for t in ts))
-    print("same tokens with both ops:", tokens["adapter, vLLM's ops"] == tokens["adapter, grouped ops"],
-          "| adapter changes the tokens:", tokens["no adapter"] != tokens["adapter, grouped ops"])
+    a, b = tokens["adapter, vLLM's ops"], tokens["adapter, grouped ops"]
+    same = [next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), len(p)) for p, q in zip(a, b)]
+    # bf16 sums in another order: a greedy decode may take another token where two are nearly tied
+    print(f"both ops: identical sequences {sum(n == spec.max_tokens for n in same)}/{len(same)}, tokens before the "
+          f"first difference (median) {sorted(same)[len(same) // 2]} of {spec.max_tokens} | the adapter changes "
+          f"the tokens: {tokens['no adapter'] != b}")
 
 
 if __name__ == "__main__":
