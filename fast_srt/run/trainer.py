@@ -339,15 +339,7 @@ def setup_run(cfg: TrainConfig) -> Run:
 
         load_warmup_data(cfg.warmup)
     base_dir, judge_dir = distributed.main_first(ranks, lambda: resolve_engine_dirs(cfg.model))
-    ckpt_dir, state = None, None
-    if cfg.resume:
-        ckpt_dir = find_latest(run_dir)
-        if ckpt_dir is None:
-            raise UserError(f"--resume: {run_dir} has no complete checkpoint; run without --resume to start")
-        if cfg.warmup.steps:
-            check_resume_config(ckpt_dir, cfg)  # before any warm-up trains (without one: after the model check)
-    elif find_latest(run_dir) is not None:
-        raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue or a new --run-dir")
+    ckpt_dir = resume_point(cfg, run_dir)
     mcfg, warm_key = cfg.model, None
     if cfg.warmup.steps:  # the warmed checkpoint is the policy's base: RL start, KL reference, engines' base
         base_dir, judge_dir, mcfg, warm_key = distributed.main_first(
@@ -355,24 +347,7 @@ def setup_run(cfg: TrainConfig) -> Run:
     pool = SeedPool(cfg.game, rng_seed=cfg.seed)
     # shared-prefix batches need the project's attention (flash-attn varlen inside it on CUDA when installed)
     attn = VARLEN_SDPA if cfg.optim.share_prefix else None
-    model = load_policy(str(base_dir), dtype=torch.float32, device=device, attn=attn,
-                        gradient_checkpointing=cfg.gradient_checkpointing)
-    if ckpt_dir is not None:
-        ckpt_dir, state = load_checkpoint(run_dir, model=model)  # checks it is the same model
-        check_resume_config(ckpt_dir, cfg)
-        saved_key = (state.get("extra") or {}).get("warmup_key")
-        if saved_key != warm_key:
-            raise UserError(f"--resume: the run started from warm-up {saved_key or 'none'} but this configuration "
-                            f"gives {warm_key or 'none'} (the base model's files or the warm-up data changed); "
-                            f"resume with the run's own base model and data, or start a new --run-dir")
-        if not cfg.lora_rank:
-            model = load_policy(str(ckpt_dir), dtype=torch.float32, device=device, attn=attn,
-                                gradient_checkpointing=cfg.gradient_checkpointing)
-    if cfg.lora_rank:
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-        base_to_compute_dtype(model, compute_dtype)  # frozen: no fp32 master needed (fast_srt.run.plan)
-        if ckpt_dir is not None:
-            load_lora_adapter(model, ckpt_dir)
+    model, ckpt_dir, state = trainer_model(cfg, base_dir, run_dir, ckpt_dir, warm_key, device, attn, compute_dtype)
     collective.broadcast_parameters(model)  # torchrun: every rank starts from rank 0's weights
     optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
     check_free_space(run_dir, checkpoint_bytes(model))
@@ -396,14 +371,7 @@ def setup_run(cfg: TrainConfig) -> Run:
         sft_stream = SFTStream(samples, seed=cfg.seed)
     start_step, step_records = 0, {}
     if state is not None:
-        extra = restore_trainer_state(state, optimizer, scheduler)
-        start_step = int(state["step"])
-        pool.rng.setstate(_tuple_state(extra["seed_rng"]))
-        step_records = extra.get("step_records") or {}
-        if sft_stream is not None:
-            sft_stream.load_state_dict(extra["sft_stream"])
-        if scaler.is_enabled() and extra.get("grad_scaler"):
-            scaler.load_state_dict(extra["grad_scaler"])
+        start_step, step_records = restore_run_state(state, optimizer, scheduler, pool, sft_stream, scaler)
     learner = Learner(cfg=cfg, model=model, ref=ref, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                       autocast=autocast, logprob_fn=pick_logprob_impl(cfg.logprob_impl, device),  # chosen once
                       adv_fns=select_advantages_impl(device), device=device, temperature=cfg.sampling.temperature,
@@ -414,6 +382,60 @@ def setup_run(cfg: TrainConfig) -> Run:
                ranks=ranks,
                sampling=SamplingSpec(max_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
                                      top_p=cfg.sampling.top_p, fixed_length=cfg.sampling.fixed_length))
+
+
+def resume_point(cfg: TrainConfig, run_dir: Path) -> Path | None:
+    """The checkpoint a --resume continues from (UserError if none; a run directory that holds checkpoints needs
+    --resume)."""
+    if not cfg.resume:
+        if find_latest(run_dir) is not None:
+            raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue or a new --run-dir")
+        return None
+    ckpt_dir = find_latest(run_dir)
+    if ckpt_dir is None:
+        raise UserError(f"--resume: {run_dir} has no complete checkpoint; run without --resume to start")
+    if cfg.warmup.steps:
+        check_resume_config(ckpt_dir, cfg)  # before any warm-up trains (without one: after the model check)
+    return ckpt_dir
+
+
+def trainer_model(cfg: TrainConfig, base_dir: Path, run_dir: Path, ckpt_dir: Path | None, warm_key: str | None,
+                  device, attn, compute_dtype):
+    """The trainer's model (fp32 master weights; with LoRA the frozen base in the compute dtype plus adapters), from
+    the base model or, on resume, the checkpoint (checked to be this run's model, settings and warm-up). Returns
+    (model, checkpoint directory or None, checkpoint state or None)."""
+    model = load_policy(str(base_dir), dtype=torch.float32, device=device, attn=attn,
+                        gradient_checkpointing=cfg.gradient_checkpointing)
+    state = None
+    if ckpt_dir is not None:
+        ckpt_dir, state = load_checkpoint(run_dir, model=model)  # checks it is the same model
+        check_resume_config(ckpt_dir, cfg)
+        saved_key = (state.get("extra") or {}).get("warmup_key")
+        if saved_key != warm_key:
+            raise UserError(f"--resume: the run started from warm-up {saved_key or 'none'} but this configuration "
+                            f"gives {warm_key or 'none'} (the base model's files or the warm-up data changed); "
+                            f"resume with the run's own base model and data, or start a new --run-dir")
+        if not cfg.lora_rank:
+            model = load_policy(str(ckpt_dir), dtype=torch.float32, device=device, attn=attn,
+                                gradient_checkpointing=cfg.gradient_checkpointing)
+    if cfg.lora_rank:
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        base_to_compute_dtype(model, compute_dtype)  # frozen: no fp32 master needed (fast_srt.run.plan)
+        if ckpt_dir is not None:
+            load_lora_adapter(model, ckpt_dir)
+    return model, ckpt_dir, state
+
+
+def restore_run_state(state: dict, optimizer, scheduler, pool, sft_stream, scaler) -> tuple[int, dict]:
+    """A checkpoint's optimizer, schedule, seed stream, SFT stream and grad scaler; returns (its step, the step's
+    records)."""
+    extra = restore_trainer_state(state, optimizer, scheduler)
+    pool.rng.setstate(_tuple_state(extra["seed_rng"]))
+    if sft_stream is not None:
+        sft_stream.load_state_dict(extra["sft_stream"])
+    if scaler.is_enabled() and extra.get("grad_scaler"):
+        scaler.load_state_dict(extra["grad_scaler"])
+    return int(state["step"]), extra.get("step_records") or {}
 
 
 def checkpoint_extra(run: Run, records: dict) -> dict:
