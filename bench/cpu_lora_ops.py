@@ -30,12 +30,13 @@ def main() -> None:
     from fast_srt.learner.policy import load_policy
     from fast_srt.run.models import resolve_model
 
-    vllm_ops = (ops.bgmv_shrink, ops.bgmv_expand, ops.bgmv_expand_slice)
-    grouped = (ws._bgmv_shrink, ws._bgmv_expand, ws._bgmv_expand_slice)
+    vllm_ops = {name: getattr(ops, name) for name in ws.GROUPED_OPS}  # before an engine replaces them
+    grouped = ws.GROUPED_OPS
 
     def use(fns):
         for m in (ops, punica):
-            m.bgmv_shrink, m.bgmv_expand, m.bgmv_expand_slice = fns
+            for name, fn in fns.items():
+                setattr(m, name, fn)
 
     d = str(resolve_model("default"))
     model = load_policy(d, dtype=torch.float32)

@@ -106,10 +106,11 @@ def push_adapter(llm, lora_int_id: int, adapters: Iterable[tuple[str, tuple[torc
 def _lora_product(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype) -> torch.Tensor:
     """[tokens, in] x each token's slot of weights [slots, (1,) out, in] -> [tokens, out] in `dtype`."""
     w = weights.squeeze(1) if weights.dim() == 4 else weights
-    x = inputs.to(dtype)
+    x = inputs if inputs.dtype == dtype else inputs.to(dtype)
     slots = indices.unique().tolist()
     if len(slots) == 1 and slots[0] >= 0:
-        return x @ w[slots[0]].to(dtype).t()
+        ws = w[slots[0]]
+        return x @ (ws if ws.dtype == dtype else ws.to(dtype)).t()
     out = x.new_zeros(x.shape[0], w.shape[1])
     for s in slots:
         if s >= 0:
@@ -142,11 +143,40 @@ def _bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tenso
         output_tensor[:, slice_offset: slice_offset + slice_size] = out
 
 
+def _token_slots(seq_slots: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+    """The prefill ops' per-sequence slots as per-token ones; when every sequence has the same slot, the
+    per-sequence tensor itself (the products above need only its one value)."""
+    if seq_slots.numel() and bool((seq_slots == seq_slots[0]).all()):
+        return seq_slots
+    return torch.repeat_interleave(seq_slots, seq_lens)
+
+
+def _sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                 batches, max_seq_length, token_nums, scaling):
+    _bgmv_shrink(inputs, lora_a_weights, output_tensor, _token_slots(lora_indices_tensor, seq_len_tensor), scaling)
+
+
+def _sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                 batches, max_seq_length, token_nums, add_inputs=False):
+    _bgmv_expand(inputs, lora_b_weights, output_tensor, _token_slots(lora_indices_tensor, seq_len_tensor),
+                 add_inputs)
+
+
+def _sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                       batches, max_seq_length, token_nums, slice_offset, slice_size, add_inputs=False):
+    _bgmv_expand_slice(inputs, lora_b_weights, output_tensor, _token_slots(lora_indices_tensor, seq_len_tensor),
+                       slice_offset, slice_size, add_inputs)
+
+
+GROUPED_OPS = {"bgmv_shrink": _bgmv_shrink, "bgmv_expand": _bgmv_expand, "bgmv_expand_slice": _bgmv_expand_slice,
+               "sgmv_shrink": _sgmv_shrink, "sgmv_expand": _sgmv_expand, "sgmv_expand_slice": _sgmv_expand_slice}
+
+
 def use_grouped_cpu_lora_ops() -> None:
     """Replace vLLM's per-token CPU LoRA ops with the grouped ones above (process-wide; before any LoRA forward)."""
     import vllm.lora.ops.torch_ops.lora_ops as ops
     import vllm.lora.punica_wrapper.punica_cpu as punica
 
-    for module in (ops, punica):  # the sgmv_* ops call the bgmv_* ones through lora_ops' globals
-        module.bgmv_shrink, module.bgmv_expand, module.bgmv_expand_slice = (_bgmv_shrink, _bgmv_expand,
-                                                                            _bgmv_expand_slice)
+    for module in (ops, punica):  # punica_cpu imported the ops by name; lora_ops' own sgmv_* call its bgmv_*
+        for name, fn in GROUPED_OPS.items():
+            setattr(module, name, fn)

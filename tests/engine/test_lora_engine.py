@@ -128,3 +128,30 @@ def test_grouped_cpu_lora_ops_against_float64(dtype, tol, mix):
         want = base.double().clone()
         want[:, 3:d_out - 1] = (want[:, 3:d_out - 1] if add else 0) + prod[:, :d_out - 4]
         assert torch.allclose(out.double(), want, atol=tol * want.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.parametrize("mix", ["one", "none", "mixed"])
+def test_grouped_prefill_ops_take_per_sequence_slots(mix):
+    """The prefill (sgmv) ops get one slot per sequence and the sequences' lengths: the same products as the per-token
+    ops, whether every sequence shares a slot, none has an adapter (-1), or they differ."""
+    from fast_srt.engine import weight_sync as ws
+
+    g = torch.Generator().manual_seed(11)
+    lens = torch.tensor([5, 1, 9, 4])
+    seq_slots = {"one": torch.tensor([2, 2, 2, 2]), "none": torch.full((4,), -1),
+                 "mixed": torch.tensor([0, -1, 2, 0])}[mix]
+    tok = torch.repeat_interleave(seq_slots, lens)
+    n, d_in, r, d_out = int(lens.sum()), 23, 3, 17
+    x = torch.randn(n, d_in, generator=g)
+    a = torch.randn(3, 1, r, d_in, generator=g)
+    b = torch.randn(3, 1, d_out, r, generator=g)
+    meta = (torch.cumsum(lens, 0) - lens, lens, seq_slots, len(lens), int(lens.max()), n)
+    y = torch.zeros(n, r)
+    ws._sgmv_shrink(x, a, y, *meta, 2.0)
+    assert torch.allclose(y.double(), 2.0 * _reference(x, a, tok), atol=1e-5)
+    out = torch.ones(n, d_out)
+    ws._sgmv_expand(y, b, out, *meta, add_inputs=True)
+    assert torch.allclose(out.double(), 1.0 + _reference(y, b, tok), atol=1e-4)
+    out = torch.ones(n, d_out + 2)
+    ws._sgmv_expand_slice(y, b, out, *meta, 2, d_out, add_inputs=False)
+    assert torch.allclose(out[:, 2:].double(), _reference(y, b, tok), atol=1e-4) and bool((out[:, :2] == 1).all())
