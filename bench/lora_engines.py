@@ -62,7 +62,9 @@ def main() -> None:
             results[name].append(res)
             print(f"round {r + 1} {name}: {res}", flush=True)
     full = statistics.median(x["step"] for x in results["full fine-tuning"])
-    lines = [f"`.venv/bin/python bench/lora_engines.py --rounds {a.rounds} --bench-steps {a.bench_steps}` "
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    lines = [f"commit {sha.strip() or 'unknown'}: `.venv/bin/python bench/lora_engines.py --rounds {a.rounds} "
+             f"--bench-steps {a.bench_steps}` "
              f"(each: `fast-srt bench {' '.join(BASE)} ...`, steps 2-{a.bench_steps}, medians over rounds; peak: "
              f"the process's peak RSS)", "",
              "| set-up | engines | peak RSS GiB | step s | generate s | judge s | log-prob s | train s | sync s | "
