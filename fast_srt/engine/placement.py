@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fast_srt.config import GameConfig, ModelConfig
-from fast_srt.engine.engine import Engine
+from fast_srt.engine.engine import BaseModelView, Engine
 from fast_srt.engine.judge import Judge, RuleJudge
 
 
@@ -40,7 +40,7 @@ class Engines:
         """Each distinct engine once (the judge and the frozen defender may share one)."""
         out: list[Engine] = []
         for e in (self.policy, self.judge.engine, self.frozen_defender):
-            e = getattr(e, "shared", e)  # a BaseModelView is its engine
+            e = e.shared if isinstance(e, BaseModelView) else e
             if e is not None and all(e is not x for x in out):
                 out.append(e)
         return out
@@ -49,15 +49,13 @@ class Engines:
         """Which engine serves what, e.g. `1 engine: policy engine (policy: base + LoRA adapter; judge: base)`."""
         roles: dict[int, list[str]] = {id(e): [] for e in self.unique()}
         roles[id(self.policy)].append("policy" + (": base + LoRA adapter" if self.policy.adapter else ""))
-        judge = getattr(self.judge, "engine", None)
         if isinstance(self.judge, RuleJudge):
             roles[id(self.policy)].append("judge: a rule, no model")
-        elif judge is not None:
-            roles[id(getattr(judge, "shared", judge))].append("judge" + (": base" if judge is not self.policy and
-                                                                         hasattr(judge, "shared") else ""))
-        if self.frozen_defender is not None:
-            f = self.frozen_defender
-            roles[id(getattr(f, "shared", f))].append("frozen defender" + (": base" if hasattr(f, "shared") else ""))
+        for role, user in (("judge", None if isinstance(self.judge, RuleJudge) else self.judge.engine),
+                           ("frozen defender", self.frozen_defender)):
+            if user is not None:  # a BaseModelView reads its engine's base weights
+                view = isinstance(user, BaseModelView)
+                roles[id(user.shared if view else user)].append(role + (": base" if view else ""))
         n = len(roles)
         return f"{n} engine{'s' if n > 1 else ''}: " + "; ".join(
             f"{e.name} engine ({'; '.join(roles[id(e)])})" for e in self.unique())
@@ -94,13 +92,11 @@ def build_engines(mcfg: ModelConfig, game: GameConfig, *, trains: bool, seed: in
                     name="policy", enable_lora=lora_rank > 0, max_lora_rank=max(lora_rank, 1))
     base_view = policy.base_model() if lora_rank else None
     if mcfg.judge_model.startswith("rule:"):
-        frozen = base_view if game.mode == "attacker_only" and base_view else frozen_defender_engine(
-            mcfg, game, base_dir, mml, seed)
+        frozen = frozen_defender_engine(mcfg, game, base_dir, mml, seed, base_view)
         return Engines(policy, RuleJudge(mcfg.judge_model[5:], policy), frozen, policy_dir, True)
     if is_probe(mcfg.judge_model):
         judge = make_judge(mcfg, judge_dir or base_dir, seed=seed, judge_max_tokens=judge_max_tokens)
-        frozen = base_view if game.mode == "attacker_only" and base_view else frozen_defender_engine(
-            mcfg, game, base_dir, mml, seed)
+        frozen = frozen_defender_engine(mcfg, game, base_dir, mml, seed, base_view)
         return Engines(policy, judge, frozen, policy_dir, False)
     judge_is_base = mcfg.judge_model == "policy"
     if not judge_is_base and judge_dir is None:
@@ -114,12 +110,10 @@ def build_engines(mcfg: ModelConfig, game: GameConfig, *, trains: bool, seed: in
                               kv_cache_gib=mcfg.kv_cache_gib, seed=seed, name="judge")
     frozen = None
     if game.mode == "attacker_only":
-        if base_view is not None:
-            frozen = base_view
-        elif judge_is_base and judge_engine is not policy:
+        if judge_is_base and judge_engine is not policy and base_view is None:
             frozen = judge_engine
         else:
-            frozen = frozen_defender_engine(mcfg, game, base_dir, mml, seed)
+            frozen = frozen_defender_engine(mcfg, game, base_dir, mml, seed, base_view)
     judge = Judge(judge_engine, template=mcfg.judge_template, constrained=mcfg.judge_constrained,
                   max_tokens=judge_max_tokens)
     return Engines(policy, judge, frozen, policy_dir, shared)
@@ -154,9 +148,12 @@ def judge_context(judge_dir: Path, mcfg: ModelConfig) -> int:
     return min(mcfg.judge_max_model_len, int(ctx)) if ctx else mcfg.judge_max_model_len
 
 
-def frozen_defender_engine(mcfg, game, base_dir, mml, seed) -> Engine | None:
-    """attacker_only mode: a separate engine with the frozen base model answers as defender."""
+def frozen_defender_engine(mcfg, game, base_dir, mml, seed, base_view: BaseModelView | None = None):
+    """attacker_only mode: the frozen base model answers as defender: the policy engine's base weights when it
+    serves an adapter (`base_view`), else a separate engine."""
     if game.mode != "attacker_only":
         return None
+    if base_view is not None:
+        return base_view
     return Engine(base_dir, dtype=mcfg.dtype, max_model_len=mml, kv_cache_gib=mcfg.kv_cache_gib, seed=seed,
                   name="frozen_defender")

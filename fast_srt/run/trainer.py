@@ -298,9 +298,7 @@ def run_plan(cfg: TrainConfig, engines, ranks: int = 1) -> str:
     from fast_srt.run.plan import device_budget_gib, plan, plan_input_from_config, render
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    judge_engine = getattr(engines.judge, "engine", None)
-    shares = getattr(judge_engine, "shared", judge_engine) is engines.policy  # the same engine (base weights)
-    judge = judge_engine.model_dir if judge_engine is not None and not shares else None
+    judge = None if engines.judge_shares_policy_engine else engines.judge.engine.model_dir
     p = plan_input_from_config(cfg, device=device, budget_gib=device_budget_gib(device),
                                policy=str(engines.policy_dir), judge=judge, ranks=ranks)
     return render(p, plan(p), detail=False)
