@@ -172,3 +172,44 @@ def test_fused_adamw_matches_the_reference_step():
             o.step()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_cpu_attention_runs_in_fp32_and_keeps_the_output_dtype(monkeypatch, shared, autocast):
+    """On CPU the packed attention computes SDPA on fp32 q/k/v (its bf16 backward is 2-3x slower:
+    bench/attention_precision.py) and hands the next projection the dtype it had before: bf16 under bf16 autocast
+    and in a bf16 model; the forward and the gradients of a bf16-autocast run stay within bf16 error of fp32."""
+    import fast_srt.learner.policy as policy
+    from fast_srt.learner.batch import pack_shared
+
+    seen, real = [], policy.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(policy, "scaled_dot_product_attention", spy)
+    samples = ragged_samples(3)
+    if shared:  # two samples with a common 12-token prompt, so the row has a shared piece
+        samples[1].prompt_ids = samples[0].prompt_ids[:5] + list(range(1, 13))
+        samples[0].prompt_ids = samples[1].prompt_ids[:]
+    batch = (pack_shared if shared else pack)(samples)
+    assert (batch.layout is not None) == shared
+    ref_model = tiny_model("qwen2", tie=False)
+    ref, _ = token_logprobs(ref_model, batch, logprobs_naive)
+    ref[batch.loss_index].sum().backward()
+    ref_grads = [p.grad.clone() for p in ref_model.parameters()]
+    model = tiny_model("qwen2", tie=False, dtype=torch.float32 if autocast else torch.bfloat16)
+    outs = []
+    model.model.layers[0].self_attn.register_forward_hook(lambda m, i, o: outs.append(o[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logp, _ = token_logprobs(model, batch, logprobs_naive)
+    assert seen and all(s == (torch.float32, torch.float32, torch.float32, False) for s in seen)
+    assert outs == [torch.bfloat16]
+    err = (logp - ref)[batch.loss_index].abs().max().item()
+    assert err < 0.1, err  # bf16 weights and activations; the logits stay O(1) in this model
+    if autocast:
+        logp[batch.loss_index].sum().backward()
+        for p, g in zip(model.parameters(), ref_grads):
+            assert torch.allclose(p.grad, g, rtol=0.1, atol=0.05 * g.abs().max().item() + 1e-6)
