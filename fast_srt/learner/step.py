@@ -136,15 +136,15 @@ def per_sample_logprobs(model, samples, logprob_fn, micro_tokens: int, autocast,
     micro-batches. counts: adds the forwarded row and loss tokens ("rows", "loss")."""
     out: dict[int, torch.Tensor] = {}
     index = {id(s): i for i, s in enumerate(samples)}
-    for mb in micro_batches(samples, micro_tokens, share_prefix):
-        batch = pack_for(mb, model.device, share_prefix)
-        if counts is not None:
-            counts["rows"] = counts.get("rows", 0) + batch.num_tokens
-            counts["loss"] = counts.get("loss", 0) + batch.num_loss_tokens
-        with autocast():
+    with autocast():  # one region: autocast casts each fp32 weight once for all micro-batches, not once per batch
+        for mb in micro_batches(samples, micro_tokens, share_prefix):
+            batch = pack_for(mb, model.device, share_prefix)
+            if counts is not None:
+                counts["rows"] = counts.get("rows", 0) + batch.num_tokens
+                counts["loss"] = counts.get("loss", 0) + batch.num_loss_tokens
             logp, _ = token_logprobs(model, batch, logprob_fn, temperature)
-        for s, v in zip(mb, batch.split_responses(logp.float().cpu())):  # one device-to-host copy per batch
-            out[index[id(s)]] = v
+            for s, v in zip(mb, batch.split_responses(logp.float().cpu())):  # one device-to-host copy per batch
+                out[index[id(s)]] = v
     return [out[i] for i in range(len(samples))]
 
 
@@ -309,8 +309,12 @@ def micro_batch_loss(learner: Learner, mb, old, advs, ref, n_tokens: int, kl_in_
     a, model = learner.cfg.algo, learner.model
     kl_in_loss = ref is not None if kl_in_loss is None else kl_in_loss
     batch = pack_for(mb, model.device, learner.cfg.optim.share_prefix)
-    with learner.autocast():
+    sft = a.sft_coef > 0 and learner.sft_stream is not None
+    sb = pack(learner.sft_stream.next(a.sft_samples_per_micro_step), device=model.device) if sft else None
+    with learner.autocast():  # both forwards in one region: each fp32 weight is cast once per micro-step
         logp, ent = token_logprobs(model, batch, learner.logprob_fn, learner.temperature)
+        if sft:
+            slp, _ = token_logprobs(model, sb, learner.logprob_fn)  # the model's own distribution (T = 1)
     old_t = logp.detach() if old is None else batch.scatter_responses(old)
     loss, metrics = ppo_clip_loss(logp, old_t, batch.scatter_responses(advs),
                                   batch.loss_mask, clip_eps=a.clip_eps,
@@ -326,10 +330,7 @@ def micro_batch_loss(learner: Learner, mb, old, advs, ref, n_tokens: int, kl_in_
         kl_loss, kl_metrics = kl_k3_loss(logp, ref_t, batch.loss_mask, num_tokens=n_tokens)
         loss = loss + a.kl_coef * kl_loss
         metrics.update(kl_metrics)
-    if a.sft_coef > 0 and learner.sft_stream is not None:
-        sb = pack(learner.sft_stream.next(a.sft_samples_per_micro_step), device=model.device)
-        with learner.autocast():
-            slp, _ = token_logprobs(model, sb, learner.logprob_fn)  # the model's own distribution (T = 1)
+    if sft:
         s_loss, s_metrics = sft_loss(slp, sb.loss_mask)
         loss = loss + a.sft_coef * s_loss * (batch.num_loss_tokens / n_tokens)
         metrics.update(s_metrics)
