@@ -125,7 +125,7 @@ def full_state(model: ShardedPolicy, optimizer: torch.optim.Optimizer, keep: boo
     opt = optimizer.state_dict()
     opt_state = {i: {k: gather(v) if torch.is_tensor(v) else v for k, v in s.items()}
                  for i, s in opt["state"].items()}
-    return ({**model_state}, {**opt, "state": opt_state}) if keep else None
+    return (model_state, {**opt, "state": opt_state}) if keep else None
 
 
 def shard_optimizer_state(optimizer: torch.optim.Optimizer, full: dict) -> dict:

@@ -21,6 +21,7 @@ REPO = HERE.parent.parent
 # 7e-7 absolute with gradients up to 0.9. A local instead of a global token mean (the two halves hold very different
 # token counts) is off by up to 1.4: the test fails then (checked by removing the token count's all-reduce)
 GRAD_ATOL, GRAD_RTOL = 2e-6, 1e-4
+RUN_ATOL, RUN_RTOL = 1e-5, 1e-4  # two 3-step runs (6 AdamW updates at lr 5e-3), sharded against replicated
 
 
 def _env(**extra):
@@ -104,6 +105,17 @@ def test_fsdp2_update_equals_single_process_on_the_union(tiny_model_dir, tmp_pat
         assert want["metrics"]["optim/grad_norm"] > 2 * clip  # the clip was active
 
 
+def test_fsdp2_refused_without_ranks_or_with_lora(monkeypatch):
+    from fast_srt.config import TrainConfig
+    from fast_srt.run.trainer import setup_run
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(UserError, match="--shard fsdp2 shards the model across torchrun ranks; launch with"):
+        setup_run(TrainConfig(shard="fsdp2"))
+    with pytest.raises(UserError, match="--shard fsdp2 with --lora-rank 8 is not supported"):
+        TrainConfig(shard="fsdp2", lora_rank=8)
+
+
 def test_seed_share_splits_whole_groups_without_overlap():
     seeds = [f"s{i // 3}" for i in range(12)]
     groups = [i // 3 for i in range(12)]
@@ -130,24 +142,26 @@ def test_metrics_reduce_rule(monkeypatch):
     assert "gen 2.00/3.00" in distributed.rank_times_line(m, distributed.Ranks(rank=0, world=2))
 
 
-def _tiny_train_args(model_dir, run_dir, *extra):
+def _tiny_train_args(model_dir, run_dir, *extra, games=8, kl=0.0):
     return ["-m", "fast_srt", "train", "defender_only", "--model.model", str(model_dir), "--model.judge-model",
             "rule:vowel_refusal", "--model.dtype", "float32", "--model.max-model-len", "1024", "--model.kv-cache-gib",
-            "1", "--game.no-cot", "--sampling.games-per-step", "8", "--sampling.max-new-tokens", "4", "--optim.lr",
-            "5e-3", "--optim.updates-per-step", "2", "--optim.warmup-ratio", "0", "--algo.kl-coef", "0", "--run-dir",
-            str(run_dir), "--steps", "3", "--save-every", "1", "--log-games", "2", *extra]
+            "1", "--game.no-cot", "--sampling.games-per-step", str(games), "--sampling.max-new-tokens", "4",
+            "--optim.lr", "5e-3", "--optim.updates-per-step", "2", "--optim.warmup-ratio", "0", "--algo.kl-coef",
+            str(kl), "--run-dir", str(run_dir), "--steps", "3", "--save-every", "1", "--log-games", "2", *extra]
 
 
-@pytest.mark.parametrize("point", ["update", pytest.param("checkpoint_partial", marks=pytest.mark.slow)])
-def test_two_ranks_killed_then_resumed(tiny_model_dir, tmp_path, point):
+@pytest.mark.parametrize("point,shard", [("update", "none"), ("update", "fsdp2"),
+                                         pytest.param("checkpoint_partial", "none", marks=pytest.mark.slow)])
+def test_two_ranks_killed_then_resumed(tiny_model_dir, tmp_path, point, shard):
     """`torchrun --nproc_per_node 2 -m fast_srt train`, SIGKILLed at `point` of step 2 (FAST_SRT_KILL_AT: every rank
     at "update", after its first optimizer step; rank 0 alone, the checkpoint writer, at "checkpoint_partial", and
     torchrun then ends rank 1), resumed under torchrun: each step logged once, by rank 0, from rank 0's step-1
-    checkpoint, which both ranks load; the two ranks played different games."""
+    checkpoint, which both ranks load; the two ranks played different games. "fsdp2": killed and resumed with
+    --shard fsdp2 (the checkpoint gathered from the shards, the optimizer state sharded again on resume)."""
     from fast_srt.run.checkpoint import find_latest
 
     run = tmp_path / "run"
-    args = _tiny_train_args(tiny_model_dir, run)
+    args = _tiny_train_args(tiny_model_dir, run, "--shard", shard)
     p = _torchrun(args, **{faults.ENV: f"{point}:2"})
     assert p.returncode != 0, p.stdout[-2000:]
     assert f"SIGKILL at {point}, step 2" in p.stderr, p.stderr[-3000:]
@@ -169,6 +183,53 @@ def test_two_ranks_killed_then_resumed(tiny_model_dir, tmp_path, point):
         assert a != b
     assert find_latest(run).name == "step_00000003"
     assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_fsdp2_run_equals_replicated_run_with_resumes_across_the_two(tiny_model_dir, tmp_path):
+    """The same 3-step 2-rank run (16 games a step, KL to a reference: non-zero gradients) twice, both killed in
+    step 2 and resumed from step 1: (R) replicated, resumed with --shard fsdp2 from its replicated checkpoint; (S)
+    --shard fsdp2, resumed replicated from its sharded checkpoint. Step by step (1: replicated vs fsdp2; 2 and 3:
+    fsdp2 vs replicated, each from the other's checkpoint), the two log the same games (step 3's sampled from the
+    weights each wrote into its engines after step 2) and the same grad norm, KL and loss, and their last
+    checkpoints hold the same weights and AdamW moments. (Both resume at the same step: a resumed run does not
+    replay an uninterrupted run's later games exactly, so the comparison is between like schedules.)"""
+    from safetensors.torch import load_file
+
+    from fast_srt.run.checkpoint import STATE_FILE, find_latest
+
+    runs = {}
+    for name, first, kill, then in (("R", "none", 2, "fsdp2"), ("S", "fsdp2", 2, "none")):
+        run = tmp_path / name
+        args = _tiny_train_args(tiny_model_dir, run, "--seed", "1", games=16, kl=0.01)
+        p = _torchrun(args + ["--shard", first], **{faults.ENV: f"update:{kill}"})
+        assert f"SIGKILL at update, step {kill}" in p.stderr, p.stderr[-3000:]
+        p = _torchrun(args + ["--shard", then, "--resume"])
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert f"from step {kill - 1}" in p.stdout
+        runs[name] = run
+    metrics = {n: read_metrics(r / "metrics.jsonl") for n, r in runs.items()}
+    assert [m["step"] for m in metrics["R"]] == [m["step"] for m in metrics["S"]] == [1, 2, 3]
+    for a, b in zip(metrics["R"], metrics["S"]):
+        assert a["optim/grad_norm"] > 0.1 and a["optim/updates"] == b["optim/updates"] == 2
+        for k in ("optim/grad_norm", "kl/mean", "loss/pg", "reward/defender_mean"):
+            print(f"step {a['step']} {k}: R {a[k]:.7g} S {b[k]:.7g}")
+            assert b[k] == pytest.approx(a[k], rel=RUN_RTOL, abs=RUN_ATOL), (a["step"], k)
+    games = {n: [(g["step"], g["seed"], g["defender_raw"]) for g in read_metrics(r / "games.jsonl")]
+             for n, r in runs.items()}
+    assert games["R"] == games["S"]
+    ckpt = {n: find_latest(r) for n, r in runs.items()}
+    assert ckpt["R"].name == ckpt["S"].name == "step_00000003"
+    wa, wb = (load_file(str(c / "model.safetensors")) for c in ckpt.values())
+    assert sorted(wa) == sorted(wb)
+    print(f"weights: max |R - S| = {max(float((wa[k] - wb[k]).abs().max()) for k in wa):.2e}")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=RUN_ATOL, rtol=RUN_RTOL)
+    oa, ob = (torch.load(c / STATE_FILE, weights_only=True)["optimizer"] for c in ckpt.values())
+    assert oa["param_groups"] == ob["param_groups"] and sorted(oa["state"]) == sorted(ob["state"])
+    for i in oa["state"]:
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(ob["state"][i][k], oa["state"][i][k], atol=RUN_ATOL, rtol=RUN_RTOL)
 
 
 def test_plan_per_rank():
