@@ -1,14 +1,16 @@
 """One learner step's gradient, on one process or on each rank under torchrun (tests/run/test_distributed.py).
 
-    python -m torch.distributed.run --nproc_per_node 2 dist_grad_worker.py MODEL_DIR OUT ESTIMATOR SPLIT [SHARD [CLIP]]
+    python -m torch.distributed.run --nproc_per_node 2 dist_grad_worker.py MODEL_DIR OUT ESTIMATOR SPLIT \
+        [SHARD [CLIP]]
 
 Every rank builds the same union of samples and the same model, keeps its own share (SPLIT "half": contiguous
 halves of whole groups, as the trainer deals games; "rank0": rank 0 holds every sample, rank 1 none, as when all
-of a rank's games were ties; "uneven": whole groups, 4 samples on rank 0 and 8 on rank 1), runs fast_srt's learner step (one update, SGD, no clipping unless CLIP) and writes
-the summed gradient, the weights after the update and the step's grad norm (rank 0) to OUT. ESTIMATOR "..._kl":
-with the KL term (kl_coef 0.05) against a frozen reference (REINFORCE++: in the reward, so every sample's old
-log-probs are computed too; GRPO: in the loss). SHARD "fsdp2": the model and the reference sharded with FSDP2
-(fast_srt.learner.sharding), the gradients and weights written whole.
+of a rank's games were ties; "uneven": whole groups, 4 samples on rank 0 and 8 on rank 1), runs fast_srt's
+learner step (one update, SGD, no clipping unless CLIP) and writes the summed gradient, the weights after the
+update and the step's grad norm (rank 0) to OUT. ESTIMATOR "..._kl": with the KL term (kl_coef 0.05) against a
+frozen reference (REINFORCE++: in the reward, so every sample's old log-probs are computed too; GRPO: in the
+loss). SHARD "fsdp2": the model and the reference sharded with FSDP2 (fast_srt.learner.sharding), the gradients
+and weights written whole.
 """
 
 import contextlib

@@ -79,7 +79,7 @@ def test_fsdp2_update_equals_single_process_on_the_union(tiny_model_dir, tmp_pat
     within GRAD_ATOL + GRAD_RTOL * |x| (the grad norm within 1e-5 relative); the two ranks ran different numbers of
     micro-batches (rank 1 none in "rank0"). Measured: at most 5.1e-7. With the mean of the ranks' gradients (FSDP2's
     default, or a gradient divide factor of 2) every case fails, checked by hand: the unclipped gradients by up to
-    0.40 and 0.30, the clipped case's grad norm 4.19 instead of 8.38 (its clipped gradient, being scale-free, passes)."""
+    0.40 and 0.30, the clipped case's grad norm 4.19 instead of 8.38 (its clipped gradient, scale-free, passes)."""
     from dist_grad_worker import step_gradient, union_samples
 
     from fast_srt.learner.policy import load_policy
@@ -234,7 +234,7 @@ def test_fsdp2_run_equals_replicated_run_with_resumes_across_the_two(tiny_model_
 
 def test_plan_per_rank():
     """`fast-srt plan --ranks N`: one rank's plan (its share of the games), saying every rank holds all of it,
-    and that more ranks do not shrink a peak that does not fit (a judge on every rank, no sharding)."""
+    that more ranks do not shrink the engines, judge and activations, and what --shard fsdp2 would give."""
     from fast_srt.run.plan import PlanInput, plan, render, resolve_shape
 
     one = PlanInput(policy=resolve_shape("8b"), judge=resolve_shape("7b"), games_per_step=64, budget_gib=80)
@@ -243,5 +243,5 @@ def test_plan_per_rank():
     assert kv(eight) < kv(one)  # 8 games a rank instead of 64
     text = render(eight, plan(eight))
     assert "each of 8 ranks holds all of this" in text and "8 of the 64 games" in text
-    assert "more ranks do not lower this peak" in text and "FSDP2 is not built" in text
+    assert "more ranks do not lower the rest" in text and "--shard fsdp2 splits" in text
     assert "per rank" not in render(one, plan(one))
