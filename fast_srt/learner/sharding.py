@@ -5,8 +5,9 @@
 (all-gathered before its forward and again before its backward), and each backward reduce-scatters the gradients.
 
 - **Sum, not mean.** The loss is already a token mean over every rank's tokens (fast_srt.learner.collective), so
-  the ranks' gradients must be summed: the divide factor is 1, and the reduction a plain sum (gloo has no AVG or
-  pre-multiplied sum).
+  the ranks' gradients must be summed (FSDP2's default is their mean): the divide factor is 1, and the reduction a
+  plain sum. A divide factor alone makes FSDP2 use a pre-multiplied sum, which gloo refuses ("Cannot use
+  ReduceOp.PREMUL_SUM with Gloo"); forcing sum-only reductions works on gloo and NCCL alike.
 - **The root.** fast_srt's forwards call `model.base_model(...)` (the decoder) and then read
   `model.get_output_embeddings().weight` for the log-prob kernel. With the root on the HF model, that decoder call
   would skip the root's hooks and leave the embedding, final norm and output head sharded. `ShardedPolicy` is the
