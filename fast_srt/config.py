@@ -243,6 +243,10 @@ class TrainConfig:
     writes only the adapter's tensors in place, and the policy's base model as judge (`--model.judge-model policy`)
     and attacker_only's frozen defender read the same engine without the adapter: one copy of the base weights.
     False: the merged weights are written into the policy engine and a base-model judge gets its own engine."""
+    shard: Literal["none", "fsdp2"] = "none"
+    """Under torchrun: none = every rank holds the whole model, gradients summed by an all-reduce; fsdp2 = the
+    model, its gradients and AdamW's moments sharded across the ranks (torch FSDP2; the KL reference too), for a
+    model that does not fit one device. Full fine-tuning only (not with --lora-rank)."""
     logprob_impl: Literal["auto", "naive", "twin", "native", "triton"] = "auto"
     """Log-prob + entropy implementation, chosen once: auto = Triton on CUDA, else the C++ op when built and
     measured faster, else the chunked torch twin; naive = full [tokens, vocab] logits (for comparison only)."""
@@ -257,6 +261,9 @@ class TrainConfig:
         _require(not self.wandb_project or importlib.util.find_spec("wandb") is not None,
                  f"wandb_project {self.wandb_project!r} needs wandb, which is not installed; run `pip install wandb` "
                  f"or drop --wandb-project")
+        _require(self.shard == "none" or not self.lora_rank,
+                 f"--shard {self.shard} with --lora-rank {self.lora_rank} is not supported: LoRA keeps the trained "
+                 f"and optimizer state rank-sized already; drop --shard, or --lora-rank for full fine-tuning")
         _require(self.game.cot or self.algo.sft_coef == 0,
                  "the no-CoT ablation (game.cot False) needs algo.sft_coef 0: the SFT targets are CoT-formatted")
         _require(self.game.cot or self.warmup.steps == 0,

@@ -25,7 +25,7 @@ import torch
 from fast_srt import faults
 from fast_srt.config import TrainConfig
 from fast_srt.errors import UserError
-from fast_srt.learner import collective
+from fast_srt.learner import collective, sharding
 from fast_srt.learner.batch import (ROLE_IDS, Sample, pack, pack_shared, split_micro_batches,
                                     split_shared_micro_batches)
 from fast_srt.learner.lora import adapters_disabled
@@ -155,11 +155,17 @@ def old_and_ref_logprobs(learner: Learner, samples, need_old: list[bool] | None 
     cfg, o = learner.cfg, learner.cfg.optim
 
     def lp(model, subset):
-        return per_sample_logprobs(model, subset, learner.logprob_fn, o.micro_batch_tokens, learner.autocast,
-                                   learner.temperature, o.share_prefix, counts)
+        if sharding.is_sharded(model):  # FSDP2: as many forwards on every rank (end of this module)
+            n = len(micro_batches(subset, o.micro_batch_tokens, o.share_prefix))
+            extra = collective.all_max(n) - n
+        out = per_sample_logprobs(model, subset, learner.logprob_fn, o.micro_batch_tokens, learner.autocast,
+                                  learner.temperature, o.share_prefix, counts) if subset else []
+        if sharding.is_sharded(model):
+            matching_forwards(learner, model, extra)
+        return out
 
     want = [s for s, w in zip(samples, need_old or [True] * len(samples)) if w]
-    got = iter(lp(learner.model, want) if want else [])
+    got = iter(lp(learner.model, want))
     old = [next(got) if w else None for w in (need_old or [True] * len(samples))]
     if learner.ref is not None:
         return old, lp(learner.ref, samples)
@@ -225,6 +231,7 @@ def update_policy(learner: Learner, step: int, samples, old, ref, advs, minis: l
     cfg, model, optimizer, scaler = learner.cfg, learner.model, learner.optimizer, learner.scaler
     o, a = cfg.optim, cfg.algo
     kl_in_loss = a.estimator != "reinforce_pp" and a.kl_coef > 0 and ref is not None
+    sharded = sharding.is_sharded(model)
     minis = minis if minis is not None else mini_batches(cfg, step, len(samples))
     if any(x is None for m in minis[1:] for i in m for x in [old[i]]):
         raise ValueError("update_policy: only the first mini-batch may come without old log-probs")
@@ -240,8 +247,10 @@ def update_policy(learner: Learner, step: int, samples, old, ref, advs, minis: l
         where = {id(s): i for s, i in zip(mini, idx)}  # sample -> its index in the rollout
         optimizer.zero_grad(set_to_none=True)
         acc.setdefault("optim/lr", []).append(torch.tensor(optimizer.param_groups[0]["lr"]))
-        finite, per_mini = True, {}
-        for mb in micro_batches(mini, o.micro_batch_tokens, o.share_prefix):
+        finite, per_mini, passes = True, {}, 0
+        mbs = micro_batches(mini, o.micro_batch_tokens, o.share_prefix)
+        n_passes = collective.all_max(len(mbs)) if sharded else len(mbs)  # FSDP2: as many on every rank
+        for mb in mbs:
             pos = [where[id(x)] for x in mb]
             mb_old = [old[i] for i in pos]
             mb_ref = [ref[i] for i in pos] if ref is not None and (kl_in_loss or mb_old[0] is None) else None
@@ -254,20 +263,26 @@ def update_policy(learner: Learner, step: int, samples, old, ref, advs, minis: l
                 loss = loss * float("nan")
             if not is_finite_loss(loss):  # host sync, once per micro-step, before backward
                 finite = False
+                if sharded:  # FSDP2: its backward's collectives still run (the update is skipped on every rank)
+                    loss.backward()
+                    passes += 1
                 break
             scaler.scale(loss).backward()
+            passes += 1
             for k, v in metrics.items():
                 if k in SUMMED_OVER_MICRO_BATCHES:  # parts of one mini-batch loss (each divided by n_tokens)
                     per_mini[k] = per_mini.get(k, 0.0) + v
                 else:
                     acc.setdefault(k, []).append(v)
+        if sharded:  # FSDP2: as many forward-backward passes on every rank; their backwards summed the gradients
+            matching_passes(learner, n_passes - passes, kl_in_loss)
         if collective.active():  # one rank's non-finite loss skips the update on all; else the summed gradient
             finite = collective.all_true(finite)
-            if finite:
+            if finite and not sharded:
                 collective.reduce_gradients(model.parameters())
         if finite:
             scaler.unscale_(optimizer)
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            gn = sharding.clip_grad_norm(model.parameters(), o.grad_clip)
             finite = bool(torch.isfinite(gn))
         if not finite:
             optimizer.zero_grad(set_to_none=True)
@@ -335,6 +350,31 @@ def micro_batch_loss(learner: Learner, mb, old, advs, ref, n_tokens: int, kl_in_
         loss = loss + a.sft_coef * s_loss * (batch.num_loss_tokens / n_tokens)
         metrics.update(s_metrics)
     return loss, metrics
+
+
+# ------------------------------------------------------------------------------------------- FSDP2: matching passes
+# A sharded model (fast_srt.learner.sharding) all-gathers in every forward and reduce-scatters in every backward, so
+# every rank must run as many of each, in the same order; ranks hold different numbers of micro-batches (or none).
+# The most any rank will run is agreed before the first forward (a host reduction between two ranks' collectives
+# would deadlock them); a rank with fewer then adds passes on a one-token batch whose loss is multiplied by 0.
+
+PAD_SAMPLE = Sample([0], [0], "attacker", 0.0, [0.0], metadata={"group": 0})
+
+
+def matching_forwards(learner: Learner, model, n: int) -> None:
+    """n no-grad log-prob forwards of `model`; then the root's weights, which FSDP2 keeps gathered after a forward
+    (for its backward, and there is none here), are freed."""
+    for _ in range(n):
+        per_sample_logprobs(model, [PAD_SAMPLE], learner.logprob_fn, 1 << 30, learner.autocast, learner.temperature)
+    model.reshard()
+
+
+def matching_passes(learner: Learner, n: int, kl_in_loss: bool) -> None:
+    """n forward-backward passes through micro_batch_loss (its SFT forward included) adding zero gradient."""
+    zero = [torch.zeros(1)]
+    for _ in range(n):
+        loss, _ = micro_batch_loss(learner, [PAD_SAMPLE], None, zero, zero if kl_in_loss else None, 1, kl_in_loss)
+        (loss * 0.0).backward()
 
 
 def scheduler_step(learner: Learner) -> None:

@@ -108,7 +108,7 @@ def _step_dir_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:08d}"
 
 
-def _save_model(model, out: Path) -> None:
+def _save_model(model, out: Path, state_dict: dict | None = None) -> None:
     # The training copy runs with use_cache=False; the saved config should generate normally elsewhere.
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = True
@@ -120,19 +120,23 @@ def _save_model(model, out: Path) -> None:
 
             model.save_pretrained(out, state_dict=merged_state_dict(model))
             save_file(adapter_state_dict(model), str(out / LORA_ADAPTER_FILE))
+        elif state_dict is not None:  # gathered from a sharded model (fast_srt.learner.sharding.full_state)
+            model.save_pretrained(out, state_dict=state_dict)
         else:
             model.save_pretrained(out)
     finally:
         model.config.use_cache = use_cache
 
 
-def _write_checkpoint_files(tmp: Path, step, model, tokenizer, optimizer, scheduler, extra_state, config) -> None:
-    _save_model(model, tmp)
+def _write_checkpoint_files(tmp: Path, step, model, tokenizer, optimizer, scheduler, extra_state, config,
+                            full_state: tuple[dict, dict] | None = None) -> None:
+    _save_model(model, tmp, full_state[0] if full_state else None)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     faults.hit("checkpoint_partial")
     faults.disk_full_check(step)
-    state = {"format": FORMAT_VERSION, "step": int(step), "optimizer": optimizer.state_dict(),
+    state = {"format": FORMAT_VERSION, "step": int(step),
+             "optimizer": full_state[1] if full_state else optimizer.state_dict(),
              "scheduler": scheduler.state_dict() if scheduler is not None else None,
              "rng": rng_state(), "extra": extra_state}
     torch.save(state, tmp / STATE_FILE)
@@ -170,8 +174,10 @@ def check_free_space(run_dir: str | Path, need: int) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer, scheduler, extra_state: dict,
-                    config: dict, keep_last: int = 2) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it, keep the newest `keep_last`. Returns its path."""
+                    config: dict, keep_last: int = 2, full_state: tuple[dict, dict] | None = None) -> Path:
+    """Write checkpoint `step` atomically, point `latest` at it, keep the newest `keep_last`. Returns its path.
+    full_state: (model, optimizer) state dicts to write instead of the model's and optimizer's own (a sharded
+    model's, gathered: fast_srt.learner.sharding.full_state); the same files either way."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     root = Path(run_dir) / CKPT_SUBDIR
@@ -181,7 +187,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer,
     final = root / _step_dir_name(step)
     tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     try:
-        _write_checkpoint_files(tmp, step, model, tokenizer, optimizer, scheduler, extra_state, config)
+        _write_checkpoint_files(tmp, step, model, tokenizer, optimizer, scheduler, extra_state, config, full_state)
     except OSError as e:  # disk full, quota, permissions: one clear line, the previous checkpoint untouched
         shutil.rmtree(tmp, ignore_errors=True)
         prev = find_latest(run_dir)

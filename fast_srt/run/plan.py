@@ -16,6 +16,14 @@ compute dtype, T = tokens of one micro-batch):
   (b x P_lin, full fine-tuning), the activations autograd keeps for one micro-batch, and the log-prob kernel's
   buffers. On CUDA the engines' KV caches are released while training (sleep mode); on CPU they stay.
 
+Several ranks (`ranks`): each rank holds its own engines and its share of the games. With `shard` "fsdp2" the
+trainer's weights, gradients, AdamW's moments and the KL reference are split over the ranks (1/N each), and
+training adds what FSDP2 gathers whole: the root (embedding, output head, final norm) and two decoder layers
+(the one running and the next) in fp32, with their fp32 gradients before the reduce-scatter. Not split: the
+engines and their KV caches, the activations, the log-prob kernel's buffers and autocast's compute-dtype copies of
+the linear weights, which autograd keeps for the backward of every layer (measured on CPU under bf16 autocast:
+the copies of the whole model's linears are saved, sharded or not).
+
 Activations: `act_per_token_layer` bytes per token and layer without gradient checkpointing (what each layer saves
 for its backward, counted tensor by tensor); with checkpointing, each layer's fp32 input (4H) plus one layer's
 full set while it is recomputed. Checked against measured peaks on CPU: bench/plan_vs_measured.py and
@@ -149,6 +157,7 @@ class PlanInput:
     lora_base_in_compute_dtype: bool = True  # what the trainer does (learner/lora.py: base_to_compute_dtype)
     lora_in_engine: bool = True  # LoRA: the policy engine serves the adapter on the base (the base judge shares it)
     ranks: int = 1  # torchrun ranks: each holds all of the plan on its own device, with games_per_step / ranks games
+    shard: str = "none"  # "fsdp2": the trainer's weights, gradients, moments and reference split over the ranks
 
 
 @dataclass
@@ -172,13 +181,32 @@ def engine_workspace_gib(shape: ModelShape, b: int, batched_tokens: int = 8192) 
             + 256 * shape.vocab * 4) / GIB
 
 
+def shards(p: PlanInput) -> int:
+    """The number of ranks the trainer's state is split over (1: replicated)."""
+    return p.ranks if p.shard == "fsdp2" else 1
+
+
+def _sharded(name: str, p: PlanInput) -> str:
+    return name if shards(p) == 1 else f"{name}, 1/{shards(p)} per rank"
+
+
+def fsdp2_gathered_gib(p: PlanInput) -> float:
+    """What FSDP2 holds whole while training: the root's parameters and two decoder layers' (the one running, the
+    next one gathered ahead), fp32, plus the fp32 gradients of the root and one layer before their reduce-scatter."""
+    s = p.policy
+    layer = s.linear_params // s.layers + 2 * s.hidden
+    root = s.params - s.layers * layer
+    return 4 * (root + 2 * layer + root + layer) / GIB
+
+
 def trainer_weights_gib(p: PlanInput) -> dict[str, float]:
     s, b = p.policy, p.dtype_bytes
     if not p.lora_rank:
-        out = {"trainer weights (fp32 master)": 4 * s.params / GIB}
+        out = {_sharded("trainer weights (fp32 master)", p): 4 * s.params / shards(p) / GIB}
         if p.kl:
             rest = s.params - s.linear_params
-            out["KL reference (linears in compute dtype)"] = (b * s.linear_params + 4 * rest) / GIB
+            out[_sharded("KL reference (linears in compute dtype)", p)] = \
+                (b * s.linear_params + 4 * rest) / shards(p) / GIB
         return out
     base_b = b if p.lora_base_in_compute_dtype else 4
     return {f"trainer base weights ({'compute dtype' if base_b == b else 'fp32'} linears, frozen)":
@@ -228,7 +256,7 @@ def plan(p: PlanInput) -> list[Phase]:
     if p.trains:
         resident.update(trainer_weights_gib(p))
         trainable = s.lora_params(p.lora_rank) if p.lora_rank else s.params
-        resident["AdamW moments (fp32)"] = 8 * trainable / GIB
+        resident[_sharded("AdamW moments (fp32)", p)] = 8 * trainable / shards(p) / GIB
     gen = Phase("generation", dict(resident))
     gen.parts["policy KV cache"] = kv_policy
     gen.parts["policy engine workspace"] = engine_workspace_gib(s, b)
@@ -250,7 +278,9 @@ def plan(p: PlanInput) -> list[Phase]:
                 tr.parts["policy KV cache"] = kv_policy
                 tr.parts["judge KV cache"] = kv_judge
         trainable = s.lora_params(p.lora_rank) if p.lora_rank else s.params
-        tr.parts["gradients (fp32)"] = 4 * trainable / GIB
+        tr.parts[_sharded("gradients (fp32)", p)] = 4 * trainable / shards(p) / GIB
+        if shards(p) > 1:
+            tr.parts["FSDP2 gathered root + 2 layers, and gradients (fp32)"] = fsdp2_gathered_gib(p)
         if not (p.lora_rank and p.lora_base_in_compute_dtype):  # frozen fp32 weights are cast every forward
             tr.parts["autocast weight copies"] = b * s.linear_params / GIB
         tr.parts["activations (one micro-batch" + (", checkpointed)" if p.gradient_checkpointing else ")")] = \
@@ -286,17 +316,21 @@ def advice(p: PlanInput, phases: list[Phase]) -> list[str]:
     if "judge engine weights" in parts:
         tips.append(f"- a smaller judge, or the policy's base model as judge, drops "
                     f"{parts['judge engine weights']:.1f} GiB of judge weights")
+    if p.ranks > 1 and shards(p) == 1 and p.trains and not p.lora_rank:
+        sp = PlanInput(**{**p.__dict__, "shard": "fsdp2"})
+        tips.append(f"- --shard fsdp2 splits the trainer's weights, gradients, moments and reference over the "
+                    f"{p.ranks} ranks: peak {max(ph.total for ph in plan(sp)):.1f} GiB a rank")
     if p.ranks > 1:
-        tips.append(f"- more ranks do not lower this peak: each of the {p.ranks} ranks holds a whole copy of the model, "
-                    f"its optimizer state and its own engines and judge (no sharding: FSDP2 is not built); give each "
-                    f"rank a device that holds it (judging on fewer ranks is not built either)")
+        tips.append("- more ranks do not lower the rest: each rank holds its own engines, judge, KV caches and "
+                    "activations; give each rank a device that holds them (judging on fewer ranks is not built)")
     return tips
 
 
 def ranks_line(p: PlanInput, peak: float) -> list[str]:
     if p.ranks == 1:
         return []
-    return [f"  per rank: each of {p.ranks} ranks holds all of this (its own engines, judge and model, "
+    model = "model" if shards(p) == 1 else f"1/{p.ranks} of the trained model's state (FSDP2)"
+    return [f"  per rank: each of {p.ranks} ranks holds all of this (its own engines, judge and {model}, "
             f"{max(1, p.games_per_step // p.ranks)} of the {p.games_per_step} games) on its own device; on CPU, "
             f"ranks on one machine share its RAM ({p.ranks} x {peak:.2f} GiB if all are local)"]
 
@@ -348,7 +382,7 @@ def plan_input_from_config(cfg, *, device: str, budget_gib: float, policy: str |
                      gradient_checkpointing=cfg.gradient_checkpointing, kl=cfg.algo.kl_coef > 0,
                      kv_cache_gib=kv, judge_kv_cache_gib=kv if not m.judge_model.startswith("rule:") else 0.0,
                      device=device, budget_gib=budget_gib, trains=trains, lora_in_engine=cfg.lora_in_engine,
-                     ranks=ranks)
+                     ranks=ranks, shard=cfg.shard if ranks > 1 else "none")
 
 
 def device_budget_gib(device: str) -> float:

@@ -29,10 +29,10 @@ from fast_srt.errors import UserError
 from fast_srt.game.rewards import reward_function
 from fast_srt.game.rules import GameOptions
 from fast_srt.game.seeds import SeedPool
-from fast_srt.learner import collective
+from fast_srt.learner import collective, sharding
 from fast_srt.learner.lora import adapter_for_engine, apply_lora, base_to_compute_dtype, save_peft_adapter
 from fast_srt.learner.policy import (VARLEN_SDPA, build_optimizer, build_scheduler, load_policy, load_reference,
-                                     weights_for_engine)
+                                     pick_attention, weights_for_engine)
 from fast_srt.learner.step import Learner, games_to_samples, learner_step, pick_logprob_impl, total_updates
 from fast_srt.run import distributed
 from fast_srt.run.checkpoint import (LORA_ADAPTER_FILE, RUN_CONFIG_FILE, check_free_space, checkpoint_bytes,
@@ -114,8 +114,10 @@ def sync_weights(engine, model) -> float:
         dt = push_adapter(engine.llm, engine.adapter.lora_int_id,
                           faults.hit_halfway("weight_sync", adapters.items(), len(adapters)))
     else:
-        n = len(model.state_dict()) + 1  # + the output head, always sent
-        weights = weights_for_engine(model, engine.dtype)
+        lm = sharding.unwrap(model)
+        n = len(lm.state_dict()) + 1  # + the output head, always sent
+        # FSDP2: each tensor all-gathered on every rank, in the engine's dtype, one at a time
+        weights = sharding.full_tensors(weights_for_engine(lm, engine.dtype))
         dt = push_weights(engine.llm, faults.hit_halfway("weight_sync", weights, n))
     engine.wake_kv_cache()
     return dt
@@ -185,11 +187,14 @@ def train(cfg: TrainConfig) -> Path:
         if step % cfg.save_every == 0 or step == cfg.steps:
             status.phase(step, "checkpoint")
             t0 = time.perf_counter()
+            # FSDP2: every rank gathers the full model and optimizer state with rank 0, which writes them
+            full = sharding.full_state(learner.model, learner.optimizer, ranks.main) \
+                if sharding.is_sharded(learner.model) else None
             if ranks.main:
                 try:
-                    save_checkpoint(run_dir, step, learner.model, engines.policy.tokenizer, learner.optimizer,
-                                    learner.scheduler, checkpoint_extra(run, records), dataclasses.asdict(cfg),
-                                    keep_last=cfg.keep_checkpoints)
+                    save_checkpoint(run_dir, step, sharding.unwrap(learner.model), engines.policy.tokenizer,
+                                    learner.optimizer, learner.scheduler, checkpoint_extra(run, records),
+                                    dataclasses.asdict(cfg), keep_last=cfg.keep_checkpoints, full_state=full)
                 except UserError:  # a failed write (disk full): the step's lines still reach the logs, then one line
                     write_records(log, games_log, records)
                     raise
@@ -246,7 +251,8 @@ def check_run_dir(run_dir: Path) -> None:
 
 # Fields a resumed run may change: they decide where and how often things are written, not what is trained.
 RESUME_MAY_CHANGE = ("resume", "run_dir", "save_every", "keep_checkpoints", "log_games", "inject_nan_loss_at_step",
-                     "wandb_project")  # where metrics are also sent, not what the run computes
+                     "wandb_project",  # where metrics are also sent, not what the run computes
+                     "shard")  # how the ranks hold the model, not what it computes (the checkpoint is the same)
 
 
 def check_resume_config(ckpt_dir: Path, cfg: TrainConfig) -> None:
@@ -324,6 +330,9 @@ def setup_run(cfg: TrainConfig) -> Run:
     faults.target()  # a malformed FAST_SRT_KILL_AT is refused before anything starts
     check_trainable_sampling(cfg)
     ranks = distributed.init_from_env()  # torchrun: the process group, before any engine (fast_srt.run.distributed)
+    if cfg.shard != "none" and ranks.world == 1:
+        raise UserError(f"--shard {cfg.shard} shards the model across torchrun ranks; launch with `torchrun "
+                        f"--nproc_per_node N -m fast_srt train ...` (N >= 2), or drop --shard")
     distributed.check_split(cfg.sampling.games_per_step, cfg.algo.samples_per_prompt, ranks)
     run_dir = Path(cfg.run_dir)
     check_run_dir(run_dir)
@@ -345,8 +354,15 @@ def setup_run(cfg: TrainConfig) -> Run:
     pool = SeedPool(cfg.game, rng_seed=cfg.seed)
     # shared-prefix batches need the project's attention (flash-attn varlen inside it on CUDA when installed)
     attn = VARLEN_SDPA if cfg.optim.share_prefix else None
-    model, ckpt_dir, state = trainer_model(cfg, base_dir, run_dir, ckpt_dir, warm_key, device, attn, compute_dtype)
-    collective.broadcast_parameters(model)  # torchrun: every rank starts from rank 0's weights
+    sharded = cfg.shard == "fsdp2"
+    if sharded:  # loaded on the host, then moved to the device one sharded layer at a time: the device's attention
+        attn = pick_attention(device, attn)
+    model, ckpt_dir, state = trainer_model(cfg, base_dir, run_dir, ckpt_dir, warm_key,
+                                           torch.device("cpu") if sharded else device, attn, compute_dtype)
+    if sharded:  # every rank loaded the same files and keeps its own shard of them (nothing random: no LoRA)
+        model = sharding.shard_model(model, device.type)
+    else:
+        collective.broadcast_parameters(model)  # torchrun: every rank starts from rank 0's weights
     optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
     check_free_space(run_dir, checkpoint_bytes(model))
     adapter_rank = cfg.lora_rank if cfg.lora_in_engine else 0  # the engine serves the adapter (LoRA requests)
@@ -357,7 +373,9 @@ def setup_run(cfg: TrainConfig) -> Run:
         attach_policy_adapter(engines.policy, model, base_dir)
     ref = None
     if cfg.algo.kl_coef > 0 and not cfg.lora_rank:  # with LoRA the reference is the model with adapters off
-        ref = load_reference(str(base_dir), compute_dtype, device, attn=attn)
+        ref = load_reference(str(base_dir), compute_dtype, "cpu" if sharded else device, attn=attn)
+        if sharded:  # as the model: 1/N of the reference on each rank, gathered layer by layer in its forwards
+            ref = sharding.shard_model(ref, device.type)
     n_updates = total_updates(cfg)
     scheduler = build_scheduler(optimizer, n_updates, int(cfg.optim.warmup_ratio * n_updates), cfg.optim.min_lr_ratio)
     scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
@@ -369,6 +387,8 @@ def setup_run(cfg: TrainConfig) -> Run:
         sft_stream = SFTStream(samples, seed=cfg.seed)
     start_step, step_records = 0, {}
     if state is not None:
+        if sharded:  # the checkpoint's full optimizer state, this rank's shard of it
+            state["optimizer"] = sharding.shard_optimizer_state(optimizer, state["optimizer"])
         start_step, step_records = restore_run_state(state, optimizer, scheduler, pool, sft_stream, scaler)
     learner = Learner(cfg=cfg, model=model, ref=ref, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                       autocast=autocast, logprob_fn=pick_logprob_impl(cfg.logprob_impl, device),  # chosen once

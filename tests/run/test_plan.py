@@ -70,6 +70,43 @@ def test_lora_plan_drops_what_full_fine_tuning_needs():
     assert lora.total < full.total - 100
 
 
+def test_fsdp2_splits_the_trainer_state_over_the_ranks():
+    """--shard fsdp2 on 8 ranks: the trainer's weights, gradients, moments and reference are 1/8 each, plus the
+    root and two layers gathered whole; the engines, activations and autocast copies are not split. The full
+    fine-tuning 8B reference preset, which does not fit an 80 GiB device replicated, then fits (micro-batch 8192)."""
+    from fast_srt.commands.train import parse_train_args
+    from fast_srt.run.plan import plan_input_from_config
+
+    cfg = parse_train_args(["llama8b_reference", "--optim.micro-batch-tokens", "8192"])
+    rep = plan_input_from_config(cfg, device="cuda", budget_gib=80, ranks=8)
+    sh = plan_input_from_config(parse_train_args(["llama8b_reference", "--optim.micro-batch-tokens", "8192",
+                                                  "--shard", "fsdp2"]), device="cuda", budget_gib=80, ranks=8)
+    assert rep.shard == "none" and sh.shard == "fsdp2"
+    a, b = plan(rep)[-1].parts, plan(sh)[-1].parts
+    s = rep.policy
+    for name in ("trainer weights (fp32 master)", "KL reference (linears in compute dtype)", "AdamW moments (fp32)",
+                 "gradients (fp32)"):
+        assert b[f"{name}, 1/8 per rank"] == pytest.approx(a[name] / 8)
+    assert a["AdamW moments (fp32)"] == pytest.approx(8 * s.params / 2**30)
+    for name in ("policy engine weights", "judge engine weights", "autocast weight copies",
+                 "log-prob kernel buffers"):
+        assert b[name] == a[name]
+    layer = s.linear_params // s.layers + 2 * s.hidden
+    root = s.params - s.layers * layer  # embedding, head, final norm: 2 x 128256 x 4096 + 4096
+    assert root == 2 * 128256 * 4096 + 4096
+    gathered = b["FSDP2 gathered root + 2 layers, and gradients (fp32)"]
+    assert gathered == pytest.approx(4 * (2 * root + 3 * layer) / 2**30)
+    peak = lambda p: max(ph.total for ph in plan(p))  # noqa: E731
+    assert peak(rep) > 150 and peak(sh) < 80
+    text = render(sh, plan(sh))
+    assert "FITS" in text and "1/8 of the trained model's state (FSDP2)" in text
+    assert f"--shard fsdp2 splits the trainer's weights, gradients, moments and reference over the 8 ranks: peak " \
+           f"{peak(sh):.1f} GiB a rank" in render(rep, plan(rep))
+    one = plan_input_from_config(parse_train_args(["llama8b_reference", "--shard", "fsdp2"]), device="cuda",
+                                 budget_gib=80, ranks=1)
+    assert one.shard == "none"  # one rank holds everything whatever --shard says (train refuses it without ranks)
+
+
 def test_render_says_what_to_change_when_it_does_not_fit():
     p = PlanInput(policy=resolve_shape("8b"), budget_gib=24)
     text = render(p, plan(p))
