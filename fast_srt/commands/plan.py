@@ -39,6 +39,8 @@ def plan_main(argv: list[str]) -> None:
     if opts["--ranks"] < 1:
         raise UserError(f"--ranks must be >= 1 (the torchrun ranks: nnodes x nproc_per_node), got {opts['--ranks']}")
     cfg = parse_train_args(rest)
+    if cfg.shard != "none" and opts["--ranks"] == 1:
+        raise UserError(f"--shard {cfg.shard} splits the trainer's state over torchrun ranks: add --ranks N (N >= 2)")
     p = plan_input_from_config(cfg, device=opts["--device"], budget_gib=opts["--budget-gib"],
                                prompt_tokens=opts["--prompt-tokens"],
                                judge_prompt_tokens=opts["--judge-prompt-tokens"], ranks=opts["--ranks"])

@@ -124,6 +124,8 @@ def test_plan_cli_and_bad_input():
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no shape for model" in bad.stderr
     bad = subprocess.run(exe + ["--device", "tpu"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "--device must be cuda or cpu" in bad.stderr
+    bad = subprocess.run(exe + ["--shard", "fsdp2"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "add --ranks N" in bad.stderr and bad.stderr.count("\n") == 1
     with pytest.raises(UserError):
         resolve_shape("/nonexistent/dir")
 
