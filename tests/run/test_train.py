@@ -24,7 +24,10 @@ def _tiny_args(model_dir, run_dir, *extra):
             "--model.dtype", "float32", "--model.max-model-len", "1024", "--model.kv-cache-gib", "1",
             "--game.no-cot", "--sampling.games-per-step", "32", "--sampling.max-new-tokens", "4",
             "--optim.lr", "5e-3", "--optim.updates-per-step", "4", "--optim.warmup-ratio", "0",
-            "--algo.kl-coef", "0", "--run-dir", str(run_dir), *extra]
+            "--algo.kl-coef", "0", "--run-dir", str(run_dir),
+            # the torch twin on every machine: the C++ op is built only where cmake is, and these short runs at lr
+            # 5e-3 are chaotic (its last-digit differences change the sampled tokens, hence the trajectory)
+            "--logprob-impl", "twin", *extra]
 
 
 def _train(args, extra_env=None, **kw):
