@@ -155,12 +155,13 @@ def old_and_ref_logprobs(learner: Learner, samples, need_old: list[bool] | None 
     cfg, o = learner.cfg, learner.cfg.optim
 
     def lp(model, subset):
-        if sharding.is_sharded(model):  # FSDP2: as many forwards on every rank (end of this module)
+        sharded = sharding.is_sharded(model)
+        if sharded:  # FSDP2: as many forwards on every rank, agreed before the first (end of this module)
             n = len(micro_batches(subset, o.micro_batch_tokens, o.share_prefix))
             extra = collective.all_max(n) - n
         out = per_sample_logprobs(model, subset, learner.logprob_fn, o.micro_batch_tokens, learner.autocast,
                                   learner.temperature, o.share_prefix, counts) if subset else []
-        if sharding.is_sharded(model):
+        if sharded:
             matching_forwards(learner, model, extra)
         return out
 
@@ -276,14 +277,7 @@ def update_policy(learner: Learner, step: int, samples, old, ref, advs, minis: l
                     acc.setdefault(k, []).append(v)
         if sharded:  # FSDP2: as many forward-backward passes on every rank; their backwards summed the gradients
             matching_passes(learner, n_passes - passes, kl_in_loss)
-        if collective.active():  # one rank's non-finite loss skips the update on all; else the summed gradient
-            finite = collective.all_true(finite)
-            if finite and not sharded:
-                collective.reduce_gradients(model.parameters())
-        if finite:
-            scaler.unscale_(optimizer)
-            gn = sharding.clip_grad_norm(model.parameters(), o.grad_clip)
-            finite = bool(torch.isfinite(gn))
+        finite, gn = reduced_and_clipped(learner, finite, sharded)
         if not finite:
             optimizer.zero_grad(set_to_none=True)
             scaler.update()  # fp16: an overflow lowers the scale
@@ -309,6 +303,22 @@ def update_policy(learner: Learner, step: int, samples, old, ref, advs, minis: l
     if scaler.is_enabled():
         out["optim/grad_scale"] = scaler.get_scale()
     return out
+
+
+def reduced_and_clipped(learner: Learner, finite: bool, sharded: bool) -> tuple[bool, torch.Tensor | None]:
+    """After a mini-batch's backwards: (whether to step, the grad norm). Under torchrun one rank's non-finite loss
+    skips the update on all, else the ranks' gradients are summed (FSDP2 already did it in its backwards); then
+    unscaled (fp16) and clipped to the norm of the whole gradient, which must be finite too."""
+    model, optimizer = learner.model, learner.optimizer
+    if collective.active():
+        finite = collective.all_true(finite)
+        if finite and not sharded:
+            collective.reduce_gradients(model.parameters())
+    if not finite:
+        return False, None
+    learner.scaler.unscale_(optimizer)
+    gn = sharding.clip_grad_norm(model.parameters(), learner.cfg.optim.grad_clip)
+    return bool(torch.isfinite(gn)), gn
 
 
 SUMMED_OVER_MICRO_BATCHES = ("loss/pg", "loss/kl_k3")
