@@ -21,6 +21,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -118,6 +119,7 @@ def check_train_3() -> dict:
     run_dir = tempfile.mkdtemp(prefix="gpu_check_run_")
     cmd = [PY, "-m", "fast_srt.cli", "train", "--steps", "3", "--save-every", "3", "--run-dir", run_dir]
     rc, out, dt = _run(cmd)
+    shutil.rmtree(run_dir, ignore_errors=True)  # scratch, with a full checkpoint in it
     steps = [line for line in out.splitlines() if line.startswith("step ")]
     return {"ok": rc == 0 and len(steps) == 3, "seconds": round(dt, 1), "steps": steps,
             "cmd": "fast-srt train --steps 3 --save-every 3 --run-dir DIR"}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -112,11 +113,14 @@ def bench_main(argv: list[str]) -> None:
     lin, head = linear_params(model_config)
     dtype = getattr(torch, cfg.model.dtype)
     ceiling = matmul_ceiling(model_config.get("hidden_size", 576), dtype)
-    t0 = time.perf_counter()
-    train(cfg)
-    wall = time.perf_counter() - t0
+    try:  # the run directory is scratch: its final checkpoint alone is 1.6 GB at the default model
+        t0 = time.perf_counter()
+        train(cfg)
+        wall = time.perf_counter() - t0
+        rows = [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r["step"] >= 2]
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
     ceiling = max(ceiling, matmul_ceiling(model_config.get("hidden_size", 576), dtype))
-    rows = [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r["step"] >= 2]
     n_forwards = 2 if cfg.algo.kl_coef > 0 else 1  # old + reference
     table = phase_rows(rows, lin, head, n_forwards, ceiling)
     peak_gib = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()

@@ -23,10 +23,14 @@ def test_bench_times_identical_work(tiny_model_dir, tmp_path):
             "--model.dtype", "float32", "--model.max-model-len", "1024", "--model.kv-cache-gib", "1",
             "--game.no-cot", "--sampling.games-per-step", "8", "--sampling.max-new-tokens", "6",
             "--bench-steps", "3", "--out", str(report)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FAST_SRT_")}
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAST_SRT_")} | {"TMPDIR": str(scratch)}
     p = subprocess.run([sys.executable, "-m", "fast_srt.cli", "bench", *args], capture_output=True, text=True,
                        env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
+    # its run directory (with a final checkpoint) is scratch, removed afterwards
+    assert not list(scratch.glob("fast_srt_bench_*")), list(scratch.iterdir())
     out = json.loads(p.stdout.strip().splitlines()[-1])
     phases = {r["phase"]: r for r in out["phases"]}
     assert set(phases) == {"generate", "judge", "logprob", "advantage", "train", "sync", "step"}
