@@ -3,15 +3,20 @@
 // Matches kernels/logprobs.py (`logprobs_ref`, the torch twin): z = hidden @ weight.T * inv_temp (fp32),
 // logp = z[target] - lse, entropy = lse - sum softmax(z) * z. Each [BN, BV] logits tile is produced by one small
 // GEMM (ATen -> MKL/oneDNN) and then reduced in ONE fused pass while it is still in L2: max, exp, sum, sum e*z,
-// target pick (forward) or softmax + dz + GEMMs into dhidden/dweight (backward). No [N, V] buffer exists.
+// target pick (forward) or softmax + dz + GEMMs into dhidden/dweight (backward).
 // Forward is parallel over row blocks. Backward is parallel over vocab tiles: each thread owns a disjoint slice of
 // dweight and a private fp32 dhidden, summed at the end (threads x N x H x 4 bytes extra).
+// Stored logits (optional): given a [N, V] fp32 buffer, the forward writes every scaled logits tile into it, and
+// the backward given the same buffer reads z from it instead of recomputing h @ w.T, one of its three GEMMs. The
+// caller owns the buffer (kernels/native.py reuses one: fresh pages cost more than the GEMM saved). Given an empty
+// tensor, no [N, V] buffer exists. Results are the same either way (the stored tile is the one the forward reduced).
 // fp32 only (the CPU training dtype this op was measured for); bf16 callers use the twin.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -19,10 +24,19 @@
 namespace fast_srt {
 
 namespace {
-constexpr int64_t kFwdBlockN = 64;   // rows per forward tile
-constexpr int64_t kFwdBlockV = 512;  // vocab columns per tile: 64 x 512 fp32 = 128 KiB, stays in L2
-constexpr int64_t kBwdBlockN = 64;
+// Tiles (measured at N 2048, H 576, V 49152 on a 2-core AVX-512 CPU, docs/measurements.md): forward rows per
+// tile 64 -> 256 took the forward from 0.82 to 0.71 s; backward rows 64 -> 128 from 2.10 to 1.95 s. Fewer rows
+// per tile when N is small, so that every thread still gets a row block in the forward.
+constexpr int64_t kFwdBlockNMax = 256;
+constexpr int64_t kFwdBlockNMin = 64;
+constexpr int64_t kFwdBlockV = 512;  // 256 x 512 fp32 = 512 KiB: stays in L2
+constexpr int64_t kBwdBlockN = 128;
 constexpr int64_t kBwdBlockV = 256;  // dweight slice 256 x H stays hot across row blocks
+
+int64_t forward_block_rows(int64_t N) {
+  const int64_t per_thread = (N + at::get_num_threads() - 1) / std::max(1, at::get_num_threads());
+  return std::clamp<int64_t>(per_thread, kFwdBlockNMin, kFwdBlockNMax);
+}
 
 void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets) {
   TORCH_CHECK_VALUE(hidden.dim() == 2 && weight.dim() == 2, "hidden must be [N, H] and weight [V, H]");
@@ -39,7 +53,8 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd(const at::Tensor& hidden_in,
                                                                         const at::Tensor& weight_in,
                                                                         const at::Tensor& targets_in,
-                                                                        double inv_temp) {
+                                                                        double inv_temp,
+                                                                        const at::Tensor& logits_out) {
   check_inputs(hidden_in, weight_in, targets_in);
   const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous(),
                    targets = targets_in.contiguous();
@@ -51,13 +66,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd(const at
   float *logp_p = logp.data_ptr<float>(), *ent_p = entropy.data_ptr<float>(), *lse_p = lse.data_ptr<float>(),
         *mu_p = mu.data_ptr<float>();
   const float scale = static_cast<float>(inv_temp);
-  const int64_t n_blocks = (N + kFwdBlockN - 1) / kFwdBlockN;
+  const int64_t BN = forward_block_rows(N);
+  const int64_t n_blocks = (N + BN - 1) / BN;
+  const bool store_logits = logits_out.numel() > 0;
+  TORCH_CHECK_VALUE(!store_logits || (logits_out.dim() == 2 && logits_out.size(0) == N && logits_out.size(1) == V &&
+                                      logits_out.scalar_type() == at::kFloat && logits_out.is_contiguous()),
+                    "logits_out must be a contiguous fp32 [N, V] tensor (or empty)");
+  at::Tensor logits = logits_out;
 
   at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
-    at::Tensor tile = at::empty({kFwdBlockN, kFwdBlockV}, opts);  // (BN, BV) logits, reused for every tile
-    std::vector<float> m(kFwdBlockN), s(kFwdBlockN), t(kFwdBlockN), zt(kFwdBlockN);
+    at::Tensor tile = at::empty({BN, kFwdBlockV}, opts);  // (BN, BV) logits, reused for every tile
+    std::vector<float> m(BN), s(BN), t(BN), zt(BN);
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = b * kFwdBlockN, rn = std::min(kFwdBlockN, N - r0);
+      const int64_t r0 = b * BN, rn = std::min(BN, N - r0);
       at::Tensor h = hidden.narrow(0, r0, rn);
       std::fill(m.begin(), m.end(), -1e30f);  // finite: built with -ffast-math
       std::fill(s.begin(), s.end(), 0.f);
@@ -65,7 +86,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd(const at
       std::fill(zt.begin(), zt.end(), 0.f);
       for (int64_t v0 = 0; v0 < V; v0 += kFwdBlockV) {
         const int64_t vn = std::min(kFwdBlockV, V - v0);
-        at::Tensor z = tile.narrow(0, 0, rn).narrow(1, 0, vn);
+        at::Tensor z = store_logits ? logits.narrow(0, r0, rn).narrow(1, v0, vn)  // into the kept buffer
+                                    : tile.narrow(0, 0, rn).narrow(1, 0, vn);
         at::mm_out(z, h, weight.narrow(0, v0, vn).t());
         const int64_t ld = z.stride(0);
         float* zp = z.data_ptr<float>();
@@ -110,7 +132,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd(const at
 std::tuple<at::Tensor, at::Tensor> logprobs_bwd(const at::Tensor& hidden_in, const at::Tensor& weight_in,
                                                 const at::Tensor& targets_in, const at::Tensor& lse_in,
                                                 const at::Tensor& mu_in, const at::Tensor& g_logp_in,
-                                                const at::Tensor& g_ent_in, double inv_temp) {
+                                                const at::Tensor& g_ent_in, double inv_temp,
+                                                const at::Tensor& logits_in) {
   check_inputs(hidden_in, weight_in, targets_in);
   const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous(),
                    targets = targets_in.contiguous();
@@ -121,6 +144,12 @@ std::tuple<at::Tensor, at::Tensor> logprobs_bwd(const at::Tensor& hidden_in, con
     TORCH_CHECK_VALUE(x->dim() == 1 && x->size(0) == N && x->scalar_type() == at::kFloat,
                       "lse, mu and the output grads must be fp32 [N]");
   }
+  const bool stored = logits_in.numel() > 0;
+  TORCH_CHECK_VALUE(!stored || (logits_in.dim() == 2 && logits_in.size(0) == N && logits_in.size(1) == V &&
+                                logits_in.scalar_type() == at::kFloat),
+                    "stored logits must be the forward's fp32 [N, V] buffer");
+  TORCH_CHECK_VALUE(!stored || logits_in.is_contiguous(), "stored logits must be contiguous");
+  const at::Tensor& logits = logits_in;
   auto opts = hidden.options().dtype(at::kFloat);
   at::Tensor dweight = at::zeros({V, H}, opts);
   const int nthreads = at::get_num_threads();
@@ -142,17 +171,30 @@ std::tuple<at::Tensor, at::Tensor> logprobs_bwd(const at::Tensor& hidden_in, con
         const int64_t rn = std::min(kBwdBlockN, N - r0);
         at::Tensor h = hidden.narrow(0, r0, rn);
         at::Tensor z = tile.narrow(0, 0, rn).narrow(1, 0, vn);
-        at::mm_out(z, h, w.t());
+        // the scaled logits: read from the forward's buffer (already scaled), else recomputed (then scaled below)
+        const float* src = nullptr;
+        int64_t ld_src = 0;
+        float src_scale = 1.f;
+        if (stored) {
+          src = logits.data_ptr<float>() + r0 * V + v0;
+          ld_src = V;
+        } else {
+          at::mm_out(z, h, w.t());
+          src = z.data_ptr<float>();
+          ld_src = z.stride(0);
+          src_scale = scale;
+        }
         const int64_t ld = z.stride(0);
         float* zp = z.data_ptr<float>();
         for (int64_t i = 0; i < rn; ++i) {
           float* row = zp + i * ld;
+          const float* in = src + i * ld_src;
           const int64_t r = r0 + i;
           const float l = lse_p[r], m = mu_p[r], gl = gl_p[r], ge = ge_p[r];
           // dz = (-p * (g_logp + g_ent * (z - mu)) + g_logp * onehot) * inv_temp
 #pragma omp simd
           for (int64_t j = 0; j < vn; ++j) {
-            const float zz = row[j] * scale;
+            const float zz = in[j] * src_scale;
             const float p = std::exp(zz - l);
             row[j] = -p * (gl + ge * (zz - m)) * scale;
           }

@@ -332,7 +332,8 @@ def logprobs_native(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         return logprobs_ref(hidden, weight, targets, temperature)
     if not native.available():
         raise ValueError(f"fast_srt native library not built (expected at {native.LIB_PATH}); see csrc/README.md")
-    return native.NativeLogprobsFunction.apply(hidden, weight, targets, temperature)
+    grad_follows = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return native.NativeLogprobsFunction.apply(hidden, weight, targets, temperature, grad_follows)
 
 
 def select_logprobs_impl(device: torch.device):

@@ -224,9 +224,15 @@ def activations_gib(p: PlanInput) -> float:
 
 def logprob_buffers_gib(p: PlanInput, tile_elems: int = 3 * 2**21) -> float:
     """The log-prob kernel: two fp32 logits tiles of at most `tile_elems` (the torch twin's chunk; the Triton
-    kernel's tiles are smaller), the [V, H] fp32 head gradient, the [N, H] hidden states and their gradient."""
+    kernel's tiles are smaller), the [V, H] fp32 head gradient, the [N, H] hidden states and their gradient; on
+    CPU the C++ op's [N, V] fp32 logits kept for the backward when they fit its cap (kernels/native.py)."""
     s, n = p.policy, p.micro_batch_tokens
     tiles = 2 * min(n * s.vocab, tile_elems) * 4
+    if p.device == "cpu":
+        from fast_srt.kernels.native import STORE_LOGITS_MAX_BYTES  # (imports torch: only where it runs)
+
+        if n * s.vocab * 4 <= STORE_LOGITS_MAX_BYTES:
+            tiles += n * s.vocab * 4
     return (tiles + s.vocab * s.hidden * 4 + 2 * n * s.hidden * 4) / GIB
 
 

@@ -108,9 +108,38 @@ def test_twin_bf16_matches_float64():
 
 
 @needs_native
+@pytest.mark.parametrize("store", [True, False], ids=["stored-logits", "recomputed-logits"])
 @pytest.mark.parametrize("N,H,V,temperature", CASES + [(1000, 576, 49152, 0.6)])
-def test_native_fp32_matches_float64(N, H, V, temperature):
+def test_native_fp32_matches_float64(N, H, V, temperature, store, monkeypatch):
+    """Both backwards: logits kept by the forward ([N, V] under the cap), and recomputed tile by tile (above it)."""
+    monkeypatch.setattr(native, "STORE_LOGITS_MAX_BYTES", native.STORE_LOGITS_MAX_BYTES if store else 0)
     _compare("native", L.logprobs_native, N, H, V, temperature, torch.float32, TOL[torch.float32])
+
+
+@needs_native
+def test_native_keeps_logits_for_its_backward_only_under_the_cap_and_reuses_the_buffer(monkeypatch):
+    """The forward lends the pooled [N, V] buffer only when a backward follows and it fits the cap; the backward
+    gives it back, so the next forward writes into the same memory; a second backward (retain_graph) recomputes
+    the logits and gets the same gradients."""
+    monkeypatch.setattr(native, "LOGITS_BUFFER", native._LogitsBuffer())
+    hidden, weight, targets, _, _ = _inputs(41, 32, 3001, torch.float32, int.from_bytes(os.urandom(4), "little"))
+    h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    logp, ent = L.logprobs_native(h, w, targets, 0.9)
+    kept = logp.grad_fn.logits
+    assert kept.shape == (41, 3001) and native.LOGITS_BUFFER.idle is None  # lent out
+    (logp.sum() + ent.sum()).backward(retain_graph=True)
+    first = (h.grad.clone(), w.grad.clone())
+    assert native.LOGITS_BUFFER.idle is not None and logp.grad_fn.logits is None  # given back
+    h.grad, w.grad = None, None
+    (logp.sum() + ent.sum()).backward()  # recomputed: same gradients
+    torch.testing.assert_close((h.grad, w.grad), first, rtol=1e-5, atol=1e-6)
+    again = L.logprobs_native(h, w, targets, 0.9)[0].grad_fn.logits
+    assert again.data_ptr() == kept.data_ptr()  # the same memory, no fresh pages
+    monkeypatch.setattr(native, "STORE_LOGITS_MAX_BYTES", 41 * 3001 * 4 - 1)  # one byte short: recomputed
+    assert L.logprobs_native(h, w, targets, 1.0)[0].grad_fn.logits is None
+    with torch.no_grad():  # a log-prob pass without backward (old, reference) keeps nothing
+        monkeypatch.setattr(native, "STORE_LOGITS_MAX_BYTES", 1 << 30)
+        assert L.logprobs_native(h, w, targets, 1.0)[0].grad_fn is None
 
 
 @needs_native
