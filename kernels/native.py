@@ -14,6 +14,9 @@ import torch
 from ._utils import _grads_or_zeros
 
 LIB_NAME = "libfast_srt_native.so"
+LIB_PATH = Path(__file__).resolve().parent / "_native" / LIB_NAME
+
+
 # The forward keeps its [N, V] fp32 logits for the backward (which then skips recomputing hidden @ weight.T, one of
 # its three GEMMs) when they take at most this much; above it the backward recomputes them tile by tile. The buffer
 # is reused from one backward to the next forward (_LogitsBuffer): in a training process fresh pages cost about as
@@ -32,7 +35,7 @@ class _LogitsBuffer:
     def lend(self, rows: int, cols: int) -> torch.Tensor:
         flat, self.idle = self.idle, None
         if flat is None or flat.numel() < rows * cols:
-            flat = None  # drop the smaller one before allocating
+            del flat  # the smaller one goes before the new one is allocated
             flat = torch.empty(rows * cols, dtype=torch.float32)
         return flat[: rows * cols].view(rows, cols)
 
@@ -41,12 +44,8 @@ class _LogitsBuffer:
         if self.idle is None or self.idle.numel() < base.numel():
             self.idle = base
 
-    def release(self) -> None:
-        self.idle = None
-
 
 LOGITS_BUFFER = _LogitsBuffer()
-LIB_PATH = Path(__file__).resolve().parent / "_native" / LIB_NAME
 
 
 @functools.cache
