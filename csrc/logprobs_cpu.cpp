@@ -16,7 +16,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -72,7 +71,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd(const at
   TORCH_CHECK_VALUE(!store_logits || (logits_out.dim() == 2 && logits_out.size(0) == N && logits_out.size(1) == V &&
                                       logits_out.scalar_type() == at::kFloat && logits_out.is_contiguous()),
                     "logits_out must be a contiguous fp32 [N, V] tensor (or empty)");
-  at::Tensor logits = logits_out;
 
   at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
     at::Tensor tile = at::empty({BN, kFwdBlockV}, opts);  // (BN, BV) logits, reused for every tile
@@ -86,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd(const at
       std::fill(zt.begin(), zt.end(), 0.f);
       for (int64_t v0 = 0; v0 < V; v0 += kFwdBlockV) {
         const int64_t vn = std::min(kFwdBlockV, V - v0);
-        at::Tensor z = store_logits ? logits.narrow(0, r0, rn).narrow(1, v0, vn)  // into the kept buffer
+        at::Tensor z = store_logits ? logits_out.narrow(0, r0, rn).narrow(1, v0, vn)  // into the kept buffer
                                     : tile.narrow(0, 0, rn).narrow(1, 0, vn);
         at::mm_out(z, h, weight.narrow(0, v0, vn).t());
         const int64_t ld = z.stride(0);
@@ -133,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> logprobs_bwd(const at::Tensor& hidden_in, con
                                                 const at::Tensor& targets_in, const at::Tensor& lse_in,
                                                 const at::Tensor& mu_in, const at::Tensor& g_logp_in,
                                                 const at::Tensor& g_ent_in, double inv_temp,
-                                                const at::Tensor& logits_in) {
+                                                const at::Tensor& logits) {
   check_inputs(hidden_in, weight_in, targets_in);
   const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous(),
                    targets = targets_in.contiguous();
@@ -144,12 +142,10 @@ std::tuple<at::Tensor, at::Tensor> logprobs_bwd(const at::Tensor& hidden_in, con
     TORCH_CHECK_VALUE(x->dim() == 1 && x->size(0) == N && x->scalar_type() == at::kFloat,
                       "lse, mu and the output grads must be fp32 [N]");
   }
-  const bool stored = logits_in.numel() > 0;
-  TORCH_CHECK_VALUE(!stored || (logits_in.dim() == 2 && logits_in.size(0) == N && logits_in.size(1) == V &&
-                                logits_in.scalar_type() == at::kFloat),
-                    "stored logits must be the forward's fp32 [N, V] buffer");
-  TORCH_CHECK_VALUE(!stored || logits_in.is_contiguous(), "stored logits must be contiguous");
-  const at::Tensor& logits = logits_in;
+  const bool stored = logits.numel() > 0;
+  TORCH_CHECK_VALUE(!stored || (logits.dim() == 2 && logits.size(0) == N && logits.size(1) == V &&
+                                logits.scalar_type() == at::kFloat && logits.is_contiguous()),
+                    "stored logits must be the forward's contiguous fp32 [N, V] buffer");
   auto opts = hidden.options().dtype(at::kFloat);
   at::Tensor dweight = at::zeros({V, H}, opts);
   const int nthreads = at::get_num_threads();

@@ -6,8 +6,8 @@ max_new_tokens (EOS ignored: `sampling.fixed_length`), N steps (default 3) in a 
 the first are reported (the first pays warm-up). Per phase it prints the median seconds, the tokens, the matmul
 FLOPs, and their share of the matmul ceiling measured in the same run (the best [2048, H] x [H, 4H] matmul in
 the compute dtype, before and after the run), plus the process's peak memory. FLOPs count the linear layers and
-the output head (2 per parameter per token forward, 6 forward + backward), not attention: a lower bound. The generate and judge phases
-count decode and prefill tokens. The report goes to bench/results/ (markdown); the last stdout line is JSON.
+the output head (2 per parameter per token forward, 6 forward + backward), not attention: a lower bound. The
+generate and judge phases count decode and prefill tokens. The report goes to bench/results/ (markdown); the last stdout line is JSON.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def _varlen_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
         outs = [scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=gqa)
                 for q, k, v in zip(qs, ks, vs)]  # [1, Hq, n, D] each
     out = torch.cat(outs, dim=2)  # [1, Hq, T, D]
-    return out.transpose(1, 2).to(out_dtype).contiguous(), None  # [1, T, Hq, D]
+    return out.transpose(1, 2).to(out_dtype, memory_format=torch.contiguous_format), None  # [1, T, Hq, D], one copy
 
 
 @functools.cache
@@ -145,7 +145,7 @@ def _shared_prefix_attention(module, query, key, value, layout, dropout, scaling
                                                  enable_gqa=gqa)
             outs.append(o)  # [1, Hq, n, D]
     out = torch.cat(outs, dim=2)  # [1, Hq, T, D]
-    return out.transpose(1, 2).to(out_dtype).contiguous(), None  # [1, T, Hq, D]
+    return out.transpose(1, 2).to(out_dtype, memory_format=torch.contiguous_format), None  # [1, T, Hq, D], one copy
 
 
 def _varlen_sdpa_mask(*args, attention_mask=None, **kwargs):
