@@ -46,6 +46,8 @@ def available_providers(device: str) -> list[str]:
         import liger_kernel.chunked_loss  # noqa: F401
 
         out.append("liger")
+        if device == "cuda":
+            out.append("liger_ce")
     except ImportError:
         pass
     if device == "cuda":
@@ -80,6 +82,19 @@ def setup(provider: str, N: int, H: int, V: int, mode: str, dtype: torch.dtype, 
             x.grad = weight.grad = None
             loss, _ = loss_mod(x, weight, ids, mask, adv)
             loss.backward()
+
+        return run
+
+    if provider == "liger_ce":
+        if not grad:
+            return None
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        ce = LigerFusedLinearCrossEntropyLoss()
+
+        def run():
+            hidden.grad = weight.grad = None
+            ce(weight, hidden, targets).backward()
 
         return run
 
@@ -150,7 +165,8 @@ def main() -> None:
                 if not args.no_memory:
                     mem = run_child(os.path.abspath(__file__),
                                     ["--child", prov, shape, mode, "--dtype", args.dtype])["extra_mib"]
-                note = "GRPO loss (fwd computes grads)" if prov == "liger" else ""
+                note = {"liger": "GRPO loss (fwd computes grads)",
+                        "liger_ce": "CE loss, T=1, no entropy (fwd computes grads)"}.get(prov, "")
                 rows.append(BenchRow("logprobs", prov, mode, f"{shape} {args.dtype}", *percentiles(ts), mem, note))
                 print(f"  {prov:<8}{mode:<8}{shape}: p50 {rows[-1].p50_ms:.1f} ms, extra {mem} MiB", flush=True)
 

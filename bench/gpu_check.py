@@ -10,8 +10,13 @@ Checks:
   flash_attn   packed log-probs with flash-attn varlen == each sample alone through SDPA (tiny model, fp32, bf16)
   kv_release   the engine's KV cache released and woken around a training phase: memory freed, same greedy tokens
   train_3      a 3-step run of the offline default, its console and per-phase seconds
-  logprob_peers  the fused log-prob (Triton) against Liger's fused linear loss and full logits (what TRL's
-               selective_log_softmax takes as input) at [8, 1024, 151936] in bf16, time and peak memory
+  learner      the learner's half of a step (bench/learner_step.py: old/reference log-probs, advantages, PPO-clip
+               updates, AdamW) on synthetic self-play games, random-init SmolLM2-135M and Qwen2.5-1.5B shapes,
+               the Triton log-prob kernel and its twin taking turns: per-phase seconds, share of the bf16 ceiling
+  logprob_peers  the fused log-prob (Triton) against Liger's fused linear losses (its Triton cross-entropy and
+               its chunked GRPO loss) and full logits (what TRL's selective_log_softmax takes as input) at
+               [8, 1024, 151936] in bf16, time and peak memory
+Checks whose packages are missing (vllm, flash-attn, liger-kernel) say so and are not counted as failures.
 The last stdout line is JSON (one object per check).
 """
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import shutil
@@ -32,15 +38,34 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
-def _run(cmd: list[str], timeout: int = 1800) -> tuple[int, str, float]:
+LOG_DIR: Path | None = None  # --log-dir: every check's full output, one file per command
+
+
+def _run(cmd: list[str], timeout: int = 900) -> tuple[int, str, float]:
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    return p.returncode, (p.stdout + p.stderr)[-4000:], time.perf_counter() - t0
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        rc, text = p.returncode, p.stdout + p.stderr
+    except subprocess.TimeoutExpired as e:
+        rc = 124
+        text = f"{e.stdout or ''}{e.stderr or ''}\n[gpu-check] timed out after {timeout} s"
+        text = text if isinstance(text, str) else text.decode(errors="replace")
+    if LOG_DIR is not None:
+        _run.count = getattr(_run, "count", 0) + 1
+        (LOG_DIR / f"gpu_check_{_run.count}.log").write_text(" ".join(cmd) + "\n\n" + text)
+    return rc, text[-4000:], time.perf_counter() - t0
+
+
+def _missing(module: str, why: str) -> dict | None:
+    """None when `module` imports here, else a not-run result saying what is missing."""
+    if importlib.util.find_spec(module) is not None:
+        return None
+    return {"ok": None, "summary": f"{module} not installed here: not run ({why})"}
 
 
 def check_kernels() -> dict:
-    cmd = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels", "tests/run/test_gpu.py"]
-    rc, out, dt = _run(cmd)
+    cmd = [PY, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "tests/kernels", "tests/run/test_gpu.py"]
+    rc, out, dt = _run(cmd, timeout=300)
     return {"ok": rc == 0, "seconds": round(dt, 1), "summary": out.strip().splitlines()[-1:],
             "cmd": " ".join(cmd[1:])}
 
@@ -108,6 +133,8 @@ print(json.dumps({"freed_gib": (free1 - free0) / 2**30, "same_tokens": before ==
 
 
 def check_kv_release() -> dict:
+    if (skip := _missing("vllm", "the engine is vLLM; GPU install: README")) is not None:
+        return skip
     rc, out, dt = _run([PY, "-c", KV])
     if rc != 0:
         return {"ok": False, "seconds": round(dt, 1), "summary": out[-1500:]}
@@ -116,6 +143,8 @@ def check_kv_release() -> dict:
 
 
 def check_train_3() -> dict:
+    if (skip := _missing("vllm", "generation and the judge run in vLLM; GPU install: README")) is not None:
+        return skip
     run_dir = tempfile.mkdtemp(prefix="gpu_check_run_")
     cmd = [PY, "-m", "fast_srt.cli", "train", "--steps", "3", "--save-every", "3", "--run-dir", run_dir]
     rc, out, dt = _run(cmd)
@@ -125,10 +154,24 @@ def check_train_3() -> dict:
             "cmd": "fast-srt train --steps 3 --save-every 3 --run-dir DIR"}
 
 
+def check_learner() -> dict:
+    date = datetime.date.today().isoformat()
+    out = {}
+    for arch, games in (("smollm2-135m", 64), ("qwen2.5-1.5b", 64)):
+        cmd = [PY, "bench/learner_step.py", "--arch", arch, "--games", str(games), "--impls", "triton,twin",
+               "--steps", "3", "--report", f"bench/results/learner_gpu_{arch}_{date}.md"]
+        rc, text, dt = _run(cmd, timeout=240)
+        if rc != 0:
+            return {"ok": False, "seconds": round(dt, 1), "failed": arch, "summary": text[-1500:]}
+        out[arch] = json.loads(text.strip().splitlines()[-1])
+        out[arch]["seconds"] = round(dt, 1)
+    return {"ok": True, **out}
+
+
 def check_logprob_peers() -> dict:
     # [8, 1024, 151936]: 8 sequences of 1024 tokens (N = 8192 rows), a 4096-wide model, Qwen's vocabulary
     cmd = [PY, "bench/bench_logprobs.py", "--shapes", "8192x4096x151936", "--dtype", "bf16",
-           "--providers", "triton,liger,naive", "--reps", "5",
+           "--providers", "triton,liger_ce,liger,naive", "--reps", "5",
            "--report", f"bench/results/logprobs_gpu_{datetime.date.today().isoformat()}.md"]
     rc, out, dt = _run(cmd)
     return {"ok": rc == 0, "seconds": round(dt, 1), "summary": out.strip().splitlines()[-1:],
@@ -136,14 +179,42 @@ def check_logprob_peers() -> dict:
 
 
 CHECKS = {"kernels": check_kernels, "flash_attn": check_flash_attn, "kv_release": check_kv_release,
-          "train_3": check_train_3, "logprob_peers": check_logprob_peers}
+          "train_3": check_train_3, "learner": check_learner, "logprob_peers": check_logprob_peers}
+
+
+def write_report(device: str, torch_version: str, results: dict) -> Path:
+    date = datetime.date.today().isoformat()
+    try:  # a copy of the tree without .git (a lent machine): the commit comes in FAST_SRT_COMMIT
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True).stdout.strip()
+    except OSError:
+        sha = ""
+    sha = sha or os.environ.get("FAST_SRT_COMMIT", "unknown")
+    versions = {}
+    for mod in ("triton", "transformers", "vllm", "flash_attn", "liger_kernel"):
+        try:
+            versions[mod] = getattr(__import__(mod), "__version__", "?")
+        except Exception:  # missing, or broken on this machine: say so rather than stop the report
+            versions[mod] = "not installed"
+    lines = [f"# GPU check {date}", "", f"Device: {device}; torch {torch_version}; "
+             + "; ".join(f"{k} {v}" for k, v in versions.items()) + f"; commit {sha}; command `make gpu-check`.",
+             "", "| check | ok | details |", "|---|---|---|"]
+    for n, r in results.items():
+        details = json.dumps({k: v for k, v in r.items() if k != "ok"})[:1500].replace("|", "\\|")
+        lines.append(f"| {n} | {r['ok']} | {details} |")
+    out = ROOT / "bench" / "results" / f"gpu_{date}.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="print the checks and exit (the default without CUDA)")
     ap.add_argument("--only", default=",".join(CHECKS), help="comma-separated checks to run")
+    ap.add_argument("--log-dir", default="", help="write each check's full output here")
     args = ap.parse_args()
+    global LOG_DIR
+    LOG_DIR = Path(args.log_dir) if args.log_dir else None
     import torch
 
     names = [n for n in args.only.split(",") if n]
@@ -166,16 +237,7 @@ def main() -> int:
         except Exception as e:  # a check that crashes is a failed check, and the others still run
             results[n] = {"ok": False, "summary": f"{type(e).__name__}: {e}"}
         print(f"[gpu-check] {n}: {results[n]}", flush=True)
-    date = datetime.date.today().isoformat()
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                         text=True).stdout.strip()
-    lines = [f"# GPU check {date}", "", f"Device: {device}; torch {torch.__version__}; commit {sha}; "
-             f"command `make gpu-check`.", "", "| check | ok | details |", "|---|---|---|"]
-    for n, r in results.items():
-        details = json.dumps({k: v for k, v in r.items() if k != "ok"})[:600].replace("|", "\\|")
-        lines.append(f"| {n} | {r['ok']} | {details} |")
-    out = ROOT / "bench" / "results" / f"gpu_{date}.md"
-    out.write_text("\n".join(lines) + "\n")
+        out = write_report(device, torch.__version__, results)  # after every check: a cut-off run keeps its part
     print(f"report: {out}")
     print(json.dumps({"device": device, "results": results}))
     return 0 if all(r["ok"] is not False for r in results.values()) else 1

@@ -14,6 +14,8 @@ if not torch.cuda.is_available():
 
 import importlib
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled Triton on CUDA, the interpreter on CPU
+
 
 from fast_srt.learner.batch import Sample, pack
 from fast_srt.learner.loss import ppo_clip_loss
@@ -33,7 +35,7 @@ def _impls():
         impls["triton"] = L.fused_logprobs
     from fast_srt.kernels import native
 
-    if native.available():
+    if native.available() and DEVICE == "cpu":  # the C++ op is CPU-only
         impls["native"] = L.logprobs_native
     return impls
 
@@ -51,11 +53,11 @@ def _samples(vocab, gen):
 def _step(model_dir, samples, fn):
     from fast_srt.kernels import reinforce_pp_advantages_ref
 
-    model = load_policy(str(model_dir), dtype=torch.float32, device="cpu")
-    batch = pack(samples)
+    model = load_policy(str(model_dir), dtype=torch.float32, device=DEVICE)
+    batch = pack(samples, device=DEVICE)
     with torch.no_grad():
         old, _ = token_logprobs(model, batch, fn)
-    ref = old - 0.01 * torch.arange(old.numel()).float().remainder(3)  # a fixed, non-zero KL
+    ref = old - 0.01 * torch.arange(old.numel(), device=old.device).float().remainder(3)  # a fixed, non-zero KL
     adv, _ = reinforce_pp_advantages_ref(old, ref, batch.rewards, batch.cu_seqlens, batch.loss_mask, batch.roles,
                                          kl_coef=0.01, n_roles=2)
     logp, ent = token_logprobs(model, batch, fn)
