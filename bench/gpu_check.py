@@ -11,8 +11,8 @@ Checks:
   kv_release   the engine's KV cache released and woken around a training phase: memory freed, same greedy tokens
   train_3      a 3-step run of the offline default, its console and per-phase seconds
   learner      the learner's half of a step (bench/learner_step.py: old/reference log-probs, advantages, PPO-clip
-               updates, AdamW) on synthetic self-play games, random-init SmolLM2-135M and Qwen2.5-1.5B shapes,
-               the Triton log-prob kernel and its twin taking turns: per-phase seconds, share of the bf16 ceiling
+               updates, AdamW) on synthetic self-play games, a random-init SmolLM2-135M, the Triton log-prob
+               kernel and its twin taking turns: per-phase seconds, share of the bf16 ceiling, a profiled step
   logprob_peers  the fused log-prob (Triton) against Liger's fused linear losses (its Triton cross-entropy and
                its chunked GRPO loss) and full logits (what TRL's selective_log_softmax takes as input) at
                [8, 1024, 151936] in bf16, time and peak memory
@@ -157,13 +157,15 @@ def check_train_3() -> dict:
 def check_learner() -> dict:
     date = datetime.date.today().isoformat()
     out = {}
-    for arch, games in (("smollm2-135m", 64), ("qwen2.5-1.5b", 64)):
+    for arch, games in (("smollm2-135m", 32),):
         cmd = [PY, "bench/learner_step.py", "--arch", arch, "--games", str(games), "--impls", "triton,twin",
-               "--steps", "3", "--report", f"bench/results/learner_gpu_{arch}_{date}.md"]
+               "--steps", "2", "--report", f"bench/results/learner_gpu_{arch}_{date}.md",
+               "--profile", f"bench/results/learner_gpu_{arch}_{date}_profile.txt"]
         rc, text, dt = _run(cmd, timeout=240)
-        if rc != 0:
+        last = [line for line in text.splitlines() if line.startswith('{"arch"')]  # stdout's JSON (stderr follows)
+        if rc != 0 or not last:
             return {"ok": False, "seconds": round(dt, 1), "failed": arch, "summary": text[-1500:]}
-        out[arch] = json.loads(text.strip().splitlines()[-1])
+        out[arch] = json.loads(last[-1])
         out[arch]["seconds"] = round(dt, 1)
     return {"ok": True, **out}
 
@@ -171,7 +173,7 @@ def check_learner() -> dict:
 def check_logprob_peers() -> dict:
     # [8, 1024, 151936]: 8 sequences of 1024 tokens (N = 8192 rows), a 4096-wide model, Qwen's vocabulary
     cmd = [PY, "bench/bench_logprobs.py", "--shapes", "8192x4096x151936", "--dtype", "bf16",
-           "--providers", "triton,liger_ce,liger,naive", "--reps", "5",
+           "--providers", "triton,twin,liger_ce,liger,naive", "--reps", "5",
            "--report", f"bench/results/logprobs_gpu_{datetime.date.today().isoformat()}.md"]
     rc, out, dt = _run(cmd)
     return {"ok": rc == 0, "seconds": round(dt, 1), "summary": out.strip().splitlines()[-1:],

@@ -113,6 +113,24 @@ class PhaseTimer:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
+def profiled(device: torch.device):
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    return profile(activities=acts)
+
+
+def write_profile(prof, device: torch.device, path: str, impl: str) -> None:
+    """The profiled step's top ops by self device time (CUDA) and by self CPU time, with launch counts."""
+    ka = prof.key_averages()
+    parts = [f"profiled step: impl {impl}, {device.type}\n"]
+    if device.type == "cuda":
+        parts.append(ka.table(sort_by="self_cuda_time_total", row_limit=30))
+    parts.append(ka.table(sort_by="self_cpu_time_total", row_limit=30))
+    Path(path).write_text("\n".join(parts))
+    print(f"profile: {path}", flush=True)
+
+
 def build_learner(model_dir: Path, cfg, device: torch.device, impl: str):
     from fast_srt.kernels import select_advantages_impl
     from fast_srt.learner.policy import VARLEN_SDPA, build_optimizer, build_scheduler, load_policy, load_reference
@@ -147,6 +165,7 @@ def main() -> None:
     p.add_argument("--updates-per-step", type=int, default=2)
     p.add_argument("--micro-batch-tokens", type=int, default=4096)
     p.add_argument("--report", default="", help="also write a markdown report here")
+    p.add_argument("--profile", default="", help="profile the last step (torch.profiler) and write its top ops here")
     args = p.parse_args()
     if args.steps < 2:
         p.error("--steps must be >= 2 (the first step of each impl is a warm-up)")
@@ -174,9 +193,14 @@ def main() -> None:
             learner.logprob_fn = fns[name]
             samples = synthetic_samples(args.games, config["vocab_size"], args.max_resp, seed=step, group=spp)
             timer = PhaseTimer(device)
-            t0 = time.perf_counter()
-            m = learner_step(learner, step, samples, timer)
-            timer.seconds["step"] = time.perf_counter() - t0
+            last = step == args.steps * len(impls) - 1
+            prof = profiled(device) if args.profile and last else contextlib.nullcontext()
+            with prof as pr:
+                t0 = time.perf_counter()
+                m = learner_step(learner, step, samples, timer)
+                timer.seconds["step"] = time.perf_counter() - t0
+            if pr is not None:
+                write_profile(pr, device, args.profile, name)
             row = {"impl": name, "step": step, **{f"{k}_s": round(v, 3) for k, v in timer.seconds.items()},
                    "logprob_rows": m["tokens/logprob_rows"], "logprob_loss": m["tokens/logprob_loss"],
                    "train_rows": m.get("tokens/train_rows", 0), "loss_tokens": sum(len(s.response_ids)

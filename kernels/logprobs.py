@@ -1,14 +1,16 @@
 """Fused log-prob + entropy of sampled tokens from hidden states, without a [N, V] logits buffer.
 
 For hidden [N, H], output projection weight [V, H], targets [N] (int64) and a temperature:
-  1. logits z = hidden @ weight.T / temperature, accumulated in fp32, one vocab tile at a time;
-  2. online logsumexp over the tiles: running max m, s = sum exp(z - m), t = sum exp(z - m) * (z - m);
+  1. logits z = hidden @ weight.T / temperature in fp32, a chunk of rows at a time;
+  2. online logsumexp over the vocabulary: running max m, s = sum exp(z - m), t = sum exp(z - m) * (z - m);
   3. logp = z[target] - lse with lse = m + log s; entropy = log s - t / s (= lse - sum p z);
-  4. backward recomputes each tile: dz = g_logp * (onehot - p) - g_ent * p * (z - mu), mu = sum p z,
-     then dhidden = dz @ weight / T and dweight = dz.T @ hidden / T, tile by tile.
+  4. backward recomputes each chunk's logits: dz = g_logp * (onehot - p) - g_ent * p * (z - mu), mu = sum p z,
+     then dhidden = dz @ weight / T and dweight = dz.T @ hidden / T, chunk by chunk.
 
 Three implementations with one signature `(hidden, weight, targets, temperature=1.0) -> (logp, entropy)`:
-  - `fused_logprobs`: Triton, forward and backward (CUDA; on CPU only under TRITON_INTERPRET=1, for tests).
+  - `fused_logprobs`: CUDA. Per chunk of rows one cuBLAS GEMM with fp32 output, then Triton row kernels for the
+    softmax statistics (forward) and dz (backward); on CPU the row kernels run only under TRITON_INTERPRET=1,
+    for tests. At most FUSED_CHUNK_BYTES of logits live at once.
   - `logprobs_ref`: the torch twin, chunked over rows; what runs on CPU. Never holds more than
     `REF_CHUNK_ELEMS` logits at once (two such buffers live), in the forward or the backward.
   - `logprobs_naive`: full [N, V] fp32 logits; for tests and benches only.
@@ -25,7 +27,6 @@ from . import native
 try:  # triton is absent on some CPU installs; the twin does not need it
     import triton
     import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -41,140 +42,131 @@ REF_CHUNK_ELEMS = 3 << 21
 NATIVE_CPU_SPEEDUP = 1.32
 NATIVE_MIN_SPEEDUP = 1.3
 
-# Triton tile sizes. BLOCK_N >= 16 for tl.dot. Fixed (no autotune) so the interpreter tests run what the GPU runs.
-BLOCK_N = 32
-BLOCK_V = 128
-BLOCK_H = 64
+# Triton path (CUDA): the logits of a chunk of rows come from one cuBLAS GEMM with fp32 output, and one Triton
+# program per row reads them once (forward: max, logsumexp, entropy, target logit; backward: dz in place or into the
+# input dtype), so every GEMM runs on the vendor library and no [N, V] buffer exists: at most FUSED_CHUNK_BYTES of
+# fp32 logits at a time. Measured on an H200 (bench/results/logprobs_gpu_2026-11-30*.md): the earlier all-Triton
+# backward (logits recomputed per tile, dhidden/dweight through atomics) took 1.30 s at [8192, 4096, 151936] bf16.
+FUSED_CHUNK_BYTES = 1 << 30
+BLOCK_V = 1024  # columns per loop step of a row program; fixed so the interpreter tests run what the GPU runs
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Triton
+def _fused_chunk_rows(N: int, V: int) -> int:
+    return max(1, min(N, FUSED_CHUNK_BYTES // (4 * max(V, 1))))
+
+
+_MM_DTYPE_OK = True  # torch.ops.aten.mm.dtype (fp32 output from 16-bit inputs) works here; False after a failure
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result: fp32 inputs as they are; 16-bit inputs on CUDA through cuBLAS with fp32 output
+    (products exact, fp32 accumulation, no rounding of the logits to 16 bits); elsewhere upcast first."""
+    global _MM_DTYPE_OK
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.is_cuda and _MM_DTYPE_OK:
+        try:
+            return torch.ops.aten.mm.dtype(a, b, torch.float32)
+        except (RuntimeError, NotImplementedError):  # an older torch: upcast (same values, slower)
+            _MM_DTYPE_OK = False
+    return torch.mm(a.float(), b.float())
 
 
 if triton is not None:
 
     @triton.jit
-    def _logits_tile(HIDDEN, WEIGHT, rows, cols, row_ok, col_ok, H, stride_hn, stride_wv, inv_temp,
-                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
-                     DOT_FP32: tl.constexpr):
-        acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            hs = h0 + tl.arange(0, BLOCK_H)
-            h_ok = hs < H
-            x = tl.load(HIDDEN + rows[:, None] * stride_hn + hs[None, :], mask=row_ok[:, None] & h_ok[None, :],
-                        other=0.0)
-            w = tl.load(WEIGHT + cols[:, None] * stride_wv + hs[None, :], mask=col_ok[:, None] & h_ok[None, :],
-                        other=0.0)
-            if DOT_FP32:
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-        return acc * inv_temp
-
-    @triton.jit
-    def _logprobs_fwd_kernel(HIDDEN, WEIGHT, TARGETS, LOGP, ENTROPY, LSE, MU, N, V, H, stride_hn, stride_wv,
-                             inv_temp, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                             PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        tgt = tl.load(TARGETS + rows, mask=row_ok, other=0)
-        m = tl.full([BLOCK_N], -1e30, dtype=tl.float32)  # finite start: 0 * (m - m_new) stays 0
-        s = tl.zeros([BLOCK_N], dtype=tl.float32)
-        t = tl.zeros([BLOCK_N], dtype=tl.float32)
-        z_tgt = tl.zeros([BLOCK_N], dtype=tl.float32)
+    def _row_stats_kernel(Z, TARGETS, LOGP, ENTROPY, LSE, MU, V, stride_z, inv_temp, BLOCK_V: tl.constexpr):
+        # One program per row of a chunk of fp32 logits. Each lane keeps its own running max m, s = sum exp(z - m)
+        # and t = sum exp(z - m) * (z - m) over the columns it visits; the lanes are merged at the end.
+        row = tl.program_id(0)
+        z_row = Z + row.to(tl.int64) * stride_z
+        offs = tl.arange(0, BLOCK_V)
+        m = tl.full([BLOCK_V], -1e30, dtype=tl.float32)  # finite start: 0 * (m - m_new) stays 0
+        s = tl.zeros([BLOCK_V], dtype=tl.float32)
+        t = tl.zeros([BLOCK_V], dtype=tl.float32)
         for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            col_ok = cols < V
-            z = _logits_tile(HIDDEN, WEIGHT, rows, cols, row_ok, col_ok, H, stride_hn, stride_wv, inv_temp,
-                             BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, DOT_FP32)
-            z = tl.where(col_ok[None, :], z, -1e30)
-            m_new = tl.maximum(m, tl.max(z, 1))
+            cols = v0 + offs
+            ok = cols < V
+            z = tl.where(ok, tl.load(z_row + cols, mask=ok, other=0.0) * inv_temp, -1e30)
+            m_new = tl.maximum(m, z)
             alpha = tl.exp(m - m_new)
-            d = z - m_new[:, None]
-            e = tl.where(col_ok[None, :], tl.exp(d), 0.0)
-            t = alpha * (t + s * (m - m_new)) + tl.sum(tl.where(col_ok[None, :], e * d, 0.0), 1)
-            s = alpha * s + tl.sum(e, 1)
+            d = z - m_new
+            e = tl.where(ok, tl.exp(d), 0.0)
+            t = alpha * (t + s * (m - m_new)) + e * d
+            s = alpha * s + e
             m = m_new
-            z_tgt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
-        lse = m + tl.log(s)
-        tl.store(LOGP + rows, z_tgt - lse, mask=row_ok)
-        tl.store(ENTROPY + rows, tl.log(s) - t / s, mask=row_ok)
-        tl.store(LSE + rows, lse, mask=row_ok)
-        tl.store(MU + rows, m + t / s, mask=row_ok)
+        m_all = tl.max(m, 0)
+        w = tl.exp(m - m_all)
+        s_all = tl.sum(s * w, 0)
+        t_all = tl.sum(w * (t + s * (m - m_all)), 0)
+        z_tgt = tl.load(z_row + tl.load(TARGETS + row)) * inv_temp
+        lse = m_all + tl.log(s_all)
+        tl.store(LOGP + row, z_tgt - lse)
+        tl.store(ENTROPY + row, tl.log(s_all) - t_all / s_all)
+        tl.store(LSE + row, lse)
+        tl.store(MU + row, m_all + t_all / s_all)
 
     @triton.jit
-    def _logprobs_bwd_kernel(HIDDEN, WEIGHT, TARGETS, LSE, MU, GLOGP, GENT, DHIDDEN, DWEIGHT, N, V, H, stride_hn,
-                             stride_wv, inv_temp, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                             BLOCK_H: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
-        # One program per (row tile, vocab tile): recompute the logits tile, form dz, and add its contributions to
-        # dhidden and dweight (fp32 buffers) with atomics. Nothing of size [N, V] is ever stored.
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-        row_ok = rows < N
-        col_ok = cols < V
-        z = _logits_tile(HIDDEN, WEIGHT, rows, cols, row_ok, col_ok, H, stride_hn, stride_wv, inv_temp,
-                         BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, DOT_FP32)
-        tgt = tl.load(TARGETS + rows, mask=row_ok, other=-1)
-        lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
-        mu = tl.load(MU + rows, mask=row_ok, other=0.0)
-        g_logp = tl.load(GLOGP + rows, mask=row_ok, other=0.0)
-        g_ent = tl.load(GENT + rows, mask=row_ok, other=0.0)
-        ok = row_ok[:, None] & col_ok[None, :]
-        p = tl.where(ok, tl.exp(z - lse[:, None]), 0.0)
-        dz = -p * (g_logp[:, None] + g_ent[:, None] * (z - mu[:, None]))
-        dz += tl.where(cols[None, :] == tgt[:, None], g_logp[:, None], 0.0)
-        dz = tl.where(ok, dz, 0.0) * inv_temp
-        for h0 in range(0, H, BLOCK_H):
-            hs = h0 + tl.arange(0, BLOCK_H)
-            h_ok = hs < H
-            x = tl.load(HIDDEN + rows[:, None] * stride_hn + hs[None, :], mask=row_ok[:, None] & h_ok[None, :],
-                        other=0.0)
-            w = tl.load(WEIGHT + cols[:, None] * stride_wv + hs[None, :], mask=col_ok[:, None] & h_ok[None, :],
-                        other=0.0)
-            if DOT_FP32:
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
-            dzc = dz.to(x.dtype)
-            dh = tl.dot(dzc, w, input_precision=PRECISION)  # [BLOCK_N, BLOCK_H]
-            tl.atomic_add(DHIDDEN + rows[:, None] * H + hs[None, :], dh, mask=row_ok[:, None] & h_ok[None, :])
-            dw = tl.dot(tl.trans(dzc), x, input_precision=PRECISION)  # [BLOCK_V, BLOCK_H]
-            tl.atomic_add(DWEIGHT + cols[:, None] * H + hs[None, :], dw, mask=col_ok[:, None] & h_ok[None, :])
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get true fp32 dots (tf32 would cost ~1e-3 relative error); bf16/fp16 dots accumulate in fp32.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _dot_fp32(dtype: torch.dtype) -> bool:
-    # Triton 3.9's interpreter returns garbage for tl.dot on bf16/fp16 operands (fp32 accumulator); upcast there.
-    # Compiled kernels keep 16-bit dots.
-    return dtype != torch.float32 and isinstance(_logprobs_fwd_kernel, _InterpretedFunction)
+    def _row_grad_kernel(Z, DZ, TARGETS, LSE, MU, GLOGP, GENT, V, stride_z, stride_dz, inv_temp,
+                         BLOCK_V: tl.constexpr):
+        # dz = (g_logp * (onehot - p) - g_ent * p * (z - mu)) / T, p = exp(z - lse), from a row of fp32 logits;
+        # written in DZ's dtype (DZ may be Z itself: each element is read before it is written, by this program).
+        row = tl.program_id(0)
+        z_row = Z + row.to(tl.int64) * stride_z
+        dz_row = DZ + row.to(tl.int64) * stride_dz
+        tgt = tl.load(TARGETS + row)
+        lse = tl.load(LSE + row)
+        mu = tl.load(MU + row)
+        g_logp = tl.load(GLOGP + row)
+        g_ent = tl.load(GENT + row)
+        offs = tl.arange(0, BLOCK_V)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + offs
+            ok = cols < V
+            z = tl.load(z_row + cols, mask=ok, other=0.0) * inv_temp
+            p = tl.exp(z - lse)
+            dz = -p * (g_logp + g_ent * (z - mu)) + tl.where(cols == tgt, g_logp, 0.0)
+            tl.store(dz_row + cols, (dz * inv_temp).to(DZ.dtype.element_ty), mask=ok)
 
 
 def logprobs_fwd(hidden, weight, targets, inv_temp: float):
     """Triton forward launcher. Returns (logp [N], entropy [N], lse [N], mu [N]), all fp32."""
-    N, H = hidden.shape
+    N = hidden.shape[0]
     V = weight.shape[0]
     logp, entropy, lse, mu = (torch.empty(N, device=hidden.device, dtype=torch.float32) for _ in range(4))
-    grid = (triton.cdiv(N, BLOCK_N),)
-    _logprobs_fwd_kernel[grid](hidden, weight, targets, logp, entropy, lse, mu, N, V, H, hidden.stride(0),
-                               weight.stride(0), inv_temp, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H,
-                               PRECISION=_precision(hidden.dtype), DOT_FP32=_dot_fp32(hidden.dtype))
+    step = _fused_chunk_rows(N, V)
+    wt = weight.t()
+    for i in range(0, N, step):
+        n = min(step, N - i)
+        z = _mm_f32(hidden[i:i + n], wt)  # [n, V] fp32
+        _row_stats_kernel[(n,)](z, targets[i:], logp[i:], entropy[i:], lse[i:], mu[i:], V, z.stride(0), inv_temp,
+                                BLOCK_V=BLOCK_V)
+        del z
     return logp, entropy, lse, mu
 
 
 def logprobs_bwd(hidden, weight, targets, lse, mu, g_logp, g_ent, inv_temp: float):
-    """Triton backward launcher. Returns (dhidden [N, H], dweight [V, H]) in the input dtype."""
-    N, H = hidden.shape
+    """Triton backward launcher. Returns (dhidden [N, H], dweight [V, H]) in the input dtype; dweight is summed in
+    fp32 over the chunks."""
+    N = hidden.shape[0]
     V = weight.shape[0]
-    dhidden = torch.zeros(N, H, device=hidden.device, dtype=torch.float32)
-    dweight = torch.zeros(V, H, device=hidden.device, dtype=torch.float32)
-    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(V, BLOCK_V))
-    _logprobs_bwd_kernel[grid](hidden, weight, targets, lse, mu, g_logp, g_ent, dhidden, dweight, N, V, H,
-                               hidden.stride(0), weight.stride(0), inv_temp, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V,
-                               BLOCK_H=BLOCK_H, PRECISION=_precision(hidden.dtype), DOT_FP32=_dot_fp32(hidden.dtype))
-    return dhidden.to(hidden.dtype), dweight.to(weight.dtype)
+    dhidden = torch.empty_like(hidden)
+    dweight = None
+    step = _fused_chunk_rows(N, V)
+    wt = weight.t()
+    for i in range(0, N, step):
+        n = min(step, N - i)
+        h = hidden[i:i + n]
+        z = _mm_f32(h, wt)  # [n, V] fp32
+        dz = z if hidden.dtype == torch.float32 else torch.empty(n, V, dtype=hidden.dtype, device=z.device)
+        _row_grad_kernel[(n,)](z, dz, targets[i:], lse[i:], mu[i:], g_logp[i:], g_ent[i:], V, z.stride(0),
+                               dz.stride(0), inv_temp, BLOCK_V=BLOCK_V)
+        del z
+        torch.mm(dz, weight, out=dhidden[i:i + n])
+        dw = _mm_f32(dz.t(), h)  # [V, H] fp32
+        dweight = dw if dweight is None else dweight.add_(dw)
+        del dz, dw
+    return dhidden, dweight.to(weight.dtype)
 
 
 class LogprobsFunction(torch.autograd.Function):
@@ -196,12 +188,13 @@ class LogprobsFunction(torch.autograd.Function):
 
 
 def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
-    """Triton fused log-prob + entropy.
+    """Fused log-prob + entropy: cuBLAS GEMMs with fp32 logits, Triton row kernels (see the module docstring).
 
     hidden [N, H] and weight [V, H] in one of fp32/bf16/fp16 (same dtype), targets [N] int64 in [0, V).
-    Returns (logp [N] fp32, entropy [N] fp32); differentiable in hidden and weight. Peak extra memory: four fp32
-    [N] vectors in the forward; fp32 dhidden/dweight accumulators in the backward. Never launch on a CPU tensor
-    outside TRITON_INTERPRET=1 (Triton has no CPU driver).
+    Returns (logp [N] fp32, entropy [N] fp32); differentiable in hidden and weight. Peak extra memory: one chunk
+    of fp32 logits (FUSED_CHUNK_BYTES at most) and four fp32 [N] vectors in the forward; in the backward the
+    chunk's logits, its dz in the input dtype, and an fp32 dweight accumulator with one [V, H] fp32 product.
+    Never launch on a CPU tensor outside TRITON_INTERPRET=1 (Triton has no CPU driver).
     """
     check_logprobs_inputs(hidden, weight, targets, temperature)
     if triton is None:

@@ -76,7 +76,7 @@ def _compare(name, fn, N, H, V, temperature, dtype, tol):
     print(f"MAXREL {key} N={N} H={H} V={V} T={temperature}: {worst:.3g}")
 
 
-# (N, H, V, temperature): N never a multiple of BLOCK_N=32, H not a multiple of BLOCK_H=64, odd and real vocabularies
+# (N, H, V, temperature): odd N and H, vocabularies below, not a multiple of and a multiple of the kernels' BLOCK_V=1024
 CASES = [(37, 48, 1031, 0.7), (19, 40, 49152, 1.3), (70, 96, 257, 1.0)]
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
@@ -90,6 +90,15 @@ def test_triton_fp32_matches_float64(N, H, V, temperature):
 @needs_triton
 def test_triton_bf16_matches_float64():
     _compare("triton", fused_logprobs, 45, 64, 1031, 0.8, torch.bfloat16, TOL[torch.bfloat16])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_many_chunks(monkeypatch, dtype):
+    """Several row chunks (the last one short), forward and backward: chunk boundaries lose nothing."""
+    monkeypatch.setattr(L, "FUSED_CHUNK_BYTES", 7 * 4 * 1031)  # 7 rows of V = 1031 fp32 logits per chunk
+    assert L._fused_chunk_rows(45, 1031) == 7
+    _compare("triton", fused_logprobs, 45, 40, 1031, 0.9, dtype, TOL[dtype])
 
 
 @pytest.mark.parametrize("N,H,V,temperature", CASES + [(1000, 576, 49152, 0.6)])

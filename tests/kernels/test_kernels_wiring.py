@@ -28,7 +28,7 @@ def _impls():
     if L.triton is not None and not torch.cuda.is_available():
         from triton.runtime.interpreter import InterpretedFunction
 
-        if not isinstance(L._logprobs_fwd_kernel, InterpretedFunction):
+        if not isinstance(L._row_stats_kernel, InterpretedFunction):
             L = importlib.reload(L)
     impls = {"naive": L.logprobs_naive, "twin": L.logprobs_ref}
     if L.triton is not None:
