@@ -198,6 +198,13 @@ def write_report(device: str, torch_version: str, results: dict) -> Path:
             versions[mod] = getattr(__import__(mod), "__version__", "?")
         except Exception:  # missing, or broken on this machine: say so rather than stop the report
             versions[mod] = "not installed"
+    try:  # the fused log-prob's GEMMs: fp32 logits from bf16 inputs (else kernels.logprobs upcasts, slower)
+        import torch
+
+        a = torch.randn(8, 16, device="cuda", dtype=torch.bfloat16)
+        versions["aten.mm.dtype"] = str(torch.ops.aten.mm.dtype(a, a.t(), torch.float32).dtype)
+    except Exception as e:  # report what happened, whatever it was
+        versions["aten.mm.dtype"] = f"unavailable ({type(e).__name__})"
     lines = [f"# GPU check {date}", "", f"Device: {device}; torch {torch_version}; "
              + "; ".join(f"{k} {v}" for k, v in versions.items()) + f"; commit {sha}; command `make gpu-check`.",
              "", "| check | ok | details |", "|---|---|---|"]
