@@ -186,12 +186,14 @@ CHECKS = {"kernels": check_kernels, "flash_attn": check_flash_attn, "kv_release"
 
 def write_report(device: str, torch_version: str, results: dict) -> Path:
     date = datetime.date.today().isoformat()
-    try:  # a copy of the tree without .git (a lent machine): the commit comes in FAST_SRT_COMMIT
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True).stdout.strip()
-    except OSError:
-        sha = ""
-    sha = sha or os.environ.get("FAST_SRT_COMMIT", "unknown")
+    # a copied working tree (a lent machine) may carry stale git metadata: FAST_SRT_COMMIT, when set, names the files
+    sha = os.environ.get("FAST_SRT_COMMIT", "")
+    if not sha:
+        try:
+            sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                 text=True).stdout.strip() or "unknown"
+        except OSError:
+            sha = "unknown"
     versions = {}
     for mod in ("triton", "transformers", "vllm", "flash_attn", "liger_kernel"):
         try:

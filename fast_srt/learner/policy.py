@@ -68,7 +68,7 @@ def _varlen_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     # split (not slicing in a loop): its backward is one cat, where S slices would each zero-fill and add a
     # full-size [1, H, T, D] gradient
     qs, ks, vs = (x.split(list(seqlens), dim=2) for x in (query, key, value))
-    with _cpu_fp32_attention(query):
+    with _sdpa_context(query):
         outs = [scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=gqa)
                 for q, k, v in zip(qs, ks, vs)]  # [1, Hq, n, D] each
     out = torch.cat(outs, dim=2)  # [1, Hq, T, D]
@@ -99,7 +99,7 @@ def _attention_inputs(query, key, value):
     plain path would give: the next projection sees the same dtype as before).
 
     CUDA: autocast's dtype (RoPE leaves q and k in fp32 beside a bf16 v), what flash-attn and SDPA expect. CPU: fp32,
-    with autocast off around the SDPA calls (_cpu_fp32_attention). Measured on the 2-core CPU (torch 2.13, one layer,
+    with autocast off around the SDPA calls (_sdpa_context). Measured on the 2-core CPU (torch 2.13, one layer,
     9/3 heads of 64, W1's 8 prompts + 64 completions of 64): CPU flash SDPA backward 129 ms in bf16, 55 ms in fp32,
     forward 27 / 26 ms (bench/attention_precision.py). fp32 is also the more precise of the two."""
     dev = query.device.type
@@ -108,10 +108,18 @@ def _attention_inputs(query, key, value):
     return query.to(dt), key.to(dt), value.to(dt), out_dtype
 
 
-def _cpu_fp32_attention(query):
-    """Autocast off on CPU while SDPA runs on fp32 inputs (CPU autocast would cast them back to bf16)."""
+def _sdpa_context(query):
+    """Around the packed SDPA calls. CPU: autocast off while SDPA runs on fp32 inputs (CPU autocast would cast them
+    back to bf16). CUDA: flash, memory-efficient or math SDPA, never cuDNN's. cuDNN builds an execution graph for
+    every new shape, and the pieces of a packed row have a new shape at almost every call: profiled on an H200
+    (bench/results/learner_gpu_smollm2-135m_2026-11-30_profile.txt), its 6330 forward calls of one learner step
+    took 7.3 s of host time for 0.11 s of GPU work, its 2130 backward calls 3.7 s for 0.06 s."""
     if query.device.type == "cpu":
         return torch.autocast("cpu", enabled=False)
+    if query.device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
     return contextlib.nullcontext()
 
 
@@ -135,7 +143,7 @@ def _shared_prefix_attention(module, query, key, value, layout, dropout, scaling
     qs = query.split(list(layout.lengths), dim=2)
     ks, vs = (x.split(list(layout.key_lengths), dim=2) for x in (kc, vc))
     outs = []
-    with _cpu_fp32_attention(query):
+    with _sdpa_context(query):
         for q, k, v, c in zip(qs, ks, vs, layout.context):
             if c == 0:
                 o = scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=gqa)

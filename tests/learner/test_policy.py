@@ -213,3 +213,18 @@ def test_cpu_attention_runs_in_fp32_and_keeps_the_output_dtype(monkeypatch, shar
         logp[batch.loss_index].sum().backward()
         for p, g in zip(model.parameters(), ref_grads):
             assert torch.allclose(p.grad, g, rtol=0.1, atol=0.05 * g.abs().max().item() + 1e-6)
+
+
+def test_packed_attention_on_cuda_excludes_cudnn_sdpa():
+    """cuDNN's SDPA builds an execution graph for every new shape, about 1 ms of host time per packed piece on an
+    H200 (profile cited in policy._sdpa_context). Around the packed calls on CUDA only flash, memory-efficient and
+    math SDPA are allowed; the global setting is restored afterwards."""
+    from types import SimpleNamespace
+
+    import fast_srt.learner.policy as policy
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with policy._sdpa_context(SimpleNamespace(device=torch.device("cuda"))):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
