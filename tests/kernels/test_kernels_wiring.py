@@ -6,9 +6,20 @@ full-logits reference (the implementations differ only in summation order).
 """
 
 import os
+import subprocess
+import sys
 
 import torch
 
+# TRITON_INTERPRET must be set before triton is first imported (triton.language's own @jit helpers are decorated
+# then). If an earlier test module imported triton without it, this test runs in a fresh process instead.
+if "triton" in sys.modules:
+    from triton.language import standard as _tl_std
+    from triton.runtime.interpreter import InterpretedFunction as _Interp
+
+    _INTERP_SAFE = isinstance(_tl_std.sum, _Interp)
+else:
+    _INTERP_SAFE = True
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernel runs in the interpreter on CPU tensors
 
@@ -68,6 +79,12 @@ def _step(model_dir, samples, fn):
 
 
 def test_one_training_step_same_loss_and_grads_for_every_impl(tiny_model_dir):
+    if not torch.cuda.is_available() and not _INTERP_SAFE and "FAST_SRT_WIRING_CHILD" not in os.environ:
+        env = dict(os.environ, TRITON_INTERPRET="1", FAST_SRT_WIRING_CHILD="1")
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout[-4000:]
+        return
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     from transformers import AutoConfig
 
