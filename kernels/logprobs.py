@@ -62,14 +62,15 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with an fp32 result: fp32 inputs as they are; 16-bit inputs on CUDA through cuBLAS with fp32 output
     (products exact, fp32 accumulation, no rounding of the logits to 16 bits); elsewhere upcast first."""
     global _MM_DTYPE_OK
-    if a.dtype == torch.float32:
-        return torch.mm(a, b)
-    if a.is_cuda and _MM_DTYPE_OK:
-        try:
-            return torch.ops.aten.mm.dtype(a, b, torch.float32)
-        except (RuntimeError, NotImplementedError):  # an older torch: upcast (same values, slower)
-            _MM_DTYPE_OK = False
-    return torch.mm(a.float(), b.float())
+    with torch.autocast(a.device.type, enabled=False):  # the trainer calls in under bf16 autocast: no downcast
+        if a.dtype == torch.float32:
+            return torch.mm(a, b)
+        if a.is_cuda and _MM_DTYPE_OK:
+            try:
+                return torch.ops.aten.mm.dtype(a, b, torch.float32)
+            except (RuntimeError, NotImplementedError):  # an older torch: upcast (same values, slower)
+                _MM_DTYPE_OK = False
+        return torch.mm(a.float(), b.float())
 
 
 if triton is not None:

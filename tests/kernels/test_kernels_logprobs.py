@@ -101,6 +101,23 @@ def test_triton_many_chunks(monkeypatch, dtype):
     _compare("triton", fused_logprobs, 45, 40, 1031, 0.9, dtype, TOL[dtype])
 
 
+@pytest.mark.parametrize("name", ["triton", "twin", "native"])
+def test_fp32_inputs_stay_fp32_under_autocast(name):
+    """The trainer calls the op inside bf16 autocast with the fp32 master head: the logits GEMMs must not be cast
+    down to bf16 (a forward with bf16 logits and an fp32 backward would also disagree with each other)."""
+    if name == "triton" and not TRITON_IN_PROCESS:
+        pytest.skip("triton missing, or imported before TRITON_INTERPRET=1")
+    if name == "native" and (torch.cuda.is_available() or not native.available()):
+        pytest.skip("C++ CPU op not built, or a CUDA run")
+    fn = {"triton": fused_logprobs, "twin": logprobs_ref, "native": L.logprobs_native}[name]
+    hidden, weight, targets, g_logp, g_ent = _inputs(33, 40, 1031, torch.float32, seed=3)
+    plain = _run(fn, hidden, weight, targets, g_logp, g_ent, 0.8, torch.float32)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        cast = _run(fn, hidden, weight, targets, g_logp, g_ent, 0.8, torch.float32)
+    for a, b in zip(plain, cast):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("N,H,V,temperature", CASES + [(1000, 576, 49152, 0.6)])
 def test_twin_fp32_matches_float64(N, H, V, temperature):
     _compare("twin", logprobs_ref, N, H, V, temperature, torch.float32, TOL[torch.float32])
