@@ -146,12 +146,14 @@ def logprobs_fwd(hidden, weight, targets, inv_temp: float):
     return logp, entropy, lse, mu
 
 
-def logprobs_bwd(hidden, weight, targets, lse, mu, g_logp, g_ent, inv_temp: float):
-    """Triton backward launcher. Returns (dhidden [N, H], dweight [V, H]) in the input dtype; dweight is summed in
-    fp32 over the chunks."""
+def logprobs_bwd(hidden, weight, targets, lse, mu, g_logp, g_ent, inv_temp: float, need_h: bool = True,
+                 need_w: bool = True):
+    """Triton backward launcher. Returns (dhidden [N, H] or None, dweight [V, H] or None) in the input dtype;
+    dweight is summed in fp32 over the chunks (in place for fp32 inputs, the trainer's head; 16-bit inputs need one
+    [V, H] fp32 product per chunk beside it). A frozen head (LoRA) needs no dweight: its GEMMs are skipped."""
     N = hidden.shape[0]
     V = weight.shape[0]
-    dhidden = torch.empty_like(hidden)
+    dhidden = torch.empty_like(hidden) if need_h else None
     dweight = None
     step = _fused_chunk_rows(N, V)
     wt = weight.t()
@@ -163,11 +165,16 @@ def logprobs_bwd(hidden, weight, targets, lse, mu, g_logp, g_ent, inv_temp: floa
         _row_grad_kernel[(n,)](z, dz, targets[i:], lse[i:], mu[i:], g_logp[i:], g_ent[i:], V, z.stride(0),
                                dz.stride(0), inv_temp, BLOCK_V=BLOCK_V)
         del z
-        torch.mm(dz, weight, out=dhidden[i:i + n])
-        dw = _mm_f32(dz.t(), h)  # [V, H] fp32
-        dweight = dw if dweight is None else dweight.add_(dw)
-        del dz, dw
-    return dhidden, dweight.to(weight.dtype)
+        if need_h:
+            torch.mm(dz, weight, out=dhidden[i:i + n])
+        if need_w and dweight is None:
+            dweight = _mm_f32(dz.t(), h)  # [V, H] fp32
+        elif need_w and dz.dtype == torch.float32:
+            dweight.addmm_(dz.t(), h)  # in place: no second [V, H] buffer (in-place ops are never autocast)
+        elif need_w:  # 16-bit inputs: the chunk's product in fp32, then summed in fp32
+            dweight.add_(_mm_f32(dz.t(), h))
+        del dz
+    return dhidden, (dweight.to(weight.dtype) if need_w else None)
 
 
 class LogprobsFunction(torch.autograd.Function):
@@ -184,7 +191,8 @@ class LogprobsFunction(torch.autograd.Function):
     def backward(ctx, g_logp, g_ent):
         hidden, weight, targets, lse, mu = ctx.saved_tensors
         g_logp, g_ent = _grads_or_zeros(g_logp, g_ent, lse)
-        dhidden, dweight = logprobs_bwd(hidden, weight, targets, lse, mu, g_logp, g_ent, ctx.inv_temp)
+        dhidden, dweight = logprobs_bwd(hidden, weight, targets, lse, mu, g_logp, g_ent, ctx.inv_temp,
+                                        *ctx.needs_input_grad[:2])
         return dhidden, dweight, None, None
 
 

@@ -223,11 +223,17 @@ def activations_gib(p: PlanInput) -> float:
 
 
 def logprob_buffers_gib(p: PlanInput, tile_elems: int = 3 * 2**21) -> float:
-    """The log-prob kernel: two fp32 logits tiles of at most `tile_elems` (the torch twin's chunk; the Triton
-    kernel's tiles are smaller), the [V, H] fp32 head gradient, the [N, H] hidden states and their gradient; on
-    CPU the C++ op's [N, V] fp32 logits kept for the backward when they fit its cap (kernels/native.py)."""
+    """The log-prob kernel: the [V, H] fp32 head gradient, the [N, H] hidden states and their gradient, and its
+    logits buffers. CPU: two fp32 tiles of at most `tile_elems` (the torch twin's chunk), and the C++ op's [N, V]
+    fp32 logits kept for the backward when they fit its cap (kernels/native.py). CUDA (the Triton path): one chunk
+    of fp32 logits (kernels.logprobs.FUSED_CHUNK_BYTES at most); the trainer's head is fp32 (master weights), so
+    its gradient is summed over the chunks in place."""
     s, n = p.policy, p.micro_batch_tokens
     tiles = 2 * min(n * s.vocab, tile_elems) * 4
+    if p.device == "cuda":
+        from fast_srt.kernels.logprobs import _fused_chunk_rows  # (imports torch: only where it runs)
+
+        tiles = _fused_chunk_rows(n, s.vocab) * s.vocab * 4
     if p.device == "cpu":
         from fast_srt.kernels.native import STORE_LOGITS_MAX_BYTES  # (imports torch: only where it runs)
 

@@ -101,6 +101,19 @@ def test_triton_many_chunks(monkeypatch, dtype):
     _compare("triton", fused_logprobs, 45, 40, 1031, 0.9, dtype, TOL[dtype])
 
 
+@needs_triton
+def test_triton_frozen_head_gets_no_weight_gradient():
+    """A frozen head (LoRA): the backward skips dweight and gives dhidden as with a trained head."""
+    hidden, weight, targets, g_logp, g_ent = _inputs(29, 40, 1031, torch.float32, seed=5)
+    _, _, dh_ref, _ = _run(fused_logprobs, hidden, weight, targets, g_logp, g_ent, 0.9, torch.float32)
+    h = hidden.detach().float().clone().requires_grad_()
+    w = weight.detach().float().clone()  # no grad
+    logp, ent = fused_logprobs(h, w, targets, 0.9)
+    (logp.double() * g_logp + ent.double() * g_ent).sum().backward()
+    assert w.grad is None
+    torch.testing.assert_close(h.grad, dh_ref, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["triton", "twin", "native"])
 def test_fp32_inputs_stay_fp32_under_autocast(name):
     """The trainer calls the op inside bf16 autocast with the fp32 master head: the logits GEMMs must not be cast
