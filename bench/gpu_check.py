@@ -194,12 +194,14 @@ def write_report(device: str, torch_version: str, results: dict) -> Path:
                                  text=True).stdout.strip() or "unknown"
         except OSError:
             sha = "unknown"
+    from importlib.metadata import PackageNotFoundError, version
+
     versions = {}
-    for mod in ("triton", "transformers", "vllm", "flash_attn", "liger_kernel"):
+    for dist in ("triton", "transformers", "vllm", "flash-attn", "liger-kernel"):
         try:
-            versions[mod] = getattr(__import__(mod), "__version__", "?")
-        except Exception:  # missing, or broken on this machine: say so rather than stop the report
-            versions[mod] = "not installed"
+            versions[dist] = version(dist)
+        except PackageNotFoundError:
+            versions[dist] = "not installed"
     try:  # the fused log-prob's GEMMs: fp32 logits from bf16 inputs (else kernels.logprobs upcasts, slower)
         import torch
 
