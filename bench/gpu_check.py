@@ -155,19 +155,14 @@ def check_train_3() -> dict:
 
 
 def check_learner() -> dict:
-    date = datetime.date.today().isoformat()
-    out = {}
-    for arch, games in (("smollm2-135m", 32),):
-        cmd = [PY, "bench/learner_step.py", "--arch", arch, "--games", str(games), "--impls", "triton,twin",
-               "--steps", "2", "--report", f"bench/results/learner_gpu_{arch}_{date}.md",
-               "--profile", f"bench/results/learner_gpu_{arch}_{date}_profile.txt"]
-        rc, text, dt = _run(cmd, timeout=240)
-        last = [line for line in text.splitlines() if line.startswith('{"arch"')]  # stdout's JSON (stderr follows)
-        if rc != 0 or not last:
-            return {"ok": False, "seconds": round(dt, 1), "failed": arch, "summary": text[-1500:]}
-        out[arch] = json.loads(last[-1])
-        out[arch]["seconds"] = round(dt, 1)
-    return {"ok": True, **out}
+    name = f"bench/results/learner_gpu_smollm2-135m_{datetime.date.today().isoformat()}"
+    cmd = [PY, "bench/learner_step.py", "--arch", "smollm2-135m", "--games", "32", "--impls", "triton,twin",
+           "--steps", "2", "--report", f"{name}.md", "--profile", f"{name}_profile.txt"]
+    rc, text, dt = _run(cmd, timeout=240)
+    last = [line for line in text.splitlines() if line.startswith('{"arch"')]  # stdout's JSON (stderr follows)
+    if rc != 0 or not last:
+        return {"ok": False, "seconds": round(dt, 1), "summary": text[-1500:]}
+    return {"ok": True, "seconds": round(dt, 1), "smollm2-135m": json.loads(last[-1])}
 
 
 def check_logprob_peers() -> dict:
@@ -184,8 +179,8 @@ CHECKS = {"kernels": check_kernels, "flash_attn": check_flash_attn, "kv_release"
           "train_3": check_train_3, "learner": check_learner, "logprob_peers": check_logprob_peers}
 
 
-def write_report(device: str, torch_version: str, results: dict) -> Path:
-    date = datetime.date.today().isoformat()
+def report_header(device: str, torch_version: str) -> str:
+    """The report's first lines: device, versions, whether fp32-output bf16 GEMMs work, the commit."""
     # a copied working tree (a lent machine) may carry stale git metadata: FAST_SRT_COMMIT, when set, names the files
     sha = os.environ.get("FAST_SRT_COMMIT", "")
     if not sha:
@@ -209,13 +204,16 @@ def write_report(device: str, torch_version: str, results: dict) -> Path:
         versions["aten.mm.dtype"] = str(torch.ops.aten.mm.dtype(a, a.t(), torch.float32).dtype)
     except Exception as e:  # report what happened, whatever it was
         versions["aten.mm.dtype"] = f"unavailable ({type(e).__name__})"
-    lines = [f"# GPU check {date}", "", f"Device: {device}; torch {torch_version}; "
-             + "; ".join(f"{k} {v}" for k, v in versions.items()) + f"; commit {sha}; command `make gpu-check`.",
-             "", "| check | ok | details |", "|---|---|---|"]
+    return (f"# GPU check {datetime.date.today().isoformat()}\n\nDevice: {device}; torch {torch_version}; "
+            + "; ".join(f"{k} {v}" for k, v in versions.items()) + f"; commit {sha}; command `make gpu-check`.")
+
+
+def write_report(header: str, results: dict) -> Path:
+    lines = [header, "", "| check | ok | details |", "|---|---|---|"]
     for n, r in results.items():
         details = json.dumps({k: v for k, v in r.items() if k != "ok"})[:1500].replace("|", "\\|")
         lines.append(f"| {n} | {r['ok']} | {details} |")
-    out = ROOT / "bench" / "results" / f"gpu_{date}.md"
+    out = ROOT / "bench" / "results" / f"gpu_{datetime.date.today().isoformat()}.md"
     out.write_text("\n".join(lines) + "\n")
     return out
 
@@ -242,6 +240,7 @@ def main() -> int:
         print(json.dumps({"dry_run": True, "checks": names}))
         return 0
     device = torch.cuda.get_device_name(0)
+    header = report_header(device, torch.__version__)
     results = {}
     for n in names:
         print(f"[gpu-check] {n} ...", flush=True)
@@ -250,7 +249,7 @@ def main() -> int:
         except Exception as e:  # a check that crashes is a failed check, and the others still run
             results[n] = {"ok": False, "summary": f"{type(e).__name__}: {e}"}
         print(f"[gpu-check] {n}: {results[n]}", flush=True)
-        out = write_report(device, torch.__version__, results)  # after every check: a cut-off run keeps its part
+        out = write_report(header, results)  # after every check: a cut-off run keeps its part
     print(f"report: {out}")
     print(json.dumps({"device": device, "results": results}))
     return 0 if all(r["ok"] is not False for r in results.values()) else 1

@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fast_srt.commands.bench import linear_params  # noqa: E402
+from fast_srt.commands.bench import matmul_ceiling as cpu_matmul_ceiling  # noqa: E402
+from fast_srt.run.metrics import PhaseTimer  # noqa: E402
 
 # Public architectures' shapes (config.json values); weights are random.
 ARCHS = {
@@ -80,37 +82,23 @@ def synthetic_samples(n_games: int, vocab: int, max_resp: int, seed: int, group:
     return out
 
 
-def matmul_ceiling(device: torch.device, dtype: torch.dtype) -> float:
-    """Best FLOP/s of a large matmul in `dtype` on `device` (8192^3 on CUDA, the bench's [2048, 576] x [576, 2304]
-    on CPU): the ceiling the shares are taken against."""
-    n, k, m = (8192, 8192, 8192) if device.type == "cuda" else (2048, 576, 2304)
-    a = torch.randn(n, k, device=device, dtype=dtype)
-    b = torch.randn(k, m, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+def matmul_ceiling(device: torch.device, dtype: torch.dtype, hidden: int) -> float:
+    """The ceiling the shares are taken against: on CPU `fast-srt bench`'s ([2048, H] x [H, 4H]); on CUDA the best
+    of 10 timed 8192^3 matmuls (a small model's shapes would not fill the chip)."""
+    if device.type != "cuda":
+        return cpu_matmul_ceiling(hidden, dtype)
+    a = torch.randn(8192, 8192, device=device, dtype=dtype)
+    b = torch.randn(8192, 8192, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
     best = float("inf")
     for _ in range(10):
-        sync()
+        torch.cuda.synchronize()
         t0 = time.perf_counter()
         a @ b
-        sync()
+        torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
-    return 2 * n * k * m / best
-
-
-class PhaseTimer:
-    def __init__(self, device: torch.device):
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        self.sync()
-        t0 = time.perf_counter()
-        yield
-        self.sync()
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+    return 2 * 8192**3 / best
 
 
 def profiled(device: torch.device):
@@ -150,6 +138,25 @@ def build_learner(model_dir: Path, cfg, device: torch.device, impl: str):
                    device=device, temperature=cfg.sampling.temperature, sft_stream=None, total_updates=n)
 
 
+def summarize(per_impl: dict[str, list[dict]], lin: int, head: int, ceiling: float) -> dict:
+    """Per impl: median seconds of each phase over its timed steps (the first is a warm-up), the log-prob and train
+    phases' share of the matmul ceiling (FLOPs as `fast-srt bench` counts them), and train tokens per second."""
+    table = {}
+    for name, rows in per_impl.items():
+        timed = rows[1:]
+        med = {k: statistics.median(r[k] for r in timed) for k in timed[0] if k not in ("impl", "step")}
+        lp_flops = 2 * lin * med["logprob_rows"] + 2 * head * med["logprob_loss"]
+        tr_flops = 6 * lin * med["train_rows"] + 6 * head * med["loss_tokens"]  # each sample trained once a step
+        table[name] = {
+            "step_s": med["step_s"], "logprob_s": med.get("logprob_s"), "advantage_s": med.get("advantage_s"),
+            "train_s": med.get("train_s"),
+            "logprob_share": round(lp_flops / med["logprob_s"] / ceiling, 3) if med.get("logprob_s") else None,
+            "train_share": round(tr_flops / med["train_s"] / ceiling, 3) if med.get("train_s") else None,
+            "train_tokens_per_s": round(med["train_rows"] / med["train_s"]) if med.get("train_s") else None,
+        }
+    return table
+
+
 def main() -> None:
     from fast_srt.config import TrainConfig
     from fast_srt.learner.step import learner_step, pick_logprob_impl
@@ -184,7 +191,7 @@ def main() -> None:
         lin, head = linear_params(config)
         learner = build_learner(model_dir, cfg, device, impls[0])
         fns = {name: pick_logprob_impl(name, device) for name in impls}
-        ceiling = matmul_ceiling(device, getattr(torch, args.dtype))
+        ceiling = matmul_ceiling(device, getattr(torch, args.dtype), config["hidden_size"])
         per_impl: dict[str, list[dict]] = {name: [] for name in impls}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -192,7 +199,7 @@ def main() -> None:
             name = impls[step % len(impls)]
             learner.logprob_fn = fns[name]
             samples = synthetic_samples(args.games, config["vocab_size"], args.max_resp, seed=step, group=spp)
-            timer = PhaseTimer(device)
+            timer = PhaseTimer(torch.cuda.synchronize if device.type == "cuda" else None)
             last = step == args.steps * len(impls) - 1
             prof = profiled(device) if args.profile and last else contextlib.nullcontext()
             with prof as pr:
@@ -208,19 +215,7 @@ def main() -> None:
             per_impl[name].append(row)
             print(json.dumps(row), flush=True)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    table = {}
-    for name, rows in per_impl.items():
-        timed = rows[1:]
-        med = {k: statistics.median(r[k] for r in timed) for k in timed[0] if k not in ("impl", "step")}
-        lp_flops = 2 * lin * med["logprob_rows"] + 2 * head * med["logprob_loss"]
-        tr_flops = 6 * lin * med["train_rows"] + 6 * head * med["loss_tokens"]  # each sample trained once a step
-        table[name] = {
-            "step_s": med["step_s"], "logprob_s": med.get("logprob_s"), "advantage_s": med.get("advantage_s"),
-            "train_s": med.get("train_s"),
-            "logprob_share": round(lp_flops / med["logprob_s"] / ceiling, 3) if med.get("logprob_s") else None,
-            "train_share": round(tr_flops / med["train_s"] / ceiling, 3) if med.get("train_s") else None,
-            "train_tokens_per_s": round(med["train_rows"] / med["train_s"]) if med.get("train_s") else None,
-        }
+    table = summarize(per_impl, lin, head, ceiling)
     head_line = (f"learner step, {args.arch} (random init), {args.games} games ({2 * args.games} samples, "
                  f"responses <= {args.max_resp}), {args.dtype}, {args.estimator}, {args.updates_per_step} updates, "
                  f"micro-batch {args.micro_batch_tokens} tokens, on {device.type} "

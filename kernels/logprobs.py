@@ -202,7 +202,8 @@ def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     hidden [N, H] and weight [V, H] in one of fp32/bf16/fp16 (same dtype), targets [N] int64 in [0, V).
     Returns (logp [N] fp32, entropy [N] fp32); differentiable in hidden and weight. Peak extra memory: one chunk
     of fp32 logits (FUSED_CHUNK_BYTES at most) and four fp32 [N] vectors in the forward; in the backward the
-    chunk's logits, its dz in the input dtype, and an fp32 dweight accumulator with one [V, H] fp32 product.
+    chunk's logits (fp32 inputs: dz in place), for 16-bit inputs its dz in that dtype and one [V, H] fp32 product
+    beside the fp32 dweight accumulator; no dweight at all for a frozen head.
     Never launch on a CPU tensor outside TRITON_INTERPRET=1 (Triton has no CPU driver).
     """
     check_logprobs_inputs(hidden, weight, targets, temperature)

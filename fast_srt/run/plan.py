@@ -229,11 +229,12 @@ def logprob_buffers_gib(p: PlanInput, tile_elems: int = 3 * 2**21) -> float:
     of fp32 logits (kernels.logprobs.FUSED_CHUNK_BYTES at most); the trainer's head is fp32 (master weights), so
     its gradient is summed over the chunks in place."""
     s, n = p.policy, p.micro_batch_tokens
-    tiles = 2 * min(n * s.vocab, tile_elems) * 4
     if p.device == "cuda":
         from fast_srt.kernels.logprobs import _fused_chunk_rows  # (imports torch: only where it runs)
 
         tiles = _fused_chunk_rows(n, s.vocab) * s.vocab * 4
+    else:
+        tiles = 2 * min(n * s.vocab, tile_elems) * 4
     if p.device == "cpu":
         from fast_srt.kernels.native import STORE_LOGITS_MAX_BYTES  # (imports torch: only where it runs)
 

@@ -72,7 +72,8 @@ class Run:
 def train_step(run: Run, step: int, status: Status) -> tuple[dict, list]:
     """One self-play step (module docstring, 1-7): returns its metrics and its games."""
     cfg, engines, learner = run.cfg, run.engines, run.learner
-    timer, t0, snap = PhaseTimer(), time.perf_counter(), engines.snapshot()
+    sync = torch.cuda.synchronize if learner.device.type == "cuda" else None  # phases own their GPU work
+    timer, t0, snap = PhaseTimer(sync), time.perf_counter(), engines.snapshot()
     # 1-2) play and judge one batch of games (each seed samples_per_prompt times: the GRPO/RLOO group)
     status.phase(step, "play + judge")
     seeds, group_of = run.pool.group_batch(cfg.sampling.games_per_step, cfg.algo.samples_per_prompt)

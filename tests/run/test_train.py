@@ -298,3 +298,22 @@ def test_lora_in_one_engine_trains_and_resumes(tiny_model_dir, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "1 engine:" in p.stdout and "from step 2" in p.stdout
     assert [x["step"] for x in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_phase_timer_syncs_the_device_at_each_phase_edge():
+    """On CUDA the trainer's phases own the GPU work they queued: the timer synchronizes as a phase starts and
+    ends (a stand-in sync here records the calls and where they fall)."""
+    from fast_srt.run.metrics import PhaseTimer
+
+    calls = []
+    timer = PhaseTimer(lambda: calls.append("sync"))
+    with timer("train"):
+        calls.append("work")
+    with timer("train"):
+        pass
+    assert calls == ["sync", "work", "sync", "sync", "sync"]
+    assert set(timer.seconds) == {"train"} and timer.seconds["train"] >= 0
+    plain = PhaseTimer()  # no device: nothing to wait for
+    with plain("gen"):
+        pass
+    assert set(plain.seconds) == {"gen"}
