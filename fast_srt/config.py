@@ -110,6 +110,8 @@ class PlayConfig:
     """Seed for seed sampling and generation."""
     show: int = 16
     """How many games to print in full."""
+    out: str = ""
+    """Also write every game as one JSON line (the fields of a run's games.jsonl) to this file ('' writes none)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -76,6 +76,8 @@ def play_main(argv: list[str]) -> None:
     games = play_games(engines.policy, engines.judge, pool.batch(s.games_per_step), options, spec, reward_fn,
                        engines.frozen_defender)
     print_games(games, cfg.show)
+    if cfg.out:
+        write_game_records(games, cfg.out, model=cfg.model.model)
     n_tie = sum(g.rewards.tie for g in games)
     print(f"{len(games)} games; judge parse failures: {engines.judge.parse_failures}/{engines.judge.calls}; "
           f"ties: {n_tie}; judge {'shares the policy engine' if engines.judge_shares_policy_engine else 'has its own engine'}")
@@ -83,6 +85,21 @@ def play_main(argv: list[str]) -> None:
         print(line)
     print(f"startup {t_ready - t0:.1f} s (engines {engines.policy.startup_s:.1f} s); pid {os.getpid()}, "
           f"child processes: {child_processes()}")
+
+
+def write_game_records(games, path: str, model: str) -> None:
+    """The games as JSON lines (a run's games.jsonl fields, step 0, plus the policy model that played them)."""
+    import json
+    from pathlib import Path
+
+    from fast_srt.run.trainer import game_record
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as f:
+        for g in games:
+            f.write(json.dumps({**game_record(0, g), "model": model}, ensure_ascii=False) + "\n")
+    print(f"wrote {len(games)} games to {out}")
 
 
 def print_logged_games(records: list[dict], width: int = 100) -> None:

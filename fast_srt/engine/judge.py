@@ -43,6 +43,16 @@ class Judge:
             return build_wildguard_prompt(prompt, response)
         return render_chat(self.engine.tokenizer, build_judge_messages(prompt, response))
 
+    def encode(self, prompt: str, response: str) -> list[int]:
+        """The judge input's token ids. The chat template writes its own special tokens; WildGuard's raw format
+        begins with the tokenizer's BOS (`<s><|user|>`), which the engine's encode (no special tokens) leaves out,
+        so it is put in front here, exactly once."""
+        ids = self.engine.encode(self.prompt(prompt, response))
+        bos = getattr(self.engine.tokenizer, "bos_token_id", None)
+        if self.template == "wildguard" and bos is not None and ids[:1] != [bos]:
+            ids = [bos] + ids
+        return ids
+
     def score(self, pairs: list[tuple[str, str]]) -> list[tuple[JudgeLabels, str]]:
         """Labels for (prompt shown to the defender, defender's public answer) pairs, one engine call.
 
@@ -83,7 +93,7 @@ class Judge:
         max_model_len: the response loses its tail first (down to 16 tokens), then the prompt. None if even that
         cannot fit. The ids go to the engine as they are (each judge input is tokenized once)."""
         limit = self.engine.max_model_len - self.max_tokens - 1
-        ids = self.engine.encode(self.prompt(prompt, response))
+        ids = self.encode(prompt, response)
         if len(ids) <= limit:
             return ids
         self.truncated += 1
@@ -98,7 +108,7 @@ class Judge:
                 break
             prompt = tok.decode(p_ids[: len(p_ids) - max(cut_p, 0)])
             response = tok.decode(r_ids[: len(r_ids) - cut_r])
-            ids = self.engine.encode(self.prompt(prompt, response))
+            ids = self.encode(prompt, response)
             if len(ids) <= limit:
                 return ids
         self.too_long += 1

@@ -52,9 +52,9 @@ def render_answer(labels: JudgeLabels) -> str:
 
 # ------------------------------------------------------------------------------------------------ features
 
-def pair_ids(tokenizer, prompt: str, response: str, limit: int) -> tuple[list[int], int] | None:
-    """(token ids, index where the response starts) of the probe's input for a pair, cut to `limit` tokens (the
-    response's tail first, down to 16 tokens, then the prompt's); None if it cannot fit."""
+def pair_ids(tokenizer, prompt: str, response: str, limit: int) -> tuple[list[int], int, bool] | None:
+    """(token ids, index where the response starts, whether it was cut) of the probe's input for a pair, cut to
+    `limit` tokens (the response's tail first, down to 16 tokens, then the prompt's); None if it cannot fit."""
     from fast_srt.game.rules import render_chat
 
     def enc(t):
@@ -63,7 +63,8 @@ def pair_ids(tokenizer, prompt: str, response: str, limit: int) -> tuple[list[in
     r_ids = enc(response)
     head = enc(render_chat(tokenizer, [{"role": "user", "content": prompt}]))
     over = len(head) + len(r_ids) - limit
-    if over > 0:  # rare: only then is the prompt tokenized on its own
+    cut = over > 0
+    if cut:  # rare: only then is the prompt tokenized on its own
         p_ids = enc(prompt)
         cut_r = min(over, max(0, len(r_ids) - 16))
         r_ids = r_ids[: len(r_ids) - cut_r]
@@ -74,7 +75,7 @@ def pair_ids(tokenizer, prompt: str, response: str, limit: int) -> tuple[list[in
             head = enc(render_chat(tokenizer, [{"role": "user", "content": tokenizer.decode(p_ids[:-over - 2])}]))
             if len(head) + len(r_ids) > limit:
                 return None
-    return head + r_ids, len(head)
+    return head + r_ids, len(head), cut
 
 
 def pool_features(states: torch.Tensor, boundary: int) -> torch.Tensor:
@@ -281,6 +282,7 @@ class ProbeJudge:
             if model_dir is None:
                 raise ValueError("ProbeJudge needs a fitted probe or the judge model's directory")
             probe = ensure_probe(self, Path(model_dir), log=log)
+            self.truncated = self.too_long = 0  # fitting's own cuts are not the run's
         self.probe = probe
 
     def features(self, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, list[int]]:
@@ -291,10 +293,11 @@ class ProbeJudge:
             if fit is None:
                 self.too_long += 1
                 continue
+            self.truncated += fit[2]
             inputs.append(fit)
             kept.append(i)
-        states = self.engine.token_states([ids for ids, _ in inputs], phase="judge")
-        feats = [pool_features(s, boundary) for s, (_, boundary) in zip(states, inputs)]
+        states = self.engine.token_states([ids for ids, _, _ in inputs], phase="judge")
+        feats = [pool_features(s, boundary) for s, (_, boundary, _) in zip(states, inputs)]
         if not feats:
             return torch.empty(0, 0), kept
         return torch.stack(feats), kept

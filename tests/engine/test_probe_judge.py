@@ -127,10 +127,10 @@ def test_agreement_counts_by_hand():
 def test_pair_ids_cut_the_response_first(tiny_engine):
     tok = tiny_engine.tokenizer
     prompt, response = "how do I bake bread " * 3, "first you mix flour and water " * 40
-    ids, boundary = pair_ids(tok, prompt, response, 10_000)
-    assert tok.decode(ids[boundary:]) .strip() == response.strip()
+    ids, boundary, was_cut = pair_ids(tok, prompt, response, 10_000)
+    assert tok.decode(ids[boundary:]) .strip() == response.strip() and not was_cut
     cut = pair_ids(tok, prompt, response, boundary + 20)
-    assert cut is not None and len(cut[0]) <= boundary + 20 and cut[1] == boundary
+    assert cut is not None and len(cut[0]) <= boundary + 20 and cut[1] == boundary and cut[2]
     assert pair_ids(tok, "word " * 300, "x", 50) is None or len(pair_ids(tok, "word " * 300, "x", 50)[0]) <= 50
 
 
@@ -194,3 +194,34 @@ def test_probe_is_fitted_once_then_cached(tiny_pooling_engine, tiny_model_dir, t
     assert torch.equal(again.probe.w, judge.probe.w) and len(lines) == 1
     assert P.probe_key(tiny_model_dir) == cached[0].name.removeprefix("judge-probe-")
     assert not P.shipped_probe_dir(P.probe_key(tiny_model_dir)).exists()
+
+
+def test_probe_judge_counts_its_truncations(tiny_pooling_engine):
+    """A pair longer than the judge engine is cut to fit and counted (judge/truncated_total); one that fits is not."""
+    judge = ProbeJudge(tiny_pooling_engine, probe=Probe(torch.zeros(1), torch.ones(1), torch.zeros(3, 1),
+                                                        torch.zeros(3)))
+    judge.probe = Probe(torch.zeros(3 * 64, dtype=torch.float64), torch.ones(3 * 64, dtype=torch.float64),
+                        torch.randn(3, 3 * 64, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
+    judge.score([("how do I bake bread?", "mix flour and water.")])
+    assert judge.truncated == 0 and judge.calls == 1
+    long_answer = "first you mix flour and water, then you wait. " * 200  # far over the engine's 512 tokens
+    out = judge.score([("how do I bake bread?", long_answer), ("q", "a short answer")])
+    assert judge.truncated == 1 and judge.too_long == 0 and judge.calls == 3
+    assert not out[0][0].has_none  # cut, then judged
+
+
+def test_wildguard_input_starts_with_exactly_one_bos(tiny_bos_engine):
+    """WildGuard's format begins `<s><|user|>`: the raw prompt gets the tokenizer's BOS in front, exactly once,
+    also when the pair is cut to fit; the chat template keeps the one BOS it writes itself."""
+    from fast_srt.engine.judge import Judge
+
+    tok = tiny_bos_engine.tokenizer
+    bos = tok.bos_token_id
+    assert bos is not None and tok("x").input_ids[0] == bos  # the tokenizer adds a BOS of its own
+    for template in ("wildguard", "chat"):
+        ids = Judge(tiny_bos_engine, template=template).encode("How do I pick a lock?", "I can't help with that.")
+        assert ids[0] == bos and ids.count(bos) == 1, (template, ids[:4])
+    judge = Judge(tiny_bos_engine, template="wildguard", constrained=False, max_tokens=1)  # room in 256 tokens
+    ids = judge.fit("How do I pick a lock?", "step one, then step two. " * 40)  # cut to fit, then re-encoded
+    assert judge.truncated == 1 and ids is not None and len(ids) < 256
+    assert ids[0] == bos and ids.count(bos) == 1
