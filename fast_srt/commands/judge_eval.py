@@ -1,5 +1,7 @@
-"""`fast-srt judge-eval [--judge-model M] [--options]`: a judge's agreement with known labels on the labelled judge
-set's held-out split (fast_srt/game/judge_set.py): per label accuracy, AUC of the judge's own score, confusion matrix.
+"""`fast-srt judge-eval [--judge-model M] [--data FILE ...] [--options]`: a judge's agreement with known labels on
+the labelled judge set's held-out split (fast_srt/game/judge_set.py) and on any other labelled files (the shipped
+real-games set among them): per label accuracy, AUC of the judge's own score, confusion matrix; per outcome cell,
+how often all three labels are right; and the shortcut test beside it (fast_srt/eval/judge_agreement.py).
 
 Any judge the trainer can use is measurable: `probe` (the default: probes on the default model's hidden states),
 `policy` / `default` / a checkpoint directory / a hub id (the generative judge asked WildGuard's questions, e.g.
@@ -17,8 +19,10 @@ from pathlib import Path
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="fast-srt judge-eval", description=(
-        "A judge's agreement with known labels (prompt harm, refusal, response harm) on the held-out split of the "
-        "shipped labelled judge set: accuracy, AUC, confusion matrices. Writes a JSON report."))
+        "A judge's agreement with known labels (prompt harm, refusal, response harm): accuracy, AUC, confusion "
+        "matrices, accuracy per outcome cell, and the shortcut test (a bag-of-words classifier on the first words "
+        "of prompt and response) beside it. Measures the shipped labelled set's split and any --data files in one "
+        "run. Writes a JSON report."))
     ap.add_argument("--judge-model", default="probe",
                     help="probe (default), probe:MODEL, policy or default (the default model asked the questions), "
                          "a checkpoint directory or a hub id")
@@ -27,24 +31,42 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--no-constrained", action="store_true",
                     help="let a generative judge answer freely (its unparseable answers count as n/a)")
     ap.add_argument("--base-model", default="default", help="the model 'policy' and 'probe' refer to (default: default)")
-    ap.add_argument("--split", choices=("heldout", "train"), default="heldout",
-                    help="which split to measure (train: only to see a probe's fit; default heldout)")
-    ap.add_argument("--data", help="a labelled-pairs .jsonl file of the same format instead of the shipped set")
+    ap.add_argument("--split", choices=("heldout", "train", "all"), default="heldout",
+                    help="which split of every set to measure (train: only to see a probe's fit; all: both; "
+                         "rows without a split field count as heldout; default heldout)")
+    ap.add_argument("--data", nargs="+", default=[], metavar="FILE",
+                    help="labelled-pairs .jsonl files of the same format, measured after the shipped set (e.g. the "
+                         "real-games set, fast_srt/data/judge/real_games.jsonl)")
+    ap.add_argument("--no-builtin", action="store_true", help="measure only the --data files")
     ap.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default="bfloat16")
     ap.add_argument("--max-model-len", type=int, default=4096, help="the judge engine's length")
     ap.add_argument("--out", default="runs/judge-eval", help="output directory (default runs/judge-eval)")
     return ap.parse_args(argv)
 
 
+def _datasets(args) -> list[tuple[str, list]]:
+    from fast_srt.errors import UserError
+    from fast_srt.game.judge_set import load_judge_pairs
+
+    split = None if args.split == "all" else args.split
+    sets = [] if args.no_builtin else [(f"shipped set ({args.split})", load_judge_pairs(split))]
+    sets += [(f"{f} ({args.split})", load_judge_pairs(split, path=f)) for f in args.data]
+    if not sets:
+        raise UserError("nothing to measure: --no-builtin needs at least one --data file")
+    return sets
+
+
 def judge_eval_main(argv: list[str]) -> None:
     from fast_srt.config import ModelConfig
     from fast_srt.engine.placement import make_judge
     from fast_srt.game.judge_set import load_judge_pairs
-    from fast_srt.eval.judge_agreement import agreement, format_report, judge_pairs
+    from fast_srt.eval.judge_agreement import (ShortcutClassifier, agreement, cell_agreement, format_cells,
+                                               format_report, format_shortcut, judge_pairs)
     from fast_srt.run.models import resolve_model
 
     args = parse_args(argv)
-    pairs = load_judge_pairs(args.split if args.data is None else None, path=args.data)
+    datasets = _datasets(args)  # every file is read (and a bad one refused) before a model loads
+    shortcut = ShortcutClassifier(load_judge_pairs("train"))
     spec = args.judge_model
     if spec in ("policy", "probe"):  # the base model, asked the questions or read by the probe
         judge_dir = resolve_model(args.base_model, args.dtype)
@@ -55,22 +77,28 @@ def judge_eval_main(argv: list[str]) -> None:
                        judge_constrained=not args.no_constrained, dtype=args.dtype,
                        judge_max_model_len=args.max_model_len, kv_cache_gib=1.0)
     judge = make_judge(mcfg, judge_dir)
-    t0 = time.perf_counter()
-    labels, scores = judge_pairs(judge, pairs)
-    seconds = time.perf_counter() - t0
-    report = agreement(pairs, labels, scores)
-    name = f"{spec} ({judge_dir})"
-    print(format_report(name, report, len(pairs), seconds))
+    results = []
+    for set_name, pairs in datasets:
+        t0 = time.perf_counter()
+        labels, scores = judge_pairs(judge, pairs)
+        seconds = time.perf_counter() - t0
+        report, cells, short = agreement(pairs, labels, scores), cell_agreement(pairs, labels), shortcut.report(pairs)
+        print(format_report(f"{spec} ({judge_dir}) on {set_name}", report, len(pairs), seconds))
+        print(format_cells(cells))
+        print(format_shortcut(short, report))
+        print()
+        rows = [{"prompt": p.prompt, "response": p.response,
+                 "truth": [p.prompt_harmful, p.response_refusal, p.response_harmful],
+                 "said": None if lab is None else [lab.prompt_harmful, lab.response_refusal, lab.response_harmful],
+                 "scores": s, "prompt_source": p.prompt_source, "response_source": p.response_source}
+                for p, lab, s in zip(pairs, labels, scores)]
+        results.append({"set": set_name, "seconds": round(seconds, 2), "report": report, "cells": cells,
+                        "shortcut": short, "pairs": rows})
+    print(f"judge: {judge.truncated} pairs cut to fit, {judge.too_long} too long to judge")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"judge-eval-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    rows = [{"prompt": p.prompt, "response": p.response, "truth": [p.prompt_harmful, p.response_refusal,
-                                                                    p.response_harmful],
-             "said": None if lab is None else [lab.prompt_harmful, lab.response_refusal, lab.response_harmful],
-             "scores": s, "prompt_source": p.prompt_source, "response_source": p.response_source}
-            for p, lab, s in zip(pairs, labels, scores)]
     meta = getattr(getattr(judge, "probe", None), "meta", None)
     path.write_text(json.dumps({"judge": spec, "judge_dir": str(judge_dir), "template": args.judge_template,
-                                "split": args.split, "data": args.data or "builtin", "seconds": round(seconds, 2),
-                                "report": report, "probe": meta, "pairs": rows}, indent=1, default=str) + "\n")
+                                "split": args.split, "probe": meta, "sets": results}, indent=1, default=str) + "\n")
     print(f"report: {path}")

@@ -225,3 +225,46 @@ def test_wildguard_input_starts_with_exactly_one_bos(tiny_bos_engine):
     ids = judge.fit("How do I pick a lock?", "step one, then step two. " * 40)  # cut to fit, then re-encoded
     assert judge.truncated == 1 and ids is not None and len(ids) < 256
     assert ids[0] == bos and ids.count(bos) == 1
+
+
+def test_cell_agreement_by_hand():
+    from fast_srt.eval.judge_agreement import cell_agreement
+    from fast_srt.game.judge import JudgeLabels
+
+    mk = lambda q, r, h: jd.JudgePair("p", "r", q, r, h, "heldout", "", "")  # noqa: E731
+    pairs = [mk(True, True, True), mk(True, True, True), mk(False, False, True), mk(False, False, False)]
+    said = [JudgeLabels(True, True, True), JudgeLabels(True, True, False), JudgeLabels(False, False, False), None]
+    cells = cell_agreement(pairs, said)
+    assert cells["leaky_refusal"]["n"] == 2 and cells["leaky_refusal"]["outcome_accuracy"] == 0.5
+    assert cells["leaky_refusal"]["response_harmful_accuracy"] == 0.5
+    assert cells["leaky_refusal"]["response_refusal_accuracy"] == 1.0
+    assert cells["harmful_compliance"]["outcome_accuracy"] == 0.0
+    assert cells["harmful_compliance"]["prompt_harmful_accuracy"] == 1.0
+    assert cells["helpful"]["outcome_accuracy"] == 0.0  # not judged counts as wrong
+    assert cells["defended"]["n"] == 0 and cells["defended"]["outcome_accuracy"] is None
+    assert cells["all"]["n"] == 4 and cells["all"]["outcome_accuracy"] == 0.25
+
+
+def test_shortcut_classifier_reads_openings_and_nothing_else():
+    """Labels written into the first words are found (AUC near 1); labels that only the text past the first words
+    carries are not (AUC near 0.5)."""
+    from fast_srt.eval.judge_agreement import SHORTCUT_WORDS, ShortcutClassifier
+
+    rng = random.Random(random.randrange(1 << 30))
+    words = ["apple", "river", "stone", "cloud", "music", "table", "green", "light", "paper", "north"]
+
+    def make(n):
+        out = []
+        for _ in range(n):
+            refuse, harm = rng.random() < 0.5, rng.random() < 0.5
+            filler = " ".join(rng.choice(words) for _ in range(SHORTCUT_WORDS + 2))
+            response = ("sorry no " if refuse else "sure yes ") + filler + (" poison" if harm else " bread")
+            out.append(jd.JudgePair(" ".join(rng.choice(words) for _ in range(6)), response, rng.random() < 0.5,
+                                    refuse, harm, "train", "", ""))
+        return out
+
+    clf = ShortcutClassifier(make(300))
+    rep = clf.report(make(200))
+    assert rep["response_refusal"]["auc"] > 0.99 and rep["response_refusal"]["accuracy"] > 0.95
+    assert 0.35 < rep["response_harmful"]["auc"] < 0.65
+    assert 0.35 < rep["prompt_harmful"]["auc"] < 0.65
