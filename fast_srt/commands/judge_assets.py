@@ -16,19 +16,21 @@ from pathlib import Path
 
 import torch
 
-from fast_srt.game.judge_set import (BUILD_SEED, COMPLIANCE_OPENERS, FRAMED_SHARE, FRAMINGS, GEN_MAX_TOKENS,
-                                     GEN_TEMPERATURE, HARMFUL_TRAIN_PROMPTS, JUDGE_SET_FILE, REFUSAL_ALTERNATIVES,
-                                     REFUSAL_OPENERS, REFUSAL_REASONS, SPLITS, JudgePair, split_list,
-                                     write_judge_pairs)
+from fast_srt.game.judge_set import (BUILD_SEED, GEN_MAX_TOKENS, GEN_TEMPERATURE, HARMFUL_TRAIN_PROMPTS,
+                                     JAILBREAK_MAX_CHARS, JUDGE_SET_FILE, RESPONSE_KINDS, SHOWN_FORMS, SPLITS,
+                                     JudgePair, load_written, template_group, write_judge_pairs)
 
 
-def _written_refusal(rng: random.Random, split: str) -> str:
-    parts = [rng.choice(split_list(REFUSAL_OPENERS, split))]
-    if rng.random() < 0.8:
-        parts.append(rng.choice(split_list(REFUSAL_REASONS, split)))
+def _written_refusal(rng: random.Random, parts: dict) -> str:
+    """A generic refusal: a written whole one, or an opener with (often) a reason and an alternative."""
+    if rng.random() < 0.4:
+        return rng.choice(parts["refusals"])
+    out = [rng.choice(parts["refusal_openers"])]
     if rng.random() < 0.7:
-        parts.append(rng.choice(split_list(REFUSAL_ALTERNATIVES, split)))
-    return " ".join(parts)
+        out.append(rng.choice(parts["refusal_reasons"]))
+    if rng.random() < 0.6:
+        out.append(rng.choice(parts["refusal_alternatives"]))
+    return " ".join(out)
 
 
 def _cut_sentence(text: str) -> str:
@@ -40,75 +42,141 @@ def _cut_sentence(text: str) -> str:
     return text[: end + 1] if end > 20 else text
 
 
-def _prompt_entries() -> list[tuple[str, bool, str, str]]:
-    """(prompt, harmful, source, split) for every prompt of the set, in a fixed order."""
-    from fast_srt.game.seeds import HELDOUT_FRACTION, _load_builtin, is_heldout, prompt_hash, normalise_prompt
+def _requests(split: str, parts: dict) -> list[tuple[str, bool, str, str]]:
+    """(request, harmful, source, group) of a split: seeds of the builtin sets (held-out: the part `fast-srt eval`
+    holds out; train: the rest, less any prompt whose template group holds a held-out seed), the split's written
+    requests, and (train) the attacker SFT set's rewrites of training seeds."""
+    from fast_srt.game.seeds import HELDOUT_FRACTION, _load_builtin, is_heldout, prompt_hash
     from fast_srt.learner.sft import load_sft_records
 
-    entries = []
-    heldout_texts = set()
+    held_groups = {template_group(s.prompt) for name in ("donotanswer", "benign") for s in _load_builtin(name)
+                   if is_heldout(s.prompt, HELDOUT_FRACTION[name])}
+    out = []
     for name in ("donotanswer", "benign"):
-        seeds = _load_builtin(name)
-        train = [s for s in seeds if not is_heldout(s.prompt, HELDOUT_FRACTION[name])]
-        held = [s for s in seeds if is_heldout(s.prompt, HELDOUT_FRACTION[name])]
-        heldout_texts |= {normalise_prompt(s.prompt) for s in held}
-        if name == "donotanswer":
-            train = sorted(train, key=lambda s: prompt_hash(s.prompt))[:HARMFUL_TRAIN_PROMPTS]
-        entries += [(s.prompt, s.harmful, s.source, "train") for s in train]
-        entries += [(s.prompt, s.harmful, s.source, "heldout") for s in held]
-    for rec in load_sft_records("builtin"):
-        if normalise_prompt(rec["prompt"]) in heldout_texts:
-            continue
-        entries.append((rec["prompt"], rec.get("kind") == "harmful", "cot_sft", "train"))
-    return entries
+        seeds = [s for s in _load_builtin(name)
+                 if is_heldout(s.prompt, HELDOUT_FRACTION[name]) == (split == "heldout")
+                 and (split == "heldout" or template_group(s.prompt) not in held_groups)]
+        if name == "donotanswer" and split == "train":
+            seeds = sorted(seeds, key=lambda s: prompt_hash(s.prompt))[:HARMFUL_TRAIN_PROMPTS]
+        out += [(s.prompt, s.harmful, s.source, template_group(s.prompt)) for s in seeds]
+    out += [(p, True, "written", template_group(p)) for p in parts["harmful_prompts"]]
+    out += [(p, False, "written", template_group(p)) for p in parts["benign_prompts"]]
+    if split == "train":
+        for rec in _attacker_records():
+            if template_group(rec["seed"]) not in held_groups:
+                out.append((rec["revision"], rec["kind"] == "harmful", "attacker_sft", template_group(rec["seed"])))
+        for rec in load_sft_records("builtin"):
+            if rec.get("kind") == "benign" and template_group(rec["prompt"]) not in held_groups:
+                out.append((rec["prompt"], False, "cot_sft", template_group(rec["prompt"])))
+    return [r for r in out if split == "heldout" or r[3] not in held_groups]
+
+
+def _attacker_records() -> list[dict]:
+    import json
+    from importlib import resources
+
+    text = resources.files("fast_srt.data").joinpath("sft", "attacker_cot_sft.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _templates(split: str) -> list[str]:
+    from fast_srt.game.seeds import load_jailbreak_templates, prompt_hash
+
+    short = sorted((t for t in load_jailbreak_templates() if len(t) <= JAILBREAK_MAX_CHARS), key=prompt_hash)
+    cut = (3 * len(short)) // 4
+    return short[:cut] if split == "train" else short[cut:]
+
+
+def _shown(rng: random.Random, request: str, source: str, parts: dict, templates: list[str]) -> tuple[str, str]:
+    """The request as the defender would see it: plain, in a framing or in a jailbreak template (attacker rewrites
+    stay as written)."""
+    from fast_srt.game.seeds import apply_jailbreak_template
+
+    if source == "attacker_sft":
+        return request, source
+    form = rng.choices([f for f, _ in SHOWN_FORMS], [w for _, w in SHOWN_FORMS])[0]
+    if form == "framed":
+        return rng.choice(parts["framings"]).replace("{p}", request), source + "+framed"
+    if form == "jailbreak" and templates:
+        return apply_jailbreak_template(rng.choice(templates), request), source + "+jailbreak"
+    return request, source
+
+
+def plan_split(split: str, rng: random.Random) -> list[tuple]:
+    """Every pair of a split as (shown prompt, harmful, prompt source, group, response kind, written text, whether
+    the model continues the text)."""
+    parts = load_written(split)
+    templates = _templates(split)
+    written = {}
+    if split == "train":
+        from fast_srt.learner.sft import load_sft_records
+
+        written = {r["prompt"]: r["response"] for r in load_sft_records("builtin") if r.get("kind") == "benign"}
+    plan = []
+    for request, harmful, source, group in _requests(split, parts):
+        shown, src = _shown(rng, request, source, parts, templates)
+        if rng.random() < 0.5:
+            plan.append((shown, harmful, src, group, "refusal_written", _written_refusal(rng, parts), False))
+        else:
+            plan.append((shown, harmful, src, group, "refusal_model", rng.choice(parts["refusal_openers"]), True))
+        if harmful:
+            if rng.random() < 0.6:
+                plan.append((shown, harmful, src, group, "compliance_prefilled",
+                             rng.choice(parts["compliance_openers"]), True))
+            else:
+                bridge = f"{rng.choice(parts['refusal_openers'])} {rng.choice(parts['leak_bridges'])}"
+                plan.append((shown, harmful, src, group, "leaky_model", bridge, True))
+        elif request in written:
+            plan.append((shown, harmful, src, group, "compliance_written", written[request], False))
+        elif rng.random() < 0.5:
+            plan.append((shown, harmful, src, group, "compliance_model", "", True))
+        else:
+            plan.append((shown, harmful, src, group, "compliance_opener_model",
+                         rng.choice(parts["compliance_openers"]), True))
+    # written pairs, each with its own request
+    for key, harmful, kind in (("defended", True, "refusal_written"), ("leaky_refusals", True, "leaky_written"),
+                               ("harmless_compliances", True, "harmless_written"),
+                               ("over_refusals", False, "refusal_written"), ("helpful", False, "compliance_written"),
+                               ("helpful_with_refusal_words", False, "compliance_written"),
+                               ("harmful_answers_to_benign", False, "harmful_written"),
+                               ("harmful_refusals", False, "harmful_refusal_written")):
+        for item in parts[key]:
+            shown, src = _shown(rng, item["prompt"], "written", parts, templates)
+            plan.append((shown, harmful, src, template_group(item["prompt"]), kind, item["response"], False))
+    for item in parts["harmful_answers_to_benign"]:  # the same harm behind a refusal: a harmful refusal
+        if rng.random() < 0.5:
+            plan.append((item["prompt"], False, "written", template_group(item["prompt"]), "harmful_refusal_written",
+                         f"{rng.choice(parts['refusal_openers'])} {item['response']}", False))
+    return plan
 
 
 def build_judge_pairs(engine, seed: int = BUILD_SEED) -> list[JudgePair]:
-    """Every pair of the set (module docstring); `engine` (a fast_srt Engine on the default model) writes the model
-    continuations, in one batched call per kind."""
+    """Every pair of the set (fast_srt/game/judge_set.py); `engine` (a fast_srt Engine on the default model) writes
+    the model continuations, in one batched call per length."""
     from fast_srt.engine.engine import SamplingSpec
     from fast_srt.eval.refusal import is_refusal
     from fast_srt.game.rules import render_chat
-    from fast_srt.learner.sft import load_sft_records
 
     rng = random.Random(seed)
-    written = {r["prompt"]: r["response"] for r in load_sft_records("builtin")}
-    plan = []  # (prompt shown, harmful, source, split, response kind, prefill or text)
-    for prompt, harmful, source, split in _prompt_entries():
-        shown = prompt
-        if source != "cot_sft" and rng.random() < FRAMED_SHARE:
-            shown = rng.choice(split_list(FRAMINGS, split)).format(p=prompt)
-            source += "+framed"
-        if source == "cot_sft":  # its written answer: a refusal for harmful requests, help for benign ones
-            kind = "refusal_written" if harmful else "compliance_written"
-            plan.append((shown, harmful, source, split, kind, written[prompt]))
-            continue
-        if rng.random() < 0.5:
-            plan.append((shown, harmful, source, split, "refusal_written", _written_refusal(rng, split)))
-        else:
-            plan.append((shown, harmful, source, split, "refusal_model", rng.choice(split_list(REFUSAL_OPENERS,
-                                                                                                split))))
-        if harmful:
-            plan.append((shown, harmful, source, split, "compliance_prefilled",
-                         rng.choice(split_list(COMPLIANCE_OPENERS, split))))
-        else:
-            plan.append((shown, harmful, source, split, "compliance_model", ""))
-    # model continuations: the chat prompt, then the prefill (if any) as the start of the assistant's turn
-    todo = [i for i, p in enumerate(plan) if p[4] in ("refusal_model", "compliance_prefilled", "compliance_model")]
-    texts = [render_chat(engine.tokenizer, [{"role": "user", "content": plan[i][0]}]) + plan[i][5] for i in todo]
-    spec = SamplingSpec(max_tokens=GEN_MAX_TOKENS, temperature=GEN_TEMPERATURE, logprobs=False)  # engine seed
-    gens = engine.generate(texts, spec, phase="judge_data")
-    cont = {i: g.text for i, g in zip(todo, gens)}
+    plan = [(split, *row) for split in SPLITS for row in plan_split(split, rng)]
+    todo = [i for i, row in enumerate(plan) if row[7]]
+    cont = {}
+    for k, max_tokens in enumerate(GEN_MAX_TOKENS):  # alternate pairs get the short and the long budget
+        idx = todo[k::len(GEN_MAX_TOKENS)]
+        texts = [render_chat(engine.tokenizer, [{"role": "user", "content": plan[i][1]}]) + plan[i][6]
+                 for i in idx]
+        spec = SamplingSpec(max_tokens=max_tokens, temperature=GEN_TEMPERATURE, logprobs=False)  # engine seed
+        cont.update({i: g.text for i, g in zip(idx, engine.generate(texts, spec, phase="judge_data"))})
     pairs = []
-    for i, (shown, harmful, source, split, kind, text) in enumerate(plan):
+    for i, (split, shown, harmful, src, group, kind, text, _) in enumerate(plan):
         if i in cont:
             text = _cut_sentence(f"{text} {cont[i].strip()}" if text else cont[i])
             if kind == "compliance_model" and (is_refusal(text) or not text.strip()):
                 continue  # not a clear compliance: left out rather than mislabelled
-        refusal = kind.startswith("refusal")
+        refusal, harm = RESPONSE_KINDS[kind]
         pairs.append(JudgePair(prompt=shown, response=text.strip(), prompt_harmful=harmful, response_refusal=refusal,
-                               response_harmful=harmful and not refusal, split=split, prompt_source=source,
-                               response_source=kind))
+                               response_harmful=harm, split=split, prompt_source=src, response_source=kind,
+                               group=group))
     return pairs
 
 

@@ -38,6 +38,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="labelled-pairs .jsonl files of the same format, measured after the shipped set (e.g. the "
                          "real-games set, fast_srt/data/judge/real_games.jsonl)")
     ap.add_argument("--no-builtin", action="store_true", help="measure only the --data files")
+    ap.add_argument("--probe", metavar="DIR",
+                    help="a saved probe directory (probe.pt, probe.json) for the probe judge instead of the one "
+                         "fitted for the shipped set, e.g. an earlier default under fast_srt/data/judge/probes/")
     ap.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default="bfloat16")
     ap.add_argument("--max-model-len", type=int, default=4096, help="the judge engine's length")
     ap.add_argument("--out", default="runs/judge-eval", help="output directory (default runs/judge-eval)")
@@ -58,7 +61,7 @@ def _datasets(args) -> list[tuple[str, list]]:
 
 def judge_eval_main(argv: list[str]) -> None:
     from fast_srt.config import ModelConfig
-    from fast_srt.engine.placement import make_judge
+    from fast_srt.engine.placement import is_probe, make_judge
     from fast_srt.game.judge_set import load_judge_pairs
     from fast_srt.eval.judge_agreement import (ShortcutClassifier, agreement, cell_agreement, format_cells,
                                                format_report, format_shortcut, judge_pairs)
@@ -68,6 +71,7 @@ def judge_eval_main(argv: list[str]) -> None:
     datasets = _datasets(args)  # every file is read (and a bad one refused) before a model loads
     shortcut = ShortcutClassifier(load_judge_pairs("train"))
     spec = args.judge_model
+    name = spec if not args.probe else f"{spec} [{args.probe}]"
     if spec in ("policy", "probe"):  # the base model, asked the questions or read by the probe
         judge_dir = resolve_model(args.base_model, args.dtype)
     else:
@@ -76,14 +80,24 @@ def judge_eval_main(argv: list[str]) -> None:
     mcfg = ModelConfig(model=args.base_model, judge_model=judge_spec, judge_template=args.judge_template,
                        judge_constrained=not args.no_constrained, dtype=args.dtype,
                        judge_max_model_len=args.max_model_len, kv_cache_gib=1.0)
-    judge = make_judge(mcfg, judge_dir)
+    probe = None
+    if args.probe:
+        from fast_srt.engine.probe_judge import META_FILE, PROBE_FILE, Probe
+        from fast_srt.errors import UserError
+
+        if not is_probe(spec):
+            raise UserError("--probe needs a probe judge (--judge-model probe or probe:MODEL)")
+        if not all((Path(args.probe) / f).is_file() for f in (PROBE_FILE, META_FILE)):
+            raise UserError(f"{args.probe} is not a saved probe: it needs {PROBE_FILE} and {META_FILE}")
+        probe = Probe.load(Path(args.probe))
+    judge = make_judge(mcfg, judge_dir, probe=probe)
     results = []
     for set_name, pairs in datasets:
         t0 = time.perf_counter()
         labels, scores = judge_pairs(judge, pairs)
         seconds = time.perf_counter() - t0
         report, cells, short = agreement(pairs, labels, scores), cell_agreement(pairs, labels), shortcut.report(pairs)
-        print(format_report(f"{spec} ({judge_dir}) on {set_name}", report, len(pairs), seconds))
+        print(format_report(f"{name} ({judge_dir}) on {set_name}", report, len(pairs), seconds))
         print(format_cells(cells))
         print(format_shortcut(short, report))
         print()
@@ -99,6 +113,6 @@ def judge_eval_main(argv: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"judge-eval-{time.strftime('%Y%m%d-%H%M%S')}.json"
     meta = getattr(getattr(judge, "probe", None), "meta", None)
-    path.write_text(json.dumps({"judge": spec, "judge_dir": str(judge_dir), "template": args.judge_template,
+    path.write_text(json.dumps({"judge": name, "judge_dir": str(judge_dir), "template": args.judge_template,
                                 "split": args.split, "probe": meta, "sets": results}, indent=1, default=str) + "\n")
     print(f"report: {path}")

@@ -123,15 +123,17 @@ def is_probe(judge_model: str) -> bool:
     return judge_model == "probe" or judge_model.startswith("probe:")
 
 
-def make_judge(mcfg: ModelConfig, judge_dir: Path, *, seed: int = 0, judge_max_tokens: int = 24, log=print):
-    """A judge on its own in-process engine: the probe judge (pooling engine) or the generative one."""
+def make_judge(mcfg: ModelConfig, judge_dir: Path, *, seed: int = 0, judge_max_tokens: int = 24, log=print,
+               probe=None):
+    """A judge on its own in-process engine: the probe judge (pooling engine; `probe` instead of the one fitted
+    for this model and labelled set) or the generative one."""
     judge_dir = Path(judge_dir)
     if is_probe(mcfg.judge_model):
         from fast_srt.engine.probe_judge import ProbeJudge
 
         engine = Engine(judge_dir, dtype=mcfg.dtype, max_model_len=judge_context(judge_dir, mcfg),
                         kv_cache_gib=mcfg.kv_cache_gib, seed=seed, name="judge", runner="pooling")
-        return ProbeJudge(engine, model_dir=judge_dir, log=log)
+        return ProbeJudge(engine, model_dir=judge_dir, probe=probe, log=log)
     engine = Engine(judge_dir, dtype=mcfg.dtype, max_model_len=judge_context(judge_dir, mcfg),
                     kv_cache_gib=mcfg.kv_cache_gib, seed=seed, name="judge")
     return Judge(engine, template=mcfg.judge_template, constrained=mcfg.judge_constrained,

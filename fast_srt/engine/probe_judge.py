@@ -35,7 +35,8 @@ import torch
 
 from fast_srt.game.judge import JudgeLabels
 
-PROBE_VERSION = 1
+PROBE_VERSION = 2
+POOLING = "v2"  # the pooling new probes are fitted with; a saved probe says its own (meta, v1 when absent)
 PROBE_FILE, META_FILE = "probe.pt", "probe.json"
 LABELS = ("prompt_harmful", "response_refusal", "response_harmful")
 LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -78,12 +79,27 @@ def pair_ids(tokenizer, prompt: str, response: str, limit: int) -> tuple[list[in
     return head + r_ids, len(head), cut
 
 
-def pool_features(states: torch.Tensor, boundary: int) -> torch.Tensor:
-    """[3 * hidden]: mean over the prompt part, mean over the response part, the last token's state."""
+OPENING_TOKENS = 16  # the response's opening, pooled apart from the rest (pooling "v2")
+
+
+def pool_features(states: torch.Tensor, boundary: int, pooling: str = "v2") -> torch.Tensor:
+    """The probe's features of one pair from the judge LM's final hidden states [tokens, hidden].
+
+    v1: mean over the prompt part, mean over the response part, the last token's state (3 x hidden).
+    v2: mean over the prompt part, mean over the response's first OPENING_TOKENS tokens, mean over the rest of the
+    response (the opening again when there is no rest), the last token's state (4 x hidden): a refusal opener
+    followed by compliance, or a friendly opener followed by harm, is not averaged away."""
     prompt_part, response_part = states[:boundary], states[boundary:]
     if len(response_part) == 0:
         response_part = states[-1:]
-    return torch.cat([prompt_part.mean(0), response_part.mean(0), states[-1]])
+    if pooling == "v1":
+        return torch.cat([prompt_part.mean(0), response_part.mean(0), states[-1]])
+    if pooling != "v2":
+        raise ValueError(f"unknown probe pooling {pooling!r}")
+    opening, rest = response_part[:OPENING_TOKENS], response_part[OPENING_TOKENS:]
+    if len(rest) == 0:
+        rest = opening
+    return torch.cat([prompt_part.mean(0), opening.mean(0), rest.mean(0), states[-1]])
 
 
 # ------------------------------------------------------------------------------------------------ fitting
@@ -119,14 +135,21 @@ def auc(scores, labels) -> float:
     return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
 
 
-def _folds(n: int, k: int, seed: int = 0) -> list[torch.Tensor]:
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return [perm[i::k] for i in range(k)]
+def _folds(n: int, k: int, groups: list[str] | None = None, seed: int = 0) -> list[torch.Tensor]:
+    """k folds of range(n); with `groups`, every member of a group lands in the same fold (a group is one request
+    and its template neighbours, so a fold never sees another answer to a request it is tested on)."""
+    if groups is None:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        return [perm[i::k] for i in range(k)]
+    names = sorted(set(groups), key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).digest())
+    fold_of = {g: i % k for i, g in enumerate(names)}
+    return [torch.tensor([j for j, g in enumerate(groups) if fold_of[g] == i], dtype=torch.long) for i in range(k)]
 
 
-def cross_validated_auc(x: torch.Tensor, y: torch.Tensor, lam: float, k: int = FOLDS) -> float:
+def cross_validated_auc(x: torch.Tensor, y: torch.Tensor, lam: float, k: int = FOLDS,
+                        groups: list[str] | None = None) -> float:
     scores = torch.empty(len(y), dtype=torch.float64)
-    for idx in _folds(len(y), k):
+    for idx in _folds(len(y), k, groups):
         mask = torch.ones(len(y), dtype=torch.bool)
         mask[idx] = False
         w, b = fit_logistic(x[mask], y[mask], lam)
@@ -163,15 +186,16 @@ class Probe:
         return cls(t["mean"], t["std"], t["w"], t["b"], json.loads((d / META_FILE).read_text()))
 
 
-def fit_probe(feats: torch.Tensor, targets: torch.Tensor, lambdas=LAMBDAS) -> Probe:
-    """feats [N, F], targets [N, 3] (0/1): one head per label, its L2 strength chosen by cross-validated AUC."""
+def fit_probe(feats: torch.Tensor, targets: torch.Tensor, lambdas=LAMBDAS, groups: list[str] | None = None) -> Probe:
+    """feats [N, F], targets [N, 3] (0/1): one head per label, its L2 strength chosen by cross-validated AUC
+    (folds by `groups` when given)."""
     mean = feats.double().mean(0)
     std = feats.double().std(0).clamp_min(1e-6)
     z = (feats.double() - mean) / std
     ws, bs, meta = [], [], {"cv_auc": {}, "lambda": {}, "n_train": len(feats)}
     for j, name in enumerate(LABELS):
         y = targets[:, j].double()
-        cv = {lam: cross_validated_auc(z, y, lam) for lam in lambdas}
+        cv = {lam: cross_validated_auc(z, y, lam, groups=groups) for lam in lambdas}
         best = max(cv, key=lambda lam: (cv[lam], lam))  # ties: the stronger regularisation
         w, b = fit_logistic(z, y, best)
         ws.append(w)
@@ -206,7 +230,7 @@ def judge_set_bytes() -> bytes:
 def probe_key(model_dir: Path) -> str:
     h = hashlib.sha256()
     for part in (model_fingerprint(model_dir).encode(), judge_set_bytes(), json.dumps(
-            {"version": PROBE_VERSION, "lambdas": LAMBDAS, "folds": FOLDS}).encode()):
+            {"version": PROBE_VERSION, "lambdas": LAMBDAS, "folds": FOLDS, "pooling": POOLING}).encode()):
         h.update(hashlib.sha256(part).digest())
     return h.hexdigest()[:16]
 
@@ -242,8 +266,9 @@ def fit_from_judge_set(judge: "ProbeJudge", model_dir: Path) -> Probe:
     pairs = load_judge_pairs("train")
     feats, kept = judge.features([(p.prompt, p.response) for p in pairs])
     targets = torch.tensor([[float(getattr(pairs[i], name)) for name in LABELS] for i in kept])
-    probe = fit_probe(feats, targets)
+    probe = fit_probe(feats, targets, groups=[pairs[i].group or f"#{i}" for i in kept])
     probe.meta.update(model_dir=str(model_dir), seconds=round(time.perf_counter() - t0, 1), version=PROBE_VERSION,
+                      pooling=POOLING,
                       model_fingerprint=model_fingerprint(model_dir)[:16])
     return probe
 
@@ -297,7 +322,8 @@ class ProbeJudge:
             inputs.append(fit)
             kept.append(i)
         states = self.engine.token_states([ids for ids, _, _ in inputs], phase="judge")
-        feats = [pool_features(s, boundary) for s, (_, boundary, _) in zip(states, inputs)]
+        pooling = self.probe.meta.get("pooling", "v1") if getattr(self, "probe", None) is not None else POOLING
+        feats = [pool_features(s, boundary, pooling) for s, (_, boundary, _) in zip(states, inputs)]
         if not feats:
             return torch.empty(0, 0), kept
         return torch.stack(feats), kept

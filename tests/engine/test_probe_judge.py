@@ -68,22 +68,40 @@ def test_written_parts_of_the_splits_are_disjoint():
                   jd.COMPLIANCE_OPENERS):
         train, held = set(jd.split_list(parts, "train")), set(jd.split_list(parts, "heldout"))
         assert train and held and not train & held and train | held == set(parts)
+    train, held = jd.load_written("train"), jd.load_written("heldout")
+    assert train.keys() == held.keys()
+    for key in train:
+        flat = lambda items: {x if isinstance(x, str) else x["prompt"] + "\n" + x["response"] for x in items}  # noqa
+        assert flat(train[key]) and flat(held[key]) and not flat(train[key]) & flat(held[key]), key
+    assert all(f.count("{p}") == 1 for split in (train, held) for f in split["framings"])
+
+
+def test_template_group_masks_entities_and_numbers():
+    assert jd.template_group("What is John's address?") == jd.template_group("What is Mary's address?")
+    assert jd.template_group("Is 5 mg enough?") == jd.template_group("Is 50 mg enough?")
+    assert jd.template_group("How do I bake bread?") != jd.template_group("How do I bake a cake?")
 
 
 def test_shipped_set_labels_and_split():
+    """Every outcome cell in both splits; labels follow each response's kind; no template group, held-out seed or
+    held-out written part reaches training."""
+    from fast_srt.eval.judge_agreement import truth_cell
+    from fast_srt.game.rewards import OUTCOME_NAMES
     from fast_srt.game.seeds import load_heldout, normalise_prompt
 
     pairs = jd.load_judge_pairs()
     train, held = jd.load_judge_pairs("train"), jd.load_judge_pairs("heldout")
-    assert len(train) + len(held) == len(pairs) and len(held) >= 200 and len(train) >= 800
-    for p in pairs:  # labels follow the construction rule
-        assert p.response_harmful == (p.prompt_harmful and not p.response_refusal)
-        assert p.response.strip() and p.prompt.strip()
-    for split, rows in (("train", train), ("heldout", held)):  # both classes of every label in both splits
-        for name in LABELS:
-            assert 0 < sum(getattr(p, name) for p in rows) < len(rows), (split, name)
+    assert len(train) + len(held) == len(pairs) and len(held) >= 500 and len(train) >= 1500
+    for p in pairs:
+        assert (p.response_refusal, p.response_harmful) == jd.RESPONSE_KINDS[p.response_source], p
+        assert p.response.strip() and p.prompt.strip() and p.group
+    for split, rows in (("train", train), ("heldout", held)):
+        cells = [truth_cell(p) for p in rows]
+        for cell in OUTCOME_NAMES.values():
+            assert cells.count(cell) >= 20, (split, cell, cells.count(cell))
+    assert not {p.group for p in train} & {p.group for p in held}
     held_seeds = {normalise_prompt(s.prompt) for n in ("donotanswer", "benign") for s in load_heldout(n)}
-    held_openers = jd.split_list(jd.REFUSAL_OPENERS, "heldout")
+    held_openers = jd.load_written("heldout")["refusal_openers"]
     for p in train:  # nothing held out reaches the training split
         assert not any(h in normalise_prompt(p.prompt) for h in held_seeds if len(h) > 25)
         assert not any(p.response.startswith(o) for o in held_openers)
@@ -160,7 +178,7 @@ def test_probe_judge_end_to_end_on_the_tiny_model(tiny_pooling_engine):
     judge.engine, judge.max_tokens = tiny_pooling_engine, 0
     judge.parse_failures = judge.calls = judge.truncated = judge.too_long = 0
     feats, kept = judge.features(pairs)
-    assert kept == list(range(120)) and feats.shape == (120, 3 * 64)
+    assert kept == list(range(120)) and feats.shape == (120, 4 * 64)
     yt = torch.tensor(y)
     judge.probe = fit_probe(feats[:80], torch.stack([yt[:80], yt[:80], 1 - yt[:80]], 1))
     out = judge.score(pairs[80:] + [("a prompt", "  ")])
@@ -168,7 +186,7 @@ def test_probe_judge_end_to_end_on_the_tiny_model(tiny_pooling_engine):
     assert sum(s == bool(t) for s, t in zip(said, y[80:])) >= 36  # 40 unseen pairs
     assert all(parse_judge_output(text) == lab for lab, text in out[:-1])
     assert out[-1][0].has_none  # an empty response is a tie, as with the generative judge
-    assert pool_features(torch.ones(3, 4), 1).shape == (12,)
+    assert pool_features(torch.ones(3, 4), 1).shape == (16,) and pool_features(torch.ones(3, 4), 1, "v1").shape == (12,)
 
 
 def test_probe_is_fitted_once_then_cached(tiny_pooling_engine, tiny_model_dir, tmp_path, monkeypatch):
