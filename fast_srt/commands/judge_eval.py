@@ -21,8 +21,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="fast-srt judge-eval", description=(
         "A judge's agreement with known labels (prompt harm, refusal, response harm): accuracy, AUC, confusion "
         "matrices, accuracy per outcome cell, and the shortcut test (a bag-of-words classifier on the first words "
-        "of prompt and response) beside it. Measures the shipped labelled set's split and any --data files in one "
-        "run. Writes a JSON report."))
+        "of prompt and response) beside it. Measures the shipped labelled set's split, the shipped real-games set "
+        "(the policy's own games, labelled by reading) and any --data files in one run. Writes a JSON report."))
     ap.add_argument("--judge-model", default="probe",
                     help="probe (default), probe:MODEL, policy or default (the default model asked the questions), "
                          "a checkpoint directory or a hub id")
@@ -35,9 +35,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="which split of every set to measure (train: only to see a probe's fit; all: both; "
                          "rows without a split field count as heldout; default heldout)")
     ap.add_argument("--data", nargs="+", default=[], metavar="FILE",
-                    help="labelled-pairs .jsonl files of the same format, measured after the shipped set (e.g. the "
-                         "real-games set, fast_srt/data/judge/real_games.jsonl)")
-    ap.add_argument("--no-builtin", action="store_true", help="measure only the --data files")
+                    help="labelled-pairs .jsonl files of the same format, measured after the shipped sets")
+    ap.add_argument("--no-builtin", action="store_true",
+                    help="measure only the --data files, not the shipped labelled set's split and the real-games set")
     ap.add_argument("--probe", metavar="DIR",
                     help="a saved probe directory (probe.pt, probe.json) for the probe judge instead of the one "
                          "fitted for the shipped set, e.g. an earlier default under fast_srt/data/judge/probes/")
@@ -49,10 +49,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def _datasets(args) -> list[tuple[str, list]]:
     from fast_srt.errors import UserError
-    from fast_srt.game.judge_set import load_judge_pairs
+    from fast_srt.game.judge_set import load_judge_pairs, load_real_games
 
     split = None if args.split == "all" else args.split
-    sets = [] if args.no_builtin else [(f"shipped set ({args.split})", load_judge_pairs(split))]
+    sets = [] if args.no_builtin else [(f"labelled set ({args.split})", load_judge_pairs(split)),
+                                       ("real-games set", load_real_games())]
     sets += [(f"{f} ({args.split})", load_judge_pairs(split, path=f)) for f in args.data]
     if not sets:
         raise UserError("nothing to measure: --no-builtin needs at least one --data file")

@@ -222,9 +222,11 @@ def model_fingerprint(model_dir: Path) -> str:
 
 
 def judge_set_bytes() -> bytes:
-    from fast_srt.game.judge_set import JUDGE_SET_FILE
+    """The bytes of every file the probe is fitted on (probe_training_pairs)."""
+    from fast_srt.game.judge_set import FIT_GAMES_FILE, JUDGE_SET_FILE
 
-    return resources.files("fast_srt.data").joinpath("judge", JUDGE_SET_FILE).read_bytes()
+    d = resources.files("fast_srt.data").joinpath("judge")
+    return b"".join(hashlib.sha256(d.joinpath(f).read_bytes()).digest() for f in (JUDGE_SET_FILE, FIT_GAMES_FILE))
 
 
 def probe_key(model_dir: Path) -> str:
@@ -260,10 +262,10 @@ def shipped_probe_dir(key: str):
 
 def fit_from_judge_set(judge: "ProbeJudge", model_dir: Path) -> Probe:
     """Fit a probe on the training split's features through the judge's own engine."""
-    from fast_srt.game.judge_set import load_judge_pairs
+    from fast_srt.game.judge_set import probe_training_pairs
 
     t0 = time.perf_counter()
-    pairs = load_judge_pairs("train")
+    pairs = probe_training_pairs()
     feats, kept = judge.features([(p.prompt, p.response) for p in pairs])
     targets = torch.tensor([[float(getattr(pairs[i], name)) for name in LABELS] for i in kept])
     probe = fit_probe(feats, targets, groups=[pairs[i].group or f"#{i}" for i in kept])

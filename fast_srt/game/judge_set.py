@@ -33,6 +33,8 @@ from pathlib import Path
 from fast_srt.errors import UserError, decode_utf8
 
 JUDGE_SET_FILE = "judge_pairs.jsonl"
+REAL_GAMES_FILE = "real_games.jsonl"  # the policy's own games labelled by reading: measured on, never fitted on
+FIT_GAMES_FILE = "fit_games.jsonl"  # other games of the policy labelled by reading: part of the probe's training data
 SPLITS = ("train", "heldout")
 LABELS = ("prompt_harmful", "response_refusal", "response_harmful")
 
@@ -229,6 +231,24 @@ def load_judge_pairs(split: str | None = None, path: str | Path | None = None) -
     if not out:
         raise UserError(f"{name} holds no labelled pairs" + (f" in split {split!r}" if split else ""))
     return out
+
+
+def load_real_games() -> list[JudgePair]:
+    """The shipped real-games set (fast_srt/data/judge/README.md): only for measuring a judge."""
+    f = resources.files("fast_srt.data").joinpath("judge", REAL_GAMES_FILE)
+    return load_judge_pairs(None, path=Path(str(f)))
+
+
+def load_fit_games() -> list[JudgePair]:
+    """The shipped fit-games set: games of the policy labelled by reading, disjoint by template group from the
+    real-games set; the probe is fitted on it beside the labelled set's training split."""
+    f = resources.files("fast_srt.data").joinpath("judge", FIT_GAMES_FILE)
+    return load_judge_pairs(None, path=Path(str(f)))
+
+
+def probe_training_pairs() -> list[JudgePair]:
+    """What the default probe is fitted on: the labelled set's training split and the fit-games set."""
+    return load_judge_pairs("train") + load_fit_games()
 
 
 def write_judge_pairs(pairs: list[JudgePair], path: Path) -> None:

@@ -196,7 +196,7 @@ def test_probe_is_fitted_once_then_cached(tiny_pooling_engine, tiny_model_dir, t
 
     monkeypatch.setenv("FAST_SRT_CACHE", str(tmp_path))
     subset = jd.load_judge_pairs("train")[::8]  # every 8th training pair keeps the test short
-    monkeypatch.setattr(jd, "load_judge_pairs", lambda split=None, path=None: subset)
+    monkeypatch.setattr(jd, "probe_training_pairs", lambda: subset)
     lines = []
     judge = ProbeJudge(tiny_pooling_engine, model_dir=tiny_model_dir, log=lines.append)
     assert len(lines) == 1 and "fitted on" in lines[0]
