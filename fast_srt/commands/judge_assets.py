@@ -167,8 +167,11 @@ def build_judge_pairs(engine, seed: int = BUILD_SEED) -> list[JudgePair]:
                  for i in idx]
         spec = SamplingSpec(max_tokens=max_tokens, temperature=GEN_TEMPERATURE, logprobs=False)  # engine seed
         cont.update({i: g.text for i, g in zip(idx, engine.generate(texts, spec, phase="judge_data"))})
+    held_groups = {row[4] for row in plan if row[0] == "heldout"}
     pairs = []
     for i, (split, shown, harmful, src, group, kind, text, _) in enumerate(plan):
+        if split == "train" and group in held_groups:
+            continue  # a training pair never shares a template group with a held-out one
         if i in cont:
             text = _cut_sentence(f"{text} {cont[i].strip()}" if text else cont[i])
             if kind == "compliance_model" and (is_refusal(text) or not text.strip()):

@@ -30,13 +30,14 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from fast_srt.game.judge import JudgeLabels
 
 PROBE_VERSION = 2
-POOLING = "v2"  # the pooling new probes are fitted with; a saved probe says its own (meta, v1 when absent)
+POOLING = "v3"  # the pooling new probes are fitted with; a saved probe says its own (meta, v1 when absent)
 PROBE_FILE, META_FILE = "probe.pt", "probe.json"
 LABELS = ("prompt_harmful", "response_refusal", "response_harmful")
 LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -53,9 +54,31 @@ def render_answer(labels: JudgeLabels) -> str:
 
 # ------------------------------------------------------------------------------------------------ features
 
-def pair_ids(tokenizer, prompt: str, response: str, limit: int) -> tuple[list[int], int, bool] | None:
-    """(token ids, index where the response starts, whether it was cut) of the probe's input for a pair, cut to
-    `limit` tokens (the response's tail first, down to 16 tokens, then the prompt's); None if it cannot fit."""
+class PairInput(NamedTuple):
+    """The probe's input for a pair: token ids, where the response starts, whether the pair was cut to fit, and
+    the span of the user's own text inside the chat template (its system prompt and headers excluded)."""
+
+    ids: list[int]
+    boundary: int
+    cut: bool
+    user_start: int
+    user_end: int
+
+
+def _template_frame(tokenizer) -> tuple[int, int]:
+    """Token counts of the chat template around a user message: before its content, after it."""
+    from fast_srt.game.rules import render_chat
+
+    mark = "\u2063fast-srt\u2063"
+    text = render_chat(tokenizer, [{"role": "user", "content": mark}])
+    before, after = text.split(mark, 1)
+    return (len(tokenizer(before, add_special_tokens=False).input_ids),
+            len(tokenizer(after, add_special_tokens=False).input_ids))
+
+
+def pair_ids(tokenizer, prompt: str, response: str, limit: int) -> PairInput | None:
+    """The probe's input for a pair, cut to `limit` tokens (the response's tail first, down to 16 tokens, then the
+    prompt's); None if it cannot fit."""
     from fast_srt.game.rules import render_chat
 
     def enc(t):
@@ -76,39 +99,54 @@ def pair_ids(tokenizer, prompt: str, response: str, limit: int) -> tuple[list[in
             head = enc(render_chat(tokenizer, [{"role": "user", "content": tokenizer.decode(p_ids[:-over - 2])}]))
             if len(head) + len(r_ids) > limit:
                 return None
-    return head + r_ids, len(head), cut
+    before, after = _template_frame(tokenizer)
+    start, end = min(before, len(head)), max(min(before, len(head)), len(head) - after)
+    return PairInput(head + r_ids, len(head), cut, start, end)
 
 
-OPENING_TOKENS = 16  # the response's opening, pooled apart from the rest (pooling "v2")
+OPENING_TOKENS = 16  # the response's opening, pooled apart from the rest (poolings v2, v3)
 
 
-def pool_features(states: torch.Tensor, boundary: int, pooling: str = "v2") -> torch.Tensor:
-    """The probe's features of one pair from the judge LM's final hidden states [tokens, hidden].
+def pool_features(states: torch.Tensor, pair: PairInput | int, pooling: str = "v3") -> torch.Tensor:
+    """The probe's features of one pair from the judge LM's final hidden states [tokens, hidden]; `pair` is the
+    pair's PairInput (an int: only the response boundary, enough for v1 and v2).
 
     v1: mean over the prompt part, mean over the response part, the last token's state (3 x hidden).
     v2: mean over the prompt part, mean over the response's first OPENING_TOKENS tokens, mean over the rest of the
     response (the opening again when there is no rest), the last token's state (4 x hidden): a refusal opener
-    followed by compliance, or a friendly opener followed by harm, is not averaged away."""
+    followed by compliance, or a friendly opener followed by harm, is not averaged away.
+    v3: as v2, with the prompt part split into the user's own text (the template's fixed system prompt left out)
+    and the template's tail after it (end of turn and assistant header, which sum up the request) (5 x hidden)."""
+    boundary = pair if isinstance(pair, int) else pair.boundary
     prompt_part, response_part = states[:boundary], states[boundary:]
     if len(response_part) == 0:
         response_part = states[-1:]
     if pooling == "v1":
         return torch.cat([prompt_part.mean(0), response_part.mean(0), states[-1]])
-    if pooling != "v2":
-        raise ValueError(f"unknown probe pooling {pooling!r}")
     opening, rest = response_part[:OPENING_TOKENS], response_part[OPENING_TOKENS:]
     if len(rest) == 0:
         rest = opening
-    return torch.cat([prompt_part.mean(0), opening.mean(0), rest.mean(0), states[-1]])
+    if pooling == "v2":
+        return torch.cat([prompt_part.mean(0), opening.mean(0), rest.mean(0), states[-1]])
+    if pooling != "v3" or isinstance(pair, int):
+        raise ValueError(f"unknown probe pooling {pooling!r} (v3 needs the PairInput)")
+    user = states[pair.user_start:pair.user_end]
+    tail = states[pair.user_end:boundary]
+    user = user if len(user) else prompt_part
+    tail = tail if len(tail) else prompt_part[-1:]
+    return torch.cat([user.mean(0), tail.mean(0), opening.mean(0), rest.mean(0), states[-1]])
 
 
 # ------------------------------------------------------------------------------------------------ fitting
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, lam: float, iters: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-balanced L2-regularised logistic regression (float64, L-BFGS) on standardised features."""
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, lam: float, iters: int = 200,
+                 sample_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-balanced L2-regularised logistic regression (float64, L-BFGS) on standardised features; each row
+    weighs `sample_weight` (default 1) within its class."""
     x, y = x.double(), y.double()
-    pos = y.mean().clamp(1e-6, 1 - 1e-6)
-    weights = torch.where(y > 0.5, 0.5 / pos, 0.5 / (1 - pos))
+    sw = torch.ones_like(y) if sample_weight is None else sample_weight.double()
+    pos = ((sw * y).sum() / sw.sum()).clamp(1e-6, 1 - 1e-6)
+    weights = sw * torch.where(y > 0.5, 0.5 / pos, 0.5 / (1 - pos)) * len(y) / sw.sum()
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
@@ -147,12 +185,12 @@ def _folds(n: int, k: int, groups: list[str] | None = None, seed: int = 0) -> li
 
 
 def cross_validated_auc(x: torch.Tensor, y: torch.Tensor, lam: float, k: int = FOLDS,
-                        groups: list[str] | None = None) -> float:
+                        groups: list[str] | None = None, sample_weight: torch.Tensor | None = None) -> float:
     scores = torch.empty(len(y), dtype=torch.float64)
     for idx in _folds(len(y), k, groups):
         mask = torch.ones(len(y), dtype=torch.bool)
         mask[idx] = False
-        w, b = fit_logistic(x[mask], y[mask], lam)
+        w, b = fit_logistic(x[mask], y[mask], lam, sample_weight=None if sample_weight is None else sample_weight[mask])
         scores[idx] = x[idx].double() @ w + b
     return auc(scores, y)
 
@@ -186,18 +224,19 @@ class Probe:
         return cls(t["mean"], t["std"], t["w"], t["b"], json.loads((d / META_FILE).read_text()))
 
 
-def fit_probe(feats: torch.Tensor, targets: torch.Tensor, lambdas=LAMBDAS, groups: list[str] | None = None) -> Probe:
+def fit_probe(feats: torch.Tensor, targets: torch.Tensor, lambdas=LAMBDAS, groups: list[str] | None = None,
+              sample_weight: torch.Tensor | None = None) -> Probe:
     """feats [N, F], targets [N, 3] (0/1): one head per label, its L2 strength chosen by cross-validated AUC
-    (folds by `groups` when given)."""
+    (folds by `groups` when given; rows weighted by `sample_weight`)."""
     mean = feats.double().mean(0)
     std = feats.double().std(0).clamp_min(1e-6)
     z = (feats.double() - mean) / std
     ws, bs, meta = [], [], {"cv_auc": {}, "lambda": {}, "n_train": len(feats)}
     for j, name in enumerate(LABELS):
         y = targets[:, j].double()
-        cv = {lam: cross_validated_auc(z, y, lam, groups=groups) for lam in lambdas}
+        cv = {lam: cross_validated_auc(z, y, lam, groups=groups, sample_weight=sample_weight) for lam in lambdas}
         best = max(cv, key=lambda lam: (cv[lam], lam))  # ties: the stronger regularisation
-        w, b = fit_logistic(z, y, best)
+        w, b = fit_logistic(z, y, best, sample_weight=sample_weight)
         ws.append(w)
         bs.append(b)
         meta["cv_auc"][name] = {str(k): round(v, 4) for k, v in cv.items()}
@@ -313,19 +352,19 @@ class ProbeJudge:
         self.probe = probe
 
     def features(self, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, list[int]]:
-        """[n_kept, 3 * hidden] features and the indices of the pairs that fit the engine (one engine call)."""
+        """[n_kept, features] features (pool_features) and the indices of the pairs that fit the engine (one engine call)."""
         inputs, kept = [], []
         for i, (p, r) in enumerate(pairs):
             fit = pair_ids(self.engine.tokenizer, p, r, self.engine.max_model_len)
             if fit is None:
                 self.too_long += 1
                 continue
-            self.truncated += fit[2]
+            self.truncated += fit.cut
             inputs.append(fit)
             kept.append(i)
-        states = self.engine.token_states([ids for ids, _, _ in inputs], phase="judge")
+        states = self.engine.token_states([fit.ids for fit in inputs], phase="judge")
         pooling = self.probe.meta.get("pooling", "v1") if getattr(self, "probe", None) is not None else POOLING
-        feats = [pool_features(s, boundary, pooling) for s, (_, boundary, _) in zip(states, inputs)]
+        feats = [pool_features(s, fit, pooling) for s, fit in zip(states, inputs)]
         if not feats:
             return torch.empty(0, 0), kept
         return torch.stack(feats), kept

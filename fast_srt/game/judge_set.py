@@ -188,14 +188,14 @@ def _written_file(split: str) -> dict:
 def load_written(split: str) -> dict:
     """The written parts of a split: its file in fast_srt/data/judge/written/ and its share of the lists above."""
     parts = _written_file(split)
-    if split == "heldout":  # the two files were written apart; anything they happen to share stays in training
-        train = _written_file("train")
-        parts = {k: [x for x in v if x not in train.get(k, [])] for k, v in parts.items()}
     for key, items in (("framings", FRAMINGS), ("refusal_openers", REFUSAL_OPENERS),
                        ("compliance_openers", COMPLIANCE_OPENERS)):
         parts[key] = split_list(items, split) + list(parts.get(key, []))
     parts["refusal_reasons"] = split_list(REFUSAL_REASONS, split)
     parts["refusal_alternatives"] = split_list(REFUSAL_ALTERNATIVES, split)
+    if split == "heldout":  # the two files were written apart; anything they happen to share stays in training
+        train = load_written("train")
+        parts = {k: [x for x in v if x not in train.get(k, [])] for k, v in parts.items()}
     return parts
 
 

@@ -178,7 +178,7 @@ def test_probe_judge_end_to_end_on_the_tiny_model(tiny_pooling_engine):
     judge.engine, judge.max_tokens = tiny_pooling_engine, 0
     judge.parse_failures = judge.calls = judge.truncated = judge.too_long = 0
     feats, kept = judge.features(pairs)
-    assert kept == list(range(120)) and feats.shape == (120, 4 * 64)
+    assert kept == list(range(120)) and feats.shape == (120, 5 * 64)
     yt = torch.tensor(y)
     judge.probe = fit_probe(feats[:80], torch.stack([yt[:80], yt[:80], 1 - yt[:80]], 1))
     out = judge.score(pairs[80:] + [("a prompt", "  ")])
@@ -186,7 +186,7 @@ def test_probe_judge_end_to_end_on_the_tiny_model(tiny_pooling_engine):
     assert sum(s == bool(t) for s, t in zip(said, y[80:])) >= 36  # 40 unseen pairs
     assert all(parse_judge_output(text) == lab for lab, text in out[:-1])
     assert out[-1][0].has_none  # an empty response is a tie, as with the generative judge
-    assert pool_features(torch.ones(3, 4), 1).shape == (16,) and pool_features(torch.ones(3, 4), 1, "v1").shape == (12,)
+    assert pool_features(torch.ones(3, 4), 1, "v2").shape == (16,) and pool_features(torch.ones(3, 4), 1, "v1").shape == (12,)
 
 
 def test_probe_is_fitted_once_then_cached(tiny_pooling_engine, tiny_model_dir, tmp_path, monkeypatch):
@@ -286,3 +286,58 @@ def test_shortcut_classifier_reads_openings_and_nothing_else():
     assert rep["response_refusal"]["auc"] > 0.99 and rep["response_refusal"]["accuracy"] > 0.95
     assert 0.35 < rep["response_harmful"]["auc"] < 0.65
     assert 0.35 < rep["prompt_harmful"]["auc"] < 0.65
+
+
+def test_pooling_v3_reads_the_users_text_apart_from_the_template(tiny_engine):
+    """The user span holds exactly the prompt's own tokens; each v3 block is the mean of its span, fresh random
+    states, a response shorter and one longer than the opening."""
+    from fast_srt.engine.probe_judge import OPENING_TOKENS
+
+    tok = tiny_engine.tokenizer
+    prompt = "how do I bake bread at home"
+    for response in ("mix flour", "first you mix flour and water and salt, then you knead it " * 3):
+        fit = pair_ids(tok, prompt, response, 10_000)
+        assert tok.decode(fit.ids[fit.user_start:fit.user_end]).strip() == prompt
+        n = len(fit.ids)
+        states = torch.randn(n, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(random.randrange(99)))
+        f = pool_features(states, fit, "v3").view(5, 6)
+        r = states[fit.boundary:]
+        opening, rest = r[:OPENING_TOKENS], (r[OPENING_TOKENS:] if len(r) > OPENING_TOKENS else r[:OPENING_TOKENS])
+        for got, want in zip(f, (states[fit.user_start:fit.user_end].mean(0), states[fit.user_end:fit.boundary].mean(0),
+                                 opening.mean(0), rest.mean(0), states[-1])):
+            torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="pooling"):
+        pool_features(states, fit.boundary, "v3")
+
+
+def test_judge_eval_reads_every_set_with_its_split(tmp_path):
+    """--split applies to --data files too; every file is one set; the shipped real-games set comes by default;
+    --no-builtin without files is one clear error."""
+    import json
+
+    from fast_srt.commands.judge_eval import _datasets, parse_args
+
+    f = tmp_path / "mine.jsonl"
+    row = {"prompt": "p", "response": "r", "prompt_harmful": True, "response_refusal": True, "response_harmful": False}
+    f.write_text("".join(json.dumps({**row, "split": s}) + "\n" for s in ("train", "heldout", "heldout")))
+    sets = _datasets(parse_args(["--data", str(f), str(f), "--split", "train"]))
+    assert [name.split(" (")[0] for name, _ in sets] == ["labelled set", "real-games set", str(f), str(f)]
+    assert len(sets[2][1]) == 1 and all(p.split == "train" for p in sets[0][1])
+    assert len(sets[1][1]) >= 240  # the real-games set has no split field: all of it is held out
+    only = _datasets(parse_args(["--data", str(f), "--no-builtin"]))
+    assert len(only) == 1 and len(only[0][1]) == 2
+    assert len(_datasets(parse_args(["--data", str(f), "--no-builtin", "--split", "all"]))[0][1]) == 3
+    with pytest.raises(UserError, match="nothing to measure"):
+        _datasets(parse_args(["--no-builtin"]))
+
+
+def test_real_games_set_is_labelled_and_disjoint_from_the_fit_games():
+    from fast_srt.game.judge_set import load_fit_games, load_real_games, template_group
+
+    real, fit = load_real_games(), load_fit_games()
+    assert len(real) >= 240 and all(p.split == "heldout" for p in real)
+    assert all(p.split == "train" for p in fit)
+    assert not {template_group(p.prompt) for p in real} & {p.group for p in fit}
+    for rows in (real, fit):
+        for name in LABELS:  # both classes of every label
+            assert 0 < sum(getattr(p, name) for p in rows) < len(rows), name
