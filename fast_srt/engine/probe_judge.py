@@ -3,18 +3,20 @@
 The judge LM (by default the policy's frozen base model) runs in the same process, on an in-process vLLM engine
 in pooling mode, which returns the model's final hidden state for every token. For a (prompt, response) pair the
 input is the model's chat template with the prompt as the user turn and the response as the assistant turn; the
-features are the mean hidden state over the prompt's tokens, the mean over the response's tokens and the last
-token's state (3 x hidden). Three L2-regularised logistic heads (prompt harmful, response refusal, response
-harmful) read them; each regularisation strength is chosen by 5-fold cross-validated AUC on the training split of
-the labelled judge set (fast_srt/game/judge_set.py), never on the held-out split.
+features (`pool_features`, pooling v3) are the mean state over the user's own text, over the template's tail after
+it, over the response's first OPENING_TOKENS tokens, over the rest of the response, and the last token's state.
+Three L2-regularised logistic heads (prompt harmful, response refusal, response harmful) read them. They are fitted
+on the labelled judge set's training split and the fit-games set (the policy's own games labelled by reading,
+fast_srt/game/judge_set.py), never on a held-out pair; each L2 strength is chosen by 5-fold cross-validated AUC
+with the folds drawn by template group, and the request head's threshold is moved to the share of harmful requests
+in the policy's games (`shift_to_game_prior`).
 
-Why a probe and not the LM asked the questions: on the 135M default, the generative answer carries no signal
-(docs/measurements.md §8: held-out AUC 0.60 / 0.50 / 0.44 for its yes-minus-no log-prob), while the same model's
-hidden states separate the labels (held-out AUC 0.96 / 1.00 / 0.98). A probe costs one forward over the pair (no
-instruction prefix, no decoding) and is fitted in seconds once the features exist. The default model's probe ships
-in the package; any other is fitted at first use from the shipped labelled set and cached
-(`cache_dir()/judge-probe-<key>`), the key covering the model's weights, the labelled set and the probe's
-settings.
+Why a probe and not the LM asked the questions: on the 135M default the generative answer carries no signal, while
+its hidden states do (docs/judge.md has the numbers on the real-games set). A probe costs one forward over the
+pair (no instruction prefix, no decoding) and is fitted in seconds once the features exist. The default model's
+probe ships in the package; any other is fitted at first use and cached (`cache_dir()/judge-probe-<key>`), the key
+covering the model's weights, the files it is fitted on and the probe's settings. A saved probe says its own
+pooling (`meta["pooling"]`; v1 when absent), so an earlier probe keeps working (`fast-srt judge-eval --probe DIR`).
 
 The answer keeps the judge protocol: three labels, rendered as WildGuard's three lines, never unparseable.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -244,6 +247,23 @@ def fit_probe(feats: torch.Tensor, targets: torch.Tensor, lambdas=LAMBDAS, group
     return Probe(mean, std, torch.stack(ws), torch.stack(bs), meta)
 
 
+PRIOR_SHIFTED = ("prompt_harmful",)
+
+
+def shift_to_game_prior(probe: Probe, games: list) -> None:
+    """Move each PRIOR_SHIFTED head's threshold from the balanced classes it was fitted for to the share of
+    positives in the policy's own games (`games`, labelled): its bias gains log(p / (1 - p)). Only the request
+    head: the game's prompts are harmful less often than the labelled set's (an attacker's rewrite often loses the
+    harm), while the response heads must keep finding the rare harmful answers."""
+    shift = {}
+    for j, name in enumerate(LABELS):
+        if name in PRIOR_SHIFTED and games:
+            p = min(max(sum(getattr(g, name) for g in games) / len(games), 1e-3), 1 - 1e-3)
+            shift[name] = round(math.log(p / (1 - p)), 4)
+            probe.b[j] += shift[name]
+    probe.meta["prior_shift"] = shift
+
+
 # ------------------------------------------------------------------------------------------------ cache
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -271,7 +291,8 @@ def judge_set_bytes() -> bytes:
 def probe_key(model_dir: Path) -> str:
     h = hashlib.sha256()
     for part in (model_fingerprint(model_dir).encode(), judge_set_bytes(), json.dumps(
-            {"version": PROBE_VERSION, "lambdas": LAMBDAS, "folds": FOLDS, "pooling": POOLING}).encode()):
+            {"version": PROBE_VERSION, "lambdas": LAMBDAS, "folds": FOLDS, "pooling": POOLING,
+             "prior_shifted": PRIOR_SHIFTED}).encode()):
         h.update(hashlib.sha256(part).digest())
     return h.hexdigest()[:16]
 
@@ -301,13 +322,14 @@ def shipped_probe_dir(key: str):
 
 def fit_from_judge_set(judge: "ProbeJudge", model_dir: Path) -> Probe:
     """Fit a probe on the training split's features through the judge's own engine."""
-    from fast_srt.game.judge_set import probe_training_pairs
+    from fast_srt.game.judge_set import load_fit_games, probe_training_pairs
 
     t0 = time.perf_counter()
     pairs = probe_training_pairs()
     feats, kept = judge.features([(p.prompt, p.response) for p in pairs])
     targets = torch.tensor([[float(getattr(pairs[i], name)) for name in LABELS] for i in kept])
     probe = fit_probe(feats, targets, groups=[pairs[i].group or f"#{i}" for i in kept])
+    shift_to_game_prior(probe, load_fit_games())
     probe.meta.update(model_dir=str(model_dir), seconds=round(time.perf_counter() - t0, 1), version=PROBE_VERSION,
                       pooling=POOLING,
                       model_fingerprint=model_fingerprint(model_dir)[:16])

@@ -101,7 +101,9 @@ def test_shipped_set_labels_and_split():
             assert cells.count(cell) >= 20, (split, cell, cells.count(cell))
     assert not {p.group for p in train} & {p.group for p in held}
     held_seeds = {normalise_prompt(s.prompt) for n in ("donotanswer", "benign") for s in load_heldout(n)}
-    held_openers = jd.load_written("heldout")["refusal_openers"]
+    train_parts = [x for v in jd.load_written("train").values() for x in v if isinstance(x, str)]
+    held_openers = [o for o in jd.load_written("heldout")["refusal_openers"]  # less a phrase both writers wrote
+                    if not any(t.startswith(o) for t in train_parts)]
     for p in train:  # nothing held out reaches the training split
         assert not any(h in normalise_prompt(p.prompt) for h in held_seeds if len(h) > 25)
         assert not any(p.response.startswith(o) for o in held_openers)
