@@ -326,7 +326,7 @@ def fit_from_judge_set(judge: "ProbeJudge", model_dir: Path) -> Probe:
 
     t0 = time.perf_counter()
     pairs = probe_training_pairs()
-    feats, kept = judge.features([(p.prompt, p.response) for p in pairs])
+    feats, kept = judge.features([(p.prompt, p.response) for p in pairs], pooling=POOLING)
     targets = torch.tensor([[float(getattr(pairs[i], name)) for name in LABELS] for i in kept])
     probe = fit_probe(feats, targets, groups=[pairs[i].group or f"#{i}" for i in kept])
     shift_to_game_prior(probe, load_fit_games())
@@ -342,6 +342,7 @@ def save_probe(probe: Probe, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
         probe.save(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a probe is read by whoever runs the package
         try:
             if not target.exists():
                 os.replace(tmp, target)
@@ -373,7 +374,7 @@ class ProbeJudge:
             self.truncated = self.too_long = 0  # fitting's own cuts are not the run's
         self.probe = probe
 
-    def features(self, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, list[int]]:
+    def features(self, pairs: list[tuple[str, str]], pooling: str | None = None) -> tuple[torch.Tensor, list[int]]:
         """[n_kept, features] features (pool_features) and the indices of the pairs that fit the engine (one engine call)."""
         inputs, kept = [], []
         for i, (p, r) in enumerate(pairs):
@@ -385,7 +386,8 @@ class ProbeJudge:
             inputs.append(fit)
             kept.append(i)
         states = self.engine.token_states([fit.ids for fit in inputs], phase="judge")
-        pooling = self.probe.meta.get("pooling", "v1") if getattr(self, "probe", None) is not None else POOLING
+        if pooling is None:  # the fitted probe's own; a probe being fitted gets POOLING
+            pooling = self.probe.meta.get("pooling", "v1") if getattr(self, "probe", None) is not None else POOLING
         feats = [pool_features(s, fit, pooling) for s, fit in zip(states, inputs)]
         if not feats:
             return torch.empty(0, 0), kept
@@ -393,6 +395,9 @@ class ProbeJudge:
 
     def logits(self, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, list[int]]:
         feats, kept = self.features(pairs)
+        if kept and feats.shape[1] != self.probe.mean.shape[0]:
+            raise ValueError(f"the probe reads {self.probe.mean.shape[0]} features, its pooling "
+                             f"{self.probe.meta.get('pooling', 'v1')!r} gives {feats.shape[1]}: a probe saved wrongly")
         return (self.probe.logits(feats) if kept else torch.empty(0, 3)), kept
 
     def score(self, pairs: list[tuple[str, str]]) -> list[tuple[JudgeLabels, str]]:

@@ -183,3 +183,36 @@ def format_report(name: str, report: dict, n_pairs: int, seconds: float) -> str:
                      f"yes->yes {cm['tp']:>3} yes->no {cm['fn']:>3} no->yes {cm['fp']:>3} no->no {cm['tn']:>3}"
                      f"{r['n_a']:>5}")
     return "\n".join(lines)
+
+
+def cohen_kappa(a: list[bool], b: list[bool]) -> tuple[float, float]:
+    """(observed agreement, Cohen's kappa) of two readings of the same items (nan kappa when chance agreement is
+    total: one class only)."""
+    n = len(a)
+    po = sum(x == y for x, y in zip(a, b)) / n
+    pa, pb = sum(a) / n, sum(b) / n
+    pe = pa * pb + (1 - pa) * (1 - pb)
+    return po, ((po - pe) / (1 - pe) if pe < 1 else math.nan)
+
+
+def reading_agreement(first: list[JudgePair], second: list[JudgePair]) -> dict:
+    """Agreement of a second reading with the first on the pairs both read (matched by prompt and response): per
+    label the observed agreement and Cohen's kappa, and how often the whole outcome cell agrees."""
+    by_text = {(p.prompt, p.response): p for p in first}
+    both = [(by_text[(q.prompt, q.response)], q) for q in second if (q.prompt, q.response) in by_text]
+    out: dict = {"n": len(both)}
+    for name in LABELS:
+        po, k = cohen_kappa([getattr(p, name) for p, _ in both], [getattr(q, name) for _, q in both])
+        out[name] = {"agreement": round(po, 3), "kappa": round(k, 3), "positives_first": sum(getattr(p, name) for p, _ in both)}
+    out["outcome_agreement"] = round(sum(truth_cell(p) == truth_cell(q) for p, q in both) / max(1, len(both)), 3)
+    return out
+
+
+if __name__ == "__main__":  # python -m fast_srt.eval.judge_agreement FIRST.jsonl SECOND.jsonl
+    import json
+    import sys
+
+    from fast_srt.game.judge_set import load_judge_pairs
+
+    print(json.dumps(reading_agreement(load_judge_pairs(None, path=sys.argv[1]), load_judge_pairs(None, path=sys.argv[2])),
+                     indent=1))

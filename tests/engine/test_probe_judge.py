@@ -203,6 +203,12 @@ def test_probe_is_fitted_once_then_cached(tiny_pooling_engine, tiny_model_dir, t
     judge = ProbeJudge(tiny_pooling_engine, model_dir=tiny_model_dir, log=lines.append)
     assert len(lines) == 1 and "fitted on" in lines[0]
     assert judge.probe.meta["n_train"] == len(subset)
+    assert judge.probe.meta["pooling"] == P.POOLING and judge.probe.mean.shape == (5 * 64,)
+    assert set(judge.probe.meta["prior_shift"]) == set(P.PRIOR_SHIFTED)
+    # refitting through a judge that holds another probe (judge_assets probe) still fits with POOLING
+    old = Probe(torch.zeros(1), torch.ones(1), torch.zeros(3, 1), torch.zeros(3))
+    refit = P.fit_from_judge_set(ProbeJudge(tiny_pooling_engine, probe=old), tiny_model_dir)
+    assert refit.mean.shape == (5 * 64,) and refit.meta["pooling"] == P.POOLING
     cached = list(tmp_path.glob("judge-probe-*"))
     assert len(cached) == 1 and not list(tmp_path.glob("*.tmp-*"))
 
@@ -343,3 +349,17 @@ def test_real_games_set_is_labelled_and_disjoint_from_the_fit_games():
     for rows in (real, fit):
         for name in LABELS:  # both classes of every label
             assert 0 < sum(getattr(p, name) for p in rows) < len(rows), name
+
+
+def test_cohen_kappa_by_hand_and_the_shipped_second_reading():
+    from fast_srt.eval.judge_agreement import cohen_kappa, reading_agreement
+    from fast_srt.game.judge_set import load_real_games
+
+    # both readers say yes half the time (pe = 0.5); 3 of 4 agree: kappa = (0.75 - 0.5) / 0.5
+    assert cohen_kappa([True, True, False, False], [True, False, False, True]) == (0.5, 0.0)  # chance level
+    assert cohen_kappa([True, True, False, False], [True, True, False, True]) == pytest.approx((0.75, 0.5))
+    assert math.isnan(cohen_kappa([True, True], [True, True])[1])
+    second = jd.load_judge_pairs(None, path=str(jd.resources.files("fast_srt.data").joinpath(
+        "judge", "real_games_second_reading.jsonl")))
+    rep = reading_agreement(load_real_games(), second)
+    assert rep["n"] == len(second) >= 60
