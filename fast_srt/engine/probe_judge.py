@@ -228,13 +228,13 @@ class Probe:
 
 
 def fit_probe(feats: torch.Tensor, targets: torch.Tensor, lambdas=LAMBDAS, groups: list[str] | None = None,
-              sample_weight: torch.Tensor | None = None) -> Probe:
-    """feats [N, F], targets [N, 3] (0/1): one head per label, its L2 strength chosen by cross-validated AUC
-    (folds by `groups` when given; rows weighted by `sample_weight`)."""
+              sample_weight: torch.Tensor | None = None, pooling: str = POOLING) -> Probe:
+    """feats [N, F] (pooled with `pooling`, which the probe records), targets [N, 3] (0/1): one head per label, its
+    L2 strength chosen by cross-validated AUC (folds by `groups` when given; rows weighted by `sample_weight`)."""
     mean = feats.double().mean(0)
     std = feats.double().std(0).clamp_min(1e-6)
     z = (feats.double() - mean) / std
-    ws, bs, meta = [], [], {"cv_auc": {}, "lambda": {}, "n_train": len(feats)}
+    ws, bs, meta = [], [], {"cv_auc": {}, "lambda": {}, "n_train": len(feats), "pooling": pooling}
     for j, name in enumerate(LABELS):
         y = targets[:, j].double()
         cv = {lam: cross_validated_auc(z, y, lam, groups=groups, sample_weight=sample_weight) for lam in lambdas}

@@ -147,7 +147,7 @@ def test_agreement_counts_by_hand():
 def test_pair_ids_cut_the_response_first(tiny_engine):
     tok = tiny_engine.tokenizer
     prompt, response = "how do I bake bread " * 3, "first you mix flour and water " * 40
-    ids, boundary, was_cut = pair_ids(tok, prompt, response, 10_000)
+    ids, boundary, was_cut = pair_ids(tok, prompt, response, 10_000)[:3]
     assert tok.decode(ids[boundary:]) .strip() == response.strip() and not was_cut
     cut = pair_ids(tok, prompt, response, boundary + 20)
     assert cut is not None and len(cut[0]) <= boundary + 20 and cut[1] == boundary and cut[2]
