@@ -236,12 +236,21 @@ def test_probe_judge_counts_its_truncations(tiny_pooling_engine):
     assert not out[0][0].has_none  # cut, then judged
 
 
-def test_wildguard_input_starts_with_exactly_one_bos(tiny_bos_engine):
+def test_wildguard_input_starts_with_exactly_one_bos(tmp_path):
     """WildGuard's format begins `<s><|user|>`: the raw prompt gets the tokenizer's BOS in front, exactly once,
-    also when the pair is cut to fit; the chat template keeps the one BOS it writes itself."""
-    from fast_srt.engine.judge import Judge
+    also when the pair is cut to fit; the chat template keeps the one BOS it writes itself. The engine is a stand-in
+    with the tiny BOS model's tokenizer and the engine's encode rule (no special tokens): no vLLM engine is started
+    here, since a second engine built mid-session resets the first one's prefix-cache metrics."""
+    from types import SimpleNamespace
 
-    tok = tiny_bos_engine.tokenizer
+    from transformers import AutoTokenizer
+
+    from fast_srt.engine.judge import Judge
+    from fast_srt.run.tiny import make_tiny_model
+
+    tok = AutoTokenizer.from_pretrained(make_tiny_model(tmp_path / "llama", arch="llama", bos=True))
+    tiny_bos_engine = SimpleNamespace(tokenizer=tok, max_model_len=256,
+                                      encode=lambda text: list(tok(text, add_special_tokens=False).input_ids))
     bos = tok.bos_token_id
     assert bos is not None and tok("x").input_ids[0] == bos  # the tokenizer adds a BOS of its own
     for template in ("wildguard", "chat"):
