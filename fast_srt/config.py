@@ -42,7 +42,7 @@ class ModelConfig:
     judge_constrained: bool = True
     """Hold the judge to the exact three-line answer with vLLM structured outputs (it then always parses)."""
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
-    """Engine and training dtype (bf16 is about 2x faster than fp32 for matmuls on AVX-512-BF16 CPUs too)."""
+    """Engine and training dtype (bf16 matmuls are faster than fp32 on AVX-512-BF16 CPUs too)."""
     max_model_len: int = 2048
     """Longest prompt + generation the engines accept, in tokens."""
     kv_cache_gib: float = 2.0

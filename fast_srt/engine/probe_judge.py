@@ -23,6 +23,7 @@ The answer keeps the judge protocol: three labels, rendered as WildGuard's three
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -68,8 +69,10 @@ class PairInput(NamedTuple):
     user_end: int
 
 
+@functools.lru_cache(maxsize=8)
 def _template_frame(tokenizer) -> tuple[int, int]:
-    """Token counts of the chat template around a user message: before its content, after it."""
+    """Token counts of the chat template around a user message: before its content, after it (once per
+    tokenizer)."""
     from fast_srt.game.rules import render_chat
 
     mark = "\u2063fast-srt\u2063"
@@ -142,14 +145,11 @@ def pool_features(states: torch.Tensor, pair: PairInput | int, pooling: str = "v
 
 # ------------------------------------------------------------------------------------------------ fitting
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, lam: float, iters: int = 200,
-                 sample_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-balanced L2-regularised logistic regression (float64, L-BFGS) on standardised features; each row
-    weighs `sample_weight` (default 1) within its class."""
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, lam: float, iters: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-balanced L2-regularised logistic regression (float64, L-BFGS) on standardised features."""
     x, y = x.double(), y.double()
-    sw = torch.ones_like(y) if sample_weight is None else sample_weight.double()
-    pos = ((sw * y).sum() / sw.sum()).clamp(1e-6, 1 - 1e-6)
-    weights = sw * torch.where(y > 0.5, 0.5 / pos, 0.5 / (1 - pos)) * len(y) / sw.sum()
+    pos = y.mean().clamp(1e-6, 1 - 1e-6)
+    weights = torch.where(y > 0.5, 0.5 / pos, 0.5 / (1 - pos))
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
@@ -188,12 +188,12 @@ def _folds(n: int, k: int, groups: list[str] | None = None, seed: int = 0) -> li
 
 
 def cross_validated_auc(x: torch.Tensor, y: torch.Tensor, lam: float, k: int = FOLDS,
-                        groups: list[str] | None = None, sample_weight: torch.Tensor | None = None) -> float:
+                        groups: list[str] | None = None) -> float:
     scores = torch.empty(len(y), dtype=torch.float64)
     for idx in _folds(len(y), k, groups):
         mask = torch.ones(len(y), dtype=torch.bool)
         mask[idx] = False
-        w, b = fit_logistic(x[mask], y[mask], lam, sample_weight=None if sample_weight is None else sample_weight[mask])
+        w, b = fit_logistic(x[mask], y[mask], lam)
         scores[idx] = x[idx].double() @ w + b
     return auc(scores, y)
 
@@ -228,18 +228,18 @@ class Probe:
 
 
 def fit_probe(feats: torch.Tensor, targets: torch.Tensor, lambdas=LAMBDAS, groups: list[str] | None = None,
-              sample_weight: torch.Tensor | None = None, pooling: str = POOLING) -> Probe:
+              pooling: str = POOLING) -> Probe:
     """feats [N, F] (pooled with `pooling`, which the probe records), targets [N, 3] (0/1): one head per label, its
-    L2 strength chosen by cross-validated AUC (folds by `groups` when given; rows weighted by `sample_weight`)."""
+    L2 strength chosen by cross-validated AUC (folds by `groups` when given)."""
     mean = feats.double().mean(0)
     std = feats.double().std(0).clamp_min(1e-6)
     z = (feats.double() - mean) / std
     ws, bs, meta = [], [], {"cv_auc": {}, "lambda": {}, "n_train": len(feats), "pooling": pooling}
     for j, name in enumerate(LABELS):
         y = targets[:, j].double()
-        cv = {lam: cross_validated_auc(z, y, lam, groups=groups, sample_weight=sample_weight) for lam in lambdas}
+        cv = {lam: cross_validated_auc(z, y, lam, groups=groups) for lam in lambdas}
         best = max(cv, key=lambda lam: (cv[lam], lam))  # ties: the stronger regularisation
-        w, b = fit_logistic(z, y, best, sample_weight=sample_weight)
+        w, b = fit_logistic(z, y, best)
         ws.append(w)
         bs.append(b)
         meta["cv_auc"][name] = {str(k): round(v, 4) for k, v in cv.items()}
