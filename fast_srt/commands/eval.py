@@ -1,5 +1,5 @@
 """`fast-srt eval CHECKPOINT [--compare BASELINE] [--options]`: defender safety and attacker diversity of a
-checkpoint on held-out prompt sets, in-process on the training engines (README "Evaluation", fast_srt/eval/).
+checkpoint on held-out prompt sets, in-process on the training engines (docs/evaluation.md, fast_srt/eval/).
 
 CHECKPOINT / BASELINE: `default`, an HF checkpoint directory, a hub id, or a `fast-srt train` run directory (its
 newest complete checkpoint). Writes eval-<time>.json and eval-<time>.md into --out (default: RUN_DIR/eval for a run,

@@ -2,7 +2,7 @@
 defender of attacker_only mode. Model names are resolved by the caller (fast_srt.run.models); this module only
 places in-process engines on local directories.
 
-Where the judge lives (measured, see README "Judge placement"):
+Where the judge lives (measured, see docs/performance.md "Judge placement"):
 - `judge_model="policy"` and nothing trains (`fast-srt play`): the policy engine serves the judge too.
 - `judge_model="policy"` with full fine-tuning: the policy's weights move every step, so the frozen judge is a
   second in-process engine holding the base model (one more copy of the weights, a few seconds to start).
