@@ -57,3 +57,9 @@ gpu-check:
 
 clean-venv:
 	rm -rf $(VENV)
+
+# the wheels the lent H200 lacks (vLLM 0.26.0, its in-process needs, TRL, Liger), pruned and cut into chunks of
+# at most 56 MiB with a manifest in gpu_bundle/ (ignored); docs/gpu.md: how they travel and install
+.PHONY: gpu-bundle
+gpu-bundle: $(STAMP)
+	$(PY) bench/gpu/build_bundle.py
