@@ -210,7 +210,7 @@ def refit_probe() -> None:
                     kv_cache_gib=1.0, name="judge", runner="pooling")
     judge = ProbeJudge(engine, probe=Probe(torch.zeros(1), torch.ones(1), torch.zeros(3, 1), torch.zeros(3)))
     probe = fit_from_judge_set(judge, model_dir)
-    target = shipped_probe_dir(probe_key(model_dir))
+    target = shipped_probe_dir(probe_key(model_dir, "bfloat16"))
     if target.exists():
         shutil.rmtree(target)
     save_probe(probe, target)

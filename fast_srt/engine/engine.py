@@ -11,8 +11,10 @@ Everything below vLLM's public API (writing weights into the live engine) lives 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +84,28 @@ def configure_vllm_env(kv_cache_gib: float, on_cpu: bool) -> None:
     if on_cpu:
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(kv_cache_gib))))
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any parts (run seed, step, rank, phase): the same parts give the same seed everywhere."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
+
+
+@contextmanager
+def sampling_rng(seed: int | None):
+    """Inside: torch's CPU and CUDA default generators seeded with `seed` (vLLM's in-process sampler draws from
+    them when a request has no seed of its own; per-request seeds crash vLLM-cpu). Outside: the generators' states
+    as they were before. None: nothing changes."""
+    if seed is None:
+        yield
+        return
+    import torch
+
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def cuda_available() -> bool:
@@ -177,9 +201,13 @@ class Engine:
         return BaseModelView(self)
 
     def generate(self, prompts: list[str] | list[list[int]], spec: SamplingSpec, lora=ADAPTER,
-                 phase: str = "generate") -> list[Generation]:
+                 phase: str = "generate", rng_seed: int | None = None) -> list[Generation]:
         """Generate one completion per prompt (templated text, or its token ids from `encode`), in one batched
-        vLLM call; with the attached adapter (if any) unless `lora` says otherwise (None: the base weights)."""
+        vLLM call; with the attached adapter (if any) unless `lora` says otherwise (None: the base weights).
+
+        rng_seed: the call samples from torch's generators seeded with it (`sampling_rng`), so the same call on the
+        same weights draws the same tokens (a resumed run replays its games); the caller's own random state is
+        left as it was."""
         lora = self.adapter if lora is ADAPTER else lora
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
@@ -200,7 +228,8 @@ class Engine:
             raise UserError(f"{len(too_long)} prompt(s) of up to {max(too_long)} tokens do not fit the {self.name} "
                             f"engine's max_model_len {self.max_model_len}; raise --model.max-model-len or shorten "
                             f"the seeds")
-        outs = self.llm.generate(ids, params, use_tqdm=False, lora_request=lora)
+        with sampling_rng(rng_seed):
+            outs = self.llm.generate(ids, params, use_tqdm=False, lora_request=lora)
         dt = time.perf_counter() - t0
         q1, h1 = self.prefix_cache_counts()
         if phase in ("attacker", "defender"):
@@ -295,8 +324,9 @@ class BaseModelView:
     def __init__(self, engine: Engine):
         self.shared = engine
 
-    def generate(self, prompts, spec: SamplingSpec, phase: str = "generate") -> list[Generation]:
-        return self.shared.generate(prompts, spec, lora=None, phase=phase)
+    def generate(self, prompts, spec: SamplingSpec, phase: str = "generate", rng_seed: int | None = None,
+                 ) -> list[Generation]:
+        return self.shared.generate(prompts, spec, lora=None, phase=phase, rng_seed=rng_seed)
 
     def __getattr__(self, name):
         return getattr(self.shared, name)

@@ -79,24 +79,27 @@ class Engines:
 
 def build_engines(mcfg: ModelConfig, game: GameConfig, *, trains: bool, seed: int, base_dir: Path,
                   policy_dir: Path | None = None, judge_dir: Path | None = None, max_model_len: int | None = None,
-                  judge_max_tokens: int = 24, lora_rank: int = 0) -> Engines:
+                  judge_max_tokens: int = 24, lora_rank: int = 0, defender_dir: Path | None = None) -> Engines:
     """base_dir: the policy's base model (resolved), which the base-model judge and attacker_only's frozen defender
     always hold (never a checkpoint); policy_dir: the weights the policy engine starts from (a checkpoint on
     resume; default base_dir); judge_dir: the resolved judge model when it is not the policy's base model.
     lora_rank > 0: the policy engine holds base_dir and serves the policy as a LoRA adapter of up to that rank
-    (the caller attaches it: Engine.attach_adapter); the base-model judge and the frozen defender share it."""
+    (the caller attaches it: Engine.attach_adapter); the base-model judge and the frozen defender share it.
+    defender_dir: the frozen defender's model when it is not base_dir (the original base model under a format
+    warm-up, whose checkpoint is then base_dir)."""
     base_dir = Path(base_dir)
+    defender_dir = Path(defender_dir or base_dir)
     policy_dir = base_dir if lora_rank else Path(policy_dir or base_dir)
     mml = max_model_len or mcfg.max_model_len
     policy = Engine(policy_dir, dtype=mcfg.dtype, max_model_len=mml, kv_cache_gib=mcfg.kv_cache_gib, seed=seed,
                     name="policy", enable_lora=lora_rank > 0, max_lora_rank=max(lora_rank, 1))
     base_view = policy.base_model() if lora_rank else None
     if mcfg.judge_model.startswith("rule:"):
-        frozen = frozen_defender_engine(mcfg, game, base_dir, mml, seed, base_view)
+        frozen = frozen_defender_engine(mcfg, game, base_dir, mml, seed, base_view, defender_dir)
         return Engines(policy, RuleJudge(mcfg.judge_model[5:], policy), frozen, policy_dir, True)
     if is_probe(mcfg.judge_model):
         judge = make_judge(mcfg, judge_dir or base_dir, seed=seed, judge_max_tokens=judge_max_tokens)
-        frozen = frozen_defender_engine(mcfg, game, base_dir, mml, seed, base_view)
+        frozen = frozen_defender_engine(mcfg, game, base_dir, mml, seed, base_view, defender_dir)
         return Engines(policy, judge, frozen, policy_dir, False)
     judge_is_base = mcfg.judge_model == "policy"
     if not judge_is_base and judge_dir is None:
@@ -110,10 +113,11 @@ def build_engines(mcfg: ModelConfig, game: GameConfig, *, trains: bool, seed: in
                               kv_cache_gib=mcfg.kv_cache_gib, seed=seed, name="judge")
     frozen = None
     if game.mode == "attacker_only":
-        if judge_is_base and judge_engine is not policy and base_view is None:
+        if isinstance(judge_engine, Engine) and judge_engine is not policy \
+                and Path(judge_engine.model_dir) == defender_dir:  # the judge's engine holds the defender's model
             frozen = judge_engine
         else:
-            frozen = frozen_defender_engine(mcfg, game, base_dir, mml, seed, base_view)
+            frozen = frozen_defender_engine(mcfg, game, base_dir, mml, seed, base_view, defender_dir)
     judge = Judge(judge_engine, template=mcfg.judge_template, constrained=mcfg.judge_constrained,
                   max_tokens=judge_max_tokens)
     return Engines(policy, judge, frozen, policy_dir, shared)
@@ -150,12 +154,14 @@ def judge_context(judge_dir: Path, mcfg: ModelConfig) -> int:
     return min(mcfg.judge_max_model_len, int(ctx)) if ctx else mcfg.judge_max_model_len
 
 
-def frozen_defender_engine(mcfg, game, base_dir, mml, seed, base_view: BaseModelView | None = None):
-    """attacker_only mode: the frozen base model answers as defender: the policy engine's base weights when it
-    serves an adapter (`base_view`), else a separate engine."""
+def frozen_defender_engine(mcfg, game, base_dir, mml, seed, base_view: BaseModelView | None = None,
+                           defender_dir: Path | None = None):
+    """attacker_only mode: the frozen base model (defender_dir, default base_dir) answers as defender: the policy
+    engine's base weights when it serves an adapter over that model (`base_view`), else a separate engine."""
     if game.mode != "attacker_only":
         return None
-    if base_view is not None:
+    defender_dir = Path(defender_dir or base_dir)
+    if base_view is not None and defender_dir == Path(base_dir):
         return base_view
-    return Engine(base_dir, dtype=mcfg.dtype, max_model_len=mml, kv_cache_gib=mcfg.kv_cache_gib, seed=seed,
+    return Engine(defender_dir, dtype=mcfg.dtype, max_model_len=mml, kv_cache_gib=mcfg.kv_cache_gib, seed=seed,
                   name="frozen_defender")

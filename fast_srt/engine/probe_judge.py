@@ -267,17 +267,11 @@ def shift_to_game_prior(probe: Probe, games: list) -> None:
 # ------------------------------------------------------------------------------------------------ cache
 
 def model_fingerprint(model_dir: Path) -> str:
-    """Identity of a checkpoint directory: its config and the size and first MiB of each weight file."""
-    h = hashlib.sha256()
-    d = Path(model_dir)
-    cfg = d / "config.json"
-    h.update(cfg.read_bytes() if cfg.is_file() else b"")
-    for f in sorted(d.glob("*.safetensors")):
-        h.update(f.name.encode())
-        h.update(str(f.stat().st_size).encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-    return h.hexdigest()
+    """Identity of a checkpoint directory: the full content of its weight, config, tokenizer and chat-template
+    files (fast_srt.identity)."""
+    from fast_srt.identity import identity_digest
+
+    return identity_digest(model_dir)
 
 
 def judge_set_bytes() -> bytes:
@@ -288,11 +282,13 @@ def judge_set_bytes() -> bytes:
     return b"".join(hashlib.sha256(d.joinpath(f).read_bytes()).digest() for f in (JUDGE_SET_FILE, FIT_GAMES_FILE))
 
 
-def probe_key(model_dir: Path) -> str:
+def probe_key(model_dir: Path, dtype: str) -> str:
+    """The probe's cache key: the judge model (weights, tokenizer, chat template), the engine dtype its hidden
+    states come in, the labelled sets and the fitting recipe."""
     h = hashlib.sha256()
     for part in (model_fingerprint(model_dir).encode(), judge_set_bytes(), json.dumps(
             {"version": PROBE_VERSION, "lambdas": LAMBDAS, "folds": FOLDS, "pooling": POOLING,
-             "prior_shifted": PRIOR_SHIFTED}).encode()):
+             "prior_shifted": PRIOR_SHIFTED, "dtype": dtype}).encode()):
         h.update(hashlib.sha256(part).digest())
     return h.hexdigest()[:16]
 
@@ -303,7 +299,7 @@ def ensure_probe(judge: "ProbeJudge", model_dir: Path, log=print) -> Probe:
     training split through the judge's own engine) and cached atomically."""
     from fast_srt.config import cache_dir
 
-    key = probe_key(model_dir)
+    key = probe_key(model_dir, judge.engine.dtype)
     target = cache_dir() / f"judge-probe-{key}"
     for d in (target, shipped_probe_dir(key)):  # fitted here before, or shipped for this exact model and set
         if (d / META_FILE).is_file() and (d / PROBE_FILE).is_file():

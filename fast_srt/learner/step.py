@@ -238,6 +238,7 @@ def update_policy(learner: Learner, step: int, samples, old, ref, advs, minis: l
         raise ValueError("update_policy: only the first mini-batch may come without old log-probs")
     n_mini = len(minis)
     acc: dict[str, list] = {}
+    weights: dict[str, list] = {}  # token-level means: each micro-batch's weighs its loss tokens
     skipped = 0
     kl_sum, kl_n, rows = 0.0, 0, 0
     for m in range(n_mini):
@@ -275,6 +276,7 @@ def update_policy(learner: Learner, step: int, samples, old, ref, advs, minis: l
                     per_mini[k] = per_mini.get(k, 0.0) + v
                 else:
                     acc.setdefault(k, []).append(v)
+                    weights.setdefault(k, []).append(sum(len(s.response_ids) for s in mb))
         if sharded:  # FSDP2: as many forward-backward passes on every rank; their backwards summed the gradients
             matching_passes(learner, n_passes - passes, kl_in_loss)
         finite, gn = reduced_and_clipped(learner, finite, sharded)
@@ -295,7 +297,13 @@ def update_policy(learner: Learner, step: int, samples, old, ref, advs, minis: l
     out = {}
     for k, vs in acc.items():
         t = torch.stack([torch.as_tensor(v).float() for v in vs])
-        out[k] = t.max() if k.endswith("_max") else (t.min() if k.endswith("_min") else t.mean())
+        if k.endswith("_max") or k.endswith("_min"):
+            out[k] = t.max() if k.endswith("_max") else t.min()
+        elif k in weights:  # a mean over every loss token of the step, not a mean of micro-batch means
+            w = torch.tensor(weights[k], dtype=torch.float32)
+            out[k] = (t * w).sum() / w.sum().clamp(min=1)
+        else:
+            out[k] = t.mean()
     out["optim/skipped_updates"] = skipped
     out["kl/_sum_train"], out["kl/_n_train"] = kl_sum, kl_n
     out["tokens/train_rows"] = rows  # RL forwards and backwards (SFT rows not counted)

@@ -7,9 +7,10 @@ CoT set (fast_srt/data/sft/cot_sft.jsonl: defender prompt -> thinking + answer) 
 (load_policy, shared-prefix packing, the log-prob kernel, a token-mean cross-entropy on response tokens), and saves
 an ordinary HF checkpoint (config, tokenizer, safetensors in the engine dtype) as `cache_dir()/warmup-<key>`.
 
-The key is a hash of everything the result depends on: the base model's identity (every config/tokenizer JSON
-file, and each safetensors file's size with sha256 of its first and last MiB), the parsed content of both data
-sets, the hyper-parameters (steps, lr, batch size, seed), the saved dtype and the recipe version. A second call
+The key is a hash of everything the result depends on: the base model's identity (the full-content sha256 of every
+weight, config, tokenizer and chat-template file: fast_srt.identity), the rendered and tokenized samples (so the
+role instructions, the chat template and the target format are in it), the hyper-parameters (steps, lr, batch size,
+seed), the saved dtype and the recipe version. A second call
 with the same inputs reuses the entry without training; any change gives a new entry.
 
 The checkpoint is written into `.tmp-warmup-<key>-*` beside its final name and renamed into place only once
@@ -40,40 +41,19 @@ MICRO_BATCH_TOKENS = 4096  # packed row tokens per forward/backward (a batch of 
 BETAS = (0.9, 0.95)
 GRAD_CLIP = 1.0
 MIN_LR_RATIO = 0.1
-_MIB = 1 << 20
 
 
 # ------------------------------------------------------------------------------------------------ the cache key
 
-def _file_digest(path: Path) -> dict:
-    """A safetensors file's identity without reading it all: size + sha256 of its first and last MiB."""
-    size = path.stat().st_size
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(_MIB))
-        if size > 2 * _MIB:
-            f.seek(size - _MIB)
-            h.update(f.read(_MIB))
-    return {"size": size, "sha256_ends": h.hexdigest()}
-
-
 def base_identity(base_dir: Path) -> dict:
-    """What identifies the base model: every small config/tokenizer file's hash, and each weights file's digest."""
-    base_dir = Path(base_dir)
-    if not (base_dir / "config.json").is_file():
-        raise UserError(f"warm-up: {base_dir} is not a Hugging Face checkpoint directory (no config.json)")
-    out: dict[str, Any] = {}
-    for p in sorted(base_dir.iterdir()):
-        if not p.is_file() or p.name == META_FILE:
-            continue
-        if p.suffix == ".safetensors":
-            out[p.name] = _file_digest(p)
-        elif p.suffix in (".json", ".jinja", ".txt", ".model") and p.stat().st_size <= 64 * _MIB:
-            out[p.name] = hashlib.sha256(p.read_bytes()).hexdigest()
-    if not any(k.endswith(".safetensors") for k in out):
-        raise UserError(f"warm-up: {base_dir} holds no .safetensors weights; pass a checkpoint saved with "
-                        f"save_pretrained(safe_serialization=True)")
-    return out
+    """What identifies the base model: the full-content sha256 of each weight, config, tokenizer and chat-template
+    file (fast_srt.identity)."""
+    from fast_srt.identity import model_identity
+
+    try:
+        return model_identity(base_dir)
+    except UserError as e:
+        raise UserError(f"warm-up: {e}") from None
 
 
 def load_warmup_data(wcfg) -> tuple[list[dict], list[dict]]:
@@ -83,11 +63,31 @@ def load_warmup_data(wcfg) -> tuple[list[dict], list[dict]]:
     return load_sft_records(wcfg.defender_data), load_attacker_sft_records(wcfg.attacker_data)
 
 
-def warmup_key(base_dir: Path, wcfg, dtype: str, defender: list[dict], attacker: list[dict]) -> str:
-    """16 hex digits over the base model's identity, the data content, the hyper-parameters and the dtype."""
+def samples_digest(samples: list) -> str:
+    """sha256 over the rendered, tokenized samples (role, prompt ids, response ids): what the warm-up trains on,
+    so a changed role instruction, chat template, tokenizer or target format gives another key."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(json.dumps([s.role, s.prompt_ids, s.response_ids]).encode())
+    return h.hexdigest()
+
+
+def warmup_key(base_dir: Path, wcfg, dtype: str, defender: list[dict], attacker: list[dict],
+               tokenizer=None) -> str:
+    """16 hex digits over the base model's identity, the rendered and tokenized samples, the hyper-parameters and
+    the dtype (`tokenizer`: the base model's, loaded here when not given)."""
+    identity = base_identity(base_dir)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    return _key(identity, wcfg, dtype, warmup_samples(tokenizer, defender, attacker))
+
+
+def _key(identity: dict, wcfg, dtype: str, samples: list) -> str:
     hp = {k: v for k, v in dataclasses.asdict(wcfg).items() if k not in ("defender_data", "attacker_data")}
-    blob = json.dumps({"recipe": RECIPE_VERSION, "base": base_identity(base_dir), "dtype": dtype, "hp": hp,
-                       "defender": defender, "attacker": attacker}, sort_keys=True, ensure_ascii=False)
+    blob = json.dumps({"recipe": RECIPE_VERSION, "base": identity, "dtype": dtype, "hp": hp,
+                       "samples": samples_digest(samples)}, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
@@ -191,8 +191,13 @@ def ensure_warmup(base_dir: str | Path, wcfg, dtype: str = "bfloat16", quiet: bo
         raise UserError(f"warmup.steps must be >= 0 (0 turns the warm-up off), got {wcfg.steps}")
     if wcfg.steps == 0:
         return base_dir
+    from transformers import AutoTokenizer
+
     defender, attacker = load_warmup_data(wcfg)
-    key = warmup_key(base_dir, wcfg, dtype, defender, attacker)
+    identity = base_identity(base_dir)  # not a checkpoint directory: refused before its tokenizer loads
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    samples = warmup_samples(tokenizer, defender, attacker)
+    key = _key(identity, wcfg, dtype, samples)
     target = warmup_dir(key)
     if is_complete(target):
         if not quiet:
@@ -200,15 +205,11 @@ def ensure_warmup(base_dir: str | Path, wcfg, dtype: str = "bfloat16", quiet: bo
             print(f"[fast_srt] warm-up: cached ({meta.get('steps')} steps, final loss {meta.get('final_loss'):.3f}) "
                   f"in {target}", flush=True)
         return target
-    from transformers import AutoTokenizer
-
     from fast_srt.learner.policy import VARLEN_SDPA, load_policy
 
     t0 = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     compute_dtype = getattr(torch, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    samples = warmup_samples(tokenizer, defender, attacker)
     model = load_policy(str(base_dir), dtype=torch.float32, device=device, attn=VARLEN_SDPA)
     result = train_warmup(model, samples, wcfg, device, compute_dtype)
     losses = result["losses"]

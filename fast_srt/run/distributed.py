@@ -94,8 +94,31 @@ def _gather(obj, ranks: Ranks) -> list:
     return out
 
 
+def gather_all(obj, ranks: Ranks) -> list:
+    """[rank 0's obj, rank 1's, ...] on every rank ([obj] in one process)."""
+    return [obj] if ranks.world == 1 else _gather(obj, ranks)
+
+
+# Means pooled over every rank's games or tokens: each rank's mean weighs the count it is a mean over.
+POOLED = {"reward/attacker_mean": "games/attacker_rewarded", "reward/defender_mean": "games/defender_rewarded",
+          "format/attacker_violation_rate": "games/attacker_format_checked",
+          "format/defender_violation_rate": "games/defender_format_checked"}
+TOKEN_MEANS = ("is/", "loss/clip_frac", "loss/approx_kl", "loss/ratio_mean", "policy/entropy", "kl/mean")
+TOKEN_WEIGHT = "tokens/loss"
+
+
+def pooled_weight_key(key: str) -> str | None:
+    """The count a rank's mean `key` is taken over (None: not a pooled mean)."""
+    if key in POOLED:
+        return POOLED[key]
+    if key.startswith(TOKEN_MEANS) and not key.endswith(("_max", "_min")):
+        return TOKEN_WEIGHT
+    return None
+
+
 def reduce_metrics(metrics: dict, ranks: Ranks) -> dict:
-    """One step's metrics of all ranks as one record (identical on every rank)."""
+    """One step's metrics of all ranks as one record (identical on every rank): counts summed, means pooled over
+    every rank's games or tokens, maxima and phase times the slowest rank's."""
     if ranks.world == 1:
         return metrics
     per_rank = _gather(metrics, ranks)
@@ -107,6 +130,10 @@ def reduce_metrics(metrics: dict, ranks: Ranks) -> dict:
             out[k] = metrics[k]
         elif not vals:
             out[k] = None
+        elif pooled_weight_key(k) is not None:
+            pairs = [(m[k], m.get(pooled_weight_key(k)) or 0) for m in per_rank if m.get(k) is not None]
+            total = sum(w for _, w in pairs)
+            out[k] = sum(v * w for v, w in pairs) / total if total else sum(vals) / len(vals)
         elif k.startswith(SUMMED):
             out[k] = sum(vals)
         elif k.endswith("_max") or k.startswith("time/"):  # a step waits for its slowest rank

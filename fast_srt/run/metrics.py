@@ -14,6 +14,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from fast_srt.errors import UserError
+
 
 class PhaseTimer:
     """Wall time per named phase within a step: `with timer("train"): ...`. On an asynchronous device pass its
@@ -50,7 +52,8 @@ class MetricsLog:
     """Appends JSON objects with a "step" key to `path` (metrics, game logs). On resume, lines after the
     checkpoint's step are dropped, so the file continues exactly where the checkpoint left off; if the lines of the
     checkpoint's own step are missing (a kill after the checkpoint, before its lines), `restore` (the records the
-    checkpoint carries) are written in their place. A new run starts the file afresh. A file named metrics.jsonl
+    checkpoint carries) are written in their place. A new run never overwrites an earlier run's lines: a file that
+already holds any is refused (the trainer refuses such a run directory before it starts). A file named metrics.jsonl
     also sends its scalars to TensorBoard / W&B beside it (fast_srt.run.scalars)."""
 
     def __init__(self, path: Path, resume_step: int | None = None, restore: list[dict] | None = None):
@@ -72,8 +75,9 @@ class MetricsLog:
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(x + "\n" for x in kept))
             tmp.replace(self.path)
-        elif self.path.exists():
-            self.path.unlink()
+        elif self.path.exists() and self.path.stat().st_size:
+            raise UserError(f"{self.path} holds lines of an earlier run and this run has no checkpoint to continue "
+                            f"from; pass a new --run-dir, or move the earlier run's files away")
         if self.path.name == "metrics.jsonl":
             from fast_srt.run.scalars import ScalarSinks
 

@@ -21,7 +21,7 @@ import torch
 
 from fast_srt import faults
 from fast_srt.config import TrainConfig, WarmupConfig
-from fast_srt.engine.engine import SamplingSpec
+from fast_srt.engine.engine import SamplingSpec, derive_seed
 from fast_srt.engine.placement import Engines, build_engines
 from fast_srt.engine.rollout import play_games
 from fast_srt.engine.weight_sync import push_adapter, push_weights
@@ -33,7 +33,8 @@ from fast_srt.learner import collective, sharding
 from fast_srt.learner.lora import adapter_for_engine, apply_lora, base_to_compute_dtype, save_peft_adapter
 from fast_srt.learner.policy import (VARLEN_SDPA, build_optimizer, build_scheduler, load_policy, load_reference,
                                      pick_attention, weights_for_engine)
-from fast_srt.learner.step import Learner, games_to_samples, learner_step, pick_logprob_impl, total_updates
+from fast_srt.learner.step import (Learner, games_to_samples, learner_step, pick_logprob_impl, scheduler_step,
+                                   total_updates)
 from fast_srt.run import distributed
 from fast_srt.run.checkpoint import (LORA_ADAPTER_FILE, RUN_CONFIG_FILE, check_free_space, checkpoint_bytes,
                                      find_latest, load_checkpoint, restore_trainer_state, save_checkpoint)
@@ -64,6 +65,7 @@ class Run:
     warmup_key: str | None = None  # the format warm-up the run started from (fast_srt.learner.warmup), if any
     probe: str = ""  # a fixed chat prompt, generated greedily after each weight write
     probe_text: str = ""
+    saved_replay: dict | None = None  # the checkpoint's replay conditions (replay_conditions), on resume
     ranks: distributed.Ranks = dataclasses.field(default_factory=distributed.Ranks)  # torchrun: this rank, world
 
 
@@ -79,7 +81,7 @@ def train_step(run: Run, step: int, status: Status) -> tuple[dict, list]:
     seeds, group_of = run.pool.group_batch(cfg.sampling.games_per_step, cfg.algo.samples_per_prompt)
     seeds, group_of = distributed.my_share(seeds, group_of, run.ranks)  # torchrun: this rank's share of the batch
     games = play_games(engines.policy, engines.judge, seeds, run.options, run.sampling, run.reward_fn,
-                       engines.frozen_defender)
+                       engines.frozen_defender, rng_seed=derive_seed(cfg.seed, step, run.ranks.rank))
     # 3) samples of both roles, ties and parse failures dropped
     samples, skipped = games_to_samples(games, run.options, cfg.algo.remove_ties, group_of)
     metrics = {"step": step, **rollout_metrics(games, samples, skipped, engines.judge)}
@@ -93,8 +95,10 @@ def train_step(run: Run, step: int, status: Status) -> tuple[dict, list]:
         with timer("sync"):
             metrics["time/sync_push_s"] = sync_weights(engines.policy, learner.model)
         metrics["sync/probe_changed"] = probe_changed(run)
-    else:
+    else:  # no sample survived on any rank: the planned updates are skipped, and their LR slots pass
         metrics["optim/skipped_updates"] = cfg.optim.updates_per_step
+        for _ in range(cfg.optim.updates_per_step):
+            scheduler_step(learner)
     if metrics.get("optim/skipped_updates"):
         status.line(f"step {step}: {metrics['optim/skipped_updates']} update(s) skipped (non-finite loss or "
                     f"gradient; no sample survived filtering if all); training continues")
@@ -149,6 +153,7 @@ def rollout_metrics(games, samples, skipped, judge) -> dict:
         m[f"reward/{role}_mean"] = sum(rs) / len(rs) if rs else None
         turns = [getattr(g, role) for g in games if getattr(g, role) is not None and getattr(g, role).fmt is not None]
         m[f"format/{role}_violation_rate"] = (sum(not t.fmt.valid for t in turns) / len(turns)) if turns else None
+        m[f"games/{role}_rewarded"], m[f"games/{role}_format_checked"] = len(rs), len(turns)  # the means' counts
         m[f"samples/{role}"] = sum(s.role == role for s in samples)
     for g in games:
         m[f"outcome/{g.rewards.outcome}"] = m.get(f"outcome/{g.rewards.outcome}", 0) + 1
@@ -166,6 +171,7 @@ def train(cfg: TrainConfig) -> Path:
                                                              tokenize=False, add_generation_prompt=True)
     probe_changed(run)
     resume_step = run.start_step if run.resumed else None
+    warning = replay_warning(run.saved_replay, replay_conditions(run)) if run.resumed else None
     # a kill between the checkpoint and its metrics line loses no line: the checkpoint carries the step's records
     if ranks.main:  # torchrun: rank 0 writes the logs and checkpoints (fast_srt.run.distributed)
         log = MetricsLog(run_dir / "metrics.jsonl", resume_step, restore=run.step_records.get("metrics"))
@@ -178,6 +184,8 @@ def train(cfg: TrainConfig) -> Path:
     print(f"start-up {time.perf_counter() - t_start:.1f} s; torch threads {torch.get_num_threads()}; log-prob "
           f"impl {getattr(learner.logprob_fn, '__name__', learner.logprob_fn)}; from step {run.start_step}",
           flush=True)
+    if warning:
+        print(warning, flush=True)
 
     for step in range(run.start_step + 1, cfg.steps + 1):
         faults.enter_step(step)
@@ -191,10 +199,13 @@ def train(cfg: TrainConfig) -> Path:
             # FSDP2: every rank gathers the full model and optimizer state with rank 0, which writes them
             full = sharding.full_state(learner.model, learner.optimizer, ranks.main) \
                 if sharding.is_sharded(learner.model) else None
+            # every rank's SFT stream position (each rank draws its own auxiliary samples)
+            streams = None if learner.sft_stream is None else \
+                distributed.gather_all(learner.sft_stream.state_dict(), ranks)
             if ranks.main:
                 try:
                     save_checkpoint(run_dir, step, sharding.unwrap(learner.model), engines.policy.tokenizer,
-                                    learner.optimizer, learner.scheduler, checkpoint_extra(run, records),
+                                    learner.optimizer, learner.scheduler, checkpoint_extra(run, records, streams),
                                     dataclasses.asdict(cfg), keep_last=cfg.keep_checkpoints, full_state=full)
                 except UserError:  # a failed write (disk full): the step's lines still reach the logs, then one line
                     write_records(log, games_log, records)
@@ -244,10 +255,21 @@ def check_trainable_sampling(cfg: TrainConfig) -> None:
         raise UserError("model.dtype float16 needs CUDA (the CPU engine has no fp16 path); use bfloat16 or float32")
 
 
-def check_run_dir(run_dir: Path) -> None:
+RUN_LOGS = ("metrics.jsonl", "games.jsonl")
+
+
+def check_run_dir(run_dir: Path, resume: bool = False) -> None:
+    """A path that can be a run directory; a new run (no --resume) never starts over an earlier run's logs."""
     for parent in (run_dir, *run_dir.parents):
         if parent.exists() and not parent.is_dir():
             raise UserError(f"--run-dir {run_dir}: {parent} is a file, not a directory; pass a directory path")
+    if resume or find_latest(run_dir) is not None:  # resume_point decides (a checkpoint without --resume)
+        return
+    logs = [n for n in RUN_LOGS if (run_dir / n).is_file() and (run_dir / n).stat().st_size]
+    if logs:
+        raise UserError(f"--run-dir {run_dir} holds {' and '.join(logs)} of an earlier run that stopped before its "
+                        f"first checkpoint, so there is nothing to resume; pass a new --run-dir (the earlier logs "
+                        f"are kept)")
 
 
 # Fields a resumed run may change: they decide where and how often things are written, not what is trained.
@@ -336,7 +358,7 @@ def setup_run(cfg: TrainConfig) -> Run:
                         f"--nproc_per_node N -m fast_srt train ...` (N >= 2), or drop --shard")
     distributed.check_split(cfg.sampling.games_per_step, cfg.algo.samples_per_prompt, ranks)
     run_dir = Path(cfg.run_dir)
-    check_run_dir(run_dir)
+    check_run_dir(run_dir, cfg.resume)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the one place the device is chosen
     torch.manual_seed(cfg.seed)
     compute_dtype = getattr(torch, cfg.model.dtype)
@@ -348,7 +370,7 @@ def setup_run(cfg: TrainConfig) -> Run:
         load_warmup_data(cfg.warmup)
     base_dir, judge_dir = distributed.main_first(ranks, lambda: resolve_engine_dirs(cfg.model))
     ckpt_dir = resume_point(cfg, run_dir)
-    mcfg, warm_key = cfg.model, None
+    mcfg, warm_key, original_base = cfg.model, None, base_dir
     if cfg.warmup.steps:  # the warmed checkpoint is the policy's base: RL start, KL reference, engines' base
         base_dir, judge_dir, mcfg, warm_key = distributed.main_first(
             ranks, lambda: warmed_base(cfg, base_dir, judge_dir))
@@ -369,7 +391,8 @@ def setup_run(cfg: TrainConfig) -> Run:
     adapter_rank = cfg.lora_rank if cfg.lora_in_engine else 0  # the engine serves the adapter (LoRA requests)
     engines = build_engines(mcfg, cfg.game, trains=True, seed=cfg.seed, base_dir=base_dir,
                             policy_dir=Path(ckpt_dir) if ckpt_dir is not None else base_dir, judge_dir=judge_dir,
-                            judge_max_tokens=cfg.sampling.judge_max_tokens, lora_rank=adapter_rank)
+                            judge_max_tokens=cfg.sampling.judge_max_tokens, lora_rank=adapter_rank,
+                            defender_dir=original_base)  # attacker_only: the base model, not the warm-up
     if adapter_rank:
         attach_policy_adapter(engines.policy, model, base_dir)
     ref = None
@@ -385,12 +408,13 @@ def setup_run(cfg: TrainConfig) -> Run:
         from fast_srt.learner.sft import SFTStream, build_sft_samples, load_sft_records
 
         samples = build_sft_samples(load_sft_records(cfg.algo.sft_data), engines.policy.tokenizer)
-        sft_stream = SFTStream(samples, seed=cfg.seed)
-    start_step, step_records = 0, {}
+        sft_stream = SFTStream(samples, seed=sft_seed(cfg.seed, ranks.rank))  # torchrun: one stream per rank
+    start_step, step_records, saved_replay = 0, {}, None
     if state is not None:
         if sharded:  # the checkpoint's full optimizer state, this rank's shard of it
             state["optimizer"] = sharding.shard_optimizer_state(optimizer, state["optimizer"])
-        start_step, step_records = restore_run_state(state, optimizer, scheduler, pool, sft_stream, scaler)
+        start_step, step_records, saved_replay = restore_run_state(state, optimizer, scheduler, pool, sft_stream,
+                                                                   scaler, ranks)
     learner = Learner(cfg=cfg, model=model, ref=ref, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                       autocast=autocast, logprob_fn=pick_logprob_impl(cfg.logprob_impl, device),  # chosen once
                       adv_fns=select_advantages_impl(device), device=device, temperature=cfg.sampling.temperature,
@@ -398,7 +422,7 @@ def setup_run(cfg: TrainConfig) -> Run:
     return Run(cfg=cfg, run_dir=run_dir, pool=pool, options=GameOptions(mode=cfg.game.mode, cot=cfg.game.cot),
                reward_fn=reward_function(cfg.game.reward), engines=engines, learner=learner,
                start_step=start_step, resumed=state is not None, step_records=step_records, warmup_key=warm_key,
-               ranks=ranks,
+               ranks=ranks, saved_replay=saved_replay,
                sampling=SamplingSpec(max_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
                                      top_p=cfg.sampling.top_p, fixed_length=cfg.sampling.fixed_length))
 
@@ -445,24 +469,61 @@ def trainer_model(cfg: TrainConfig, base_dir: Path, run_dir: Path, ckpt_dir: Pat
     return model, ckpt_dir, state
 
 
-def restore_run_state(state: dict, optimizer, scheduler, pool, sft_stream, scaler) -> tuple[int, dict]:
-    """A checkpoint's optimizer, schedule, seed stream, SFT stream and grad scaler; returns (its step, the step's
-    records)."""
+def restore_run_state(state: dict, optimizer, scheduler, pool, sft_stream, scaler,
+                      ranks: distributed.Ranks | None = None) -> tuple[int, dict, dict | None]:
+    """A checkpoint's optimizer, schedule, seed stream, this rank's SFT stream and grad scaler; returns (its step,
+    the step's records, its replay conditions)."""
+    ranks = ranks or distributed.Ranks()
     extra = restore_trainer_state(state, optimizer, scheduler)
     pool.rng.setstate(_tuple_state(extra["seed_rng"]))
     if sft_stream is not None:
-        sft_stream.load_state_dict(extra["sft_stream"])
+        streams = extra.get("sft_streams") or [extra["sft_stream"]]  # one per rank (a single one before)
+        if len(streams) != ranks.world and ranks.main:
+            print(f"[fast_srt] resume: the checkpoint holds SFT stream positions for {len(streams)} rank(s), this "
+                  f"run has {ranks.world}; rank r continues stream r mod {len(streams)} (not an exact replay)")
+        sft_stream.load_state_dict(streams[ranks.rank % len(streams)])
     if scaler.is_enabled() and extra.get("grad_scaler"):
         scaler.load_state_dict(extra["grad_scaler"])
-    return int(state["step"]), extra.get("step_records") or {}
+    return int(state["step"]), extra.get("step_records") or {}, extra.get("replay")
 
 
-def checkpoint_extra(run: Run, records: dict) -> dict:
+def replay_conditions(run: Run) -> dict:
+    """What else a resume must match to replay the run exactly (the settings are checked apart): the arithmetic's
+    thread count, the libraries, the device and the kernels. A different value gives other last digits, hence, at
+    some step, other sampled tokens."""
+    import vllm
+
+    fn = run.learner.logprob_fn
+    return {"torch threads": torch.get_num_threads(), "torch": str(torch.__version__),
+            "vllm": str(vllm.__version__),
+            "device": torch.cuda.get_device_name() if run.learner.device.type == "cuda" else "cpu",
+            "log-prob kernel": getattr(fn, "__name__", str(fn)), "ranks": run.ranks.world}
+
+
+def replay_warning(saved: dict | None, now: dict) -> str | None:
+    """One line naming what differs from the checkpoint's replay conditions (None: the resume replays exactly)."""
+    if not saved:
+        return None
+    diffs = [f"{k} {saved.get(k)} -> {now.get(k)}" for k in sorted(set(saved) | set(now))
+             if saved.get(k) != now.get(k)]
+    if not diffs:
+        return None
+    return (f"[fast_srt] resume: not an exact replay of the run ({'; '.join(diffs)}): it continues from the "
+            f"checkpoint, but its games may differ from the run's had it not stopped; resume under the conditions "
+            f"it ran in for an exact replay")
+
+
+def sft_seed(seed: int, rank: int) -> int:
+    """Each torchrun rank draws its own SFT samples (rank 0: the run seed, as in a one-process run)."""
+    return seed + 1_000_003 * rank
+
+
+def checkpoint_extra(run: Run, records: dict, sft_streams: list | None = None) -> dict:
     """What a checkpoint carries besides weights, optimizer, scheduler and RNG (all weights_only-loadable)."""
     extra = {"seed_rng": _list_state(run.pool.rng.getstate()), "step_records": records,
-             "warmup_key": run.warmup_key}
-    if run.learner.sft_stream is not None:
-        extra["sft_stream"] = run.learner.sft_stream.state_dict()
+             "warmup_key": run.warmup_key, "replay": replay_conditions(run)}
+    if sft_streams is not None:
+        extra["sft_streams"] = sft_streams
     if run.learner.scaler.is_enabled():
         extra["grad_scaler"] = run.learner.scaler.state_dict()
     return extra

@@ -218,8 +218,8 @@ def test_probe_is_fitted_once_then_cached(tiny_pooling_engine, tiny_model_dir, t
     monkeypatch.setattr(P, "fit_from_judge_set", no_fit)
     again = ProbeJudge(tiny_pooling_engine, model_dir=tiny_model_dir, log=lines.append)
     assert torch.equal(again.probe.w, judge.probe.w) and len(lines) == 1
-    assert P.probe_key(tiny_model_dir) == cached[0].name.removeprefix("judge-probe-")
-    assert not P.shipped_probe_dir(P.probe_key(tiny_model_dir)).exists()
+    assert P.probe_key(tiny_model_dir, tiny_pooling_engine.dtype) == cached[0].name.removeprefix("judge-probe-")
+    assert not P.shipped_probe_dir(P.probe_key(tiny_model_dir, tiny_pooling_engine.dtype)).exists()
 
 
 def test_probe_judge_counts_its_truncations(tiny_pooling_engine):

@@ -183,6 +183,30 @@ def test_two_ranks_killed_then_resumed(tiny_model_dir, tmp_path, point, shard):
         assert a != b
     assert find_latest(run).name == "step_00000003"
     assert not list((run / "checkpoints").glob(".tmp-*"))
+    if point == "update" and shard == "none":  # the resumed run replays the run that was never killed
+        assert_replays_unkilled_run(tiny_model_dir, tmp_path / "unkilled", run, "--shard", shard)
+
+
+def assert_replays_unkilled_run(model_dir, ref, run, *extra):
+    """Both ranks' games (rank 1's included: its sampling is seeded by rank, not by rank 0's restored RNG), the
+    pooled metrics and the final weights equal those of the same run never killed."""
+    import torch
+    from safetensors.torch import load_file
+
+    from fast_srt.run.checkpoint import find_latest
+
+    p = _torchrun(_tiny_train_args(model_dir, ref, *extra))
+    assert p.returncode == 0, p.stderr[-3000:]
+    volatile = ("time/", "perf/", "prefix_cache/", "rank")
+
+    def replayed(path):
+        return [{k: v for k, v in m.items() if not k.startswith(volatile) and not k.endswith("_total")}
+                for m in read_metrics(path)]
+
+    assert read_metrics(run / "games.jsonl") == read_metrics(ref / "games.jsonl")
+    assert replayed(run / "metrics.jsonl") == replayed(ref / "metrics.jsonl")
+    got, want = (load_file(str(find_latest(r) / "model.safetensors")) for r in (run, ref))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 @pytest.mark.slow

@@ -58,8 +58,13 @@ def test_metrics_log_resume_drops_later_lines_and_restores_a_missing_step(tmp_pa
     assert [(r["step"], r["v"]) for r in read_metrics(path)] == [(1, 10), (2, 21), (3, 30)]
 
 
-def test_metrics_log_new_run_starts_afresh(tmp_path):
+def test_metrics_log_never_overwrites_an_earlier_runs_lines(tmp_path):
     path = tmp_path / "m.jsonl"
     _lines(path, [1, 2])
-    MetricsLog(path).write({"step": 1})
-    assert read_metrics(path) == [{"step": 1}]
+    before = path.read_bytes()
+    with pytest.raises(UserError, match="earlier run"):
+        MetricsLog(path)
+    assert path.read_bytes() == before
+    (tmp_path / "empty.jsonl").write_text("")  # an empty file holds nothing to lose
+    MetricsLog(tmp_path / "empty.jsonl").write({"step": 1})
+    assert read_metrics(tmp_path / "empty.jsonl") == [{"step": 1}]

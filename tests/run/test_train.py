@@ -57,17 +57,48 @@ def test_defender_learns_rule_judge_optimum(tiny_model_dir, tmp_path, seed):
 
 
 KILL_STEP = 2
+VOLATILE = ("time/", "perf/", "prefix_cache/", "rank")  # wall times, throughput, the engine's cache: not replayed
+
+
+def _kill_args(model_dir, run):
+    return _tiny_args(model_dir, run, "--steps", "3", "--save-every", "1", "--sampling.games-per-step", "8",
+                      "--log-games", "8")
+
+
+def _replayed(metrics: list[dict]) -> list[dict]:
+    """A run's metrics without what a replay cannot reproduce: times, throughput, prefix-cache hit rates, and the
+    judge's process-lifetime counters."""
+    return [{k: v for k, v in m.items() if not k.startswith(VOLATILE) and not k.endswith("_total")} for m in metrics]
+
+
+@pytest.fixture(scope="module")
+def unkilled_run(tiny_model_dir, tmp_path_factory):
+    """The kill matrix's run, never killed: what each killed and resumed run must replay."""
+    run = tmp_path_factory.mktemp("unkilled") / "run"
+    p = _train(_kill_args(tiny_model_dir, run), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return run
+
+
+def _weights(run):
+    from safetensors.torch import load_file
+
+    from fast_srt.run.checkpoint import find_latest
+
+    return load_file(str(find_latest(run) / "model.safetensors"))
 
 
 @pytest.mark.parametrize("point", KILL_POINTS)
-def test_sigkill_at_each_point_then_resume(tiny_model_dir, tmp_path, point):
+def test_sigkill_at_each_point_then_resume_replays_the_run(tiny_model_dir, tmp_path, point, unkilled_run):
     """FAST_SRT_KILL_AT kills the trainer at `point` of step 2 (a real SIGKILL, no timing); a resume loses at most
-    that step, never picks a partial checkpoint, logs every step exactly once, and ends with loadable weights."""
+    that step, never picks a partial checkpoint, logs every step exactly once, and replays the run that was never
+    killed: the same games, the same metrics (times aside) and bit-identical final weights."""
+    import torch
+
     from fast_srt.run.checkpoint import find_latest
 
     run = tmp_path / "run"
-    args = _tiny_args(tiny_model_dir, run, "--steps", "3", "--save-every", "1", "--sampling.games-per-step", "8",
-                      "--log-games", "2")
+    args = _kill_args(tiny_model_dir, run)
     p = _train(args, timeout=600, extra_env={"FAST_SRT_KILL_AT": f"{point}:{KILL_STEP}"})
     assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr[-3000:])
     assert f"SIGKILL at {point}, step {KILL_STEP}" in p.stderr
@@ -83,18 +114,25 @@ def test_sigkill_at_each_point_then_resume(tiny_model_dir, tmp_path, point):
         assert not (partial[0] / "COMPLETE").exists() and not (partial[0] / "trainer_state.pt").exists()
     else:
         assert not partial
-    print(f"kill point {point}: killed in step {KILL_STEP}, resume from checkpoint step {ckpt_step}, "
-          f"steps lost {KILL_STEP - ckpt_step}")
 
     p = _train(args + ["--resume"], timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"from step {ckpt_step}" in p.stdout
-    assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
+    assert "not an exact replay" not in p.stdout  # same machine, same threads, same libraries
+    metrics = read_metrics(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3]
     games = read_metrics(run / "games.jsonl")
-    assert [g["step"] for g in games] == [1, 1, 2, 2, 3, 3]
+    assert [g["step"] for g in games] == [1] * 8 + [2] * 8 + [3] * 8
     assert not list((run / "checkpoints").glob(".tmp-*"))
     final = find_latest(run)
     assert final.name == "step_00000003"
+    # the replay: the same games token for token, the same metrics, the same weights bit for bit
+    assert games == read_metrics(unkilled_run / "games.jsonl")
+    assert _replayed(metrics) == _replayed(read_metrics(unkilled_run / "metrics.jsonl"))
+    got, want = _weights(run), _weights(unkilled_run)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    print(f"kill point {point}: killed in step {KILL_STEP}, resumed from step {ckpt_step}, steps lost "
+          f"{KILL_STEP - ckpt_step}; games, metrics and {len(want)} weight tensors equal to the unkilled run's")
     assert_loads_in_transformers_and_vllm(final)
 
 

@@ -246,7 +246,7 @@ def test_empty_attacker_prompt_is_a_format_penalty_not_a_tie():
         from fast_srt.run.tiny import make_tokenizer
         tokenizer = make_tokenizer()
 
-        def generate(self, prompts, spec, lora=None, phase="generate"):
+        def generate(self, prompts, spec, lora=None, phase="generate", rng_seed=None):
             text = "  " if phase == "attacker" else "an answer"
             return [Generation([1, 2], [7, 8], text, [-1.0, -1.0], "stop") for _ in prompts]
 
