@@ -39,6 +39,8 @@ PY = sys.executable
 
 
 LOG_DIR: Path | None = None  # --log-dir: every check's full output, one file per command
+MODEL = "default"  # --model: the policy of kv_release and train_3 (a checkpoint directory, or 'default')
+REPORT: Path | None = None  # --report: where the report goes (default bench/results/gpu_<date>.md)
 
 
 def _run(cmd: list[str], timeout: int = 900) -> tuple[int, str, float]:
@@ -135,7 +137,7 @@ print(json.dumps({"freed_gib": (free1 - free0) / 2**30, "same_tokens": before ==
 def check_kv_release() -> dict:
     if (skip := _missing("vllm", "the engine is vLLM; GPU install: README")) is not None:
         return skip
-    rc, out, dt = _run([PY, "-c", KV])
+    rc, out, dt = _run([PY, "-c", KV.replace('resolve_model("default")', f"resolve_model({MODEL!r})")])
     if rc != 0:
         return {"ok": False, "seconds": round(dt, 1), "summary": out[-1500:]}
     r = json.loads(out.strip().splitlines()[-1])
@@ -147,6 +149,8 @@ def check_train_3() -> dict:
         return skip
     run_dir = tempfile.mkdtemp(prefix="gpu_check_run_")
     cmd = [PY, "-m", "fast_srt.cli", "train", "--steps", "3", "--save-every", "3", "--run-dir", run_dir]
+    if MODEL != "default":
+        cmd += ["--model.model", MODEL]
     rc, out, dt = _run(cmd)
     shutil.rmtree(run_dir, ignore_errors=True)  # scratch, with a full checkpoint in it
     steps = [line for line in out.splitlines() if line.startswith("step ")]
@@ -213,7 +217,7 @@ def write_report(header: str, results: dict) -> Path:
     for n, r in results.items():
         details = json.dumps({k: v for k, v in r.items() if k != "ok"})[:1500].replace("|", "\\|")
         lines.append(f"| {n} | {r['ok']} | {details} |")
-    out = ROOT / "bench" / "results" / f"gpu_{datetime.date.today().isoformat()}.md"
+    out = REPORT or ROOT / "bench" / "results" / f"gpu_{datetime.date.today().isoformat()}.md"
     out.write_text("\n".join(lines) + "\n")
     return out
 
@@ -223,9 +227,12 @@ def main() -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the checks and exit (the default without CUDA)")
     ap.add_argument("--only", default=",".join(CHECKS), help="comma-separated checks to run")
     ap.add_argument("--log-dir", default="", help="write each check's full output here")
+    ap.add_argument("--model", default="default", help="policy for kv_release and train_3 (checkpoint directory)")
+    ap.add_argument("--report", default="", help="write the report here instead of bench/results/gpu_<date>.md")
     args = ap.parse_args()
-    global LOG_DIR
+    global LOG_DIR, MODEL, REPORT
     LOG_DIR = Path(args.log_dir) if args.log_dir else None
+    MODEL, REPORT = args.model, (Path(args.report) if args.report else None)
     import torch
 
     names = [n for n in args.only.split(",") if n]

@@ -169,6 +169,10 @@ PRUNE = [
     ("vllm/third_party/deep_gemm/",
      "DeepGEMM: FP8 GEMMs and MoE grouped GEMMs. Found through find_spec (has_deep_gemm() is then False and "
      "every caller falls back); bf16 dense layers use cuBLAS"),
+    ("vllm/_moe_C_stable_libtorch.abi3.so",
+     "the fused-MoE CUDA ops (top-k routing, expert alignment, MoE LoRA alignment, marlin MoE GEMMs); every "
+     "torch.ops._moe_C caller is in fused_moe/, the MoE quantization paths or MoE LoRA. Its import is inside "
+     "contextlib.suppress(ImportError) (CudaPlatform.import_kernels); xz barely shrinks it (45 to 39 MiB)"),
     ("vllm/third_party/fmha_sm100/",
      "Blackwell (SM100) sparse attention for MiniMax-M3, imported inside that model's functions only"),
 ]

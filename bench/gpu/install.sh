@@ -17,9 +17,6 @@ cd "$(dirname "$0")/../.."
 
 t0=$(date +%s)
 "$PY" bench/gpu/bundle.py unpack "$CHUNK_DIR" --dest "$PAYLOAD" || exit 2
-# the chunks are no longer needed once the payload is checked: free the disk
-rm -f "$CHUNK_DIR"/chunk_*.xz
-
 rm -rf "$SITE"
 if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
     "$PAYLOAD"/wheels/*.whl; then

@@ -126,6 +126,7 @@ def _wheel(path: Path, files: dict[str, bytes]) -> None:
 def test_prune_drops_files_and_their_record_rows(tmp_path):
     keep = {name: b"keep" for name in build_bundle.MUST_KEEP}
     gone = {"vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so": b"x" * 100, "vllm/vllm-rs": b"y" * 10,
+            "vllm/_moe_C_stable_libtorch.abi3.so": b"m",
             "vllm/third_party/deep_gemm/_C.so": b"z" * 5, "vllm/third_party/deep_gemm/include/a.hpp": b"h",
             "vllm/third_party/fmha_sm100/api.py": b"f"}
     other = {"vllm/third_party/pynvml.py": b"nvml", "vllm/third_party/deep_gemm_not_a_prefix.py": b"n"}
