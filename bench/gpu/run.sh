@@ -9,7 +9,8 @@
 #
 # Environment: FAST_SRT_SITE (the site dir install.sh filled, default /tmp/fast_srt_site), FAST_SRT_BUNDLE (the
 # chunk dir, default /tmp/fast_srt_bundle: its payload/assets hold the tokenizer), REPORT_DIR (default $OUT when
-# set, else bench/results/gpu_run_<date>), TOTAL_BUDGET, PYTHON (default python3).
+# set, else bench/results/gpu_run_<date>), TOTAL_BUDGET, SIDE_TIMEOUT (seconds for each side of side_by_side,
+# default 75), PYTHON (default python3).
 # In REPORT_DIR: report.md (one row per step, each step's last lines) and logs.tar.gz (every step's full log and
 # the reports the steps wrote) -- two files, within what a device command brings back.
 set -uo pipefail
@@ -20,6 +21,7 @@ BUNDLE=${FAST_SRT_BUNDLE:-/tmp/fast_srt_bundle}
 MODELS=/tmp/fast_srt_models
 PY=${PYTHON:-python3}
 TOTAL_BUDGET=${TOTAL_BUDGET:-480}
+SIDE_TIMEOUT=${SIDE_TIMEOUT:-75}   # each side of side_by_side: vLLM start-up, 3 steps, fast_srt's final checkpoint
 REPORT_DIR=${REPORT_DIR:-${OUT:-bench/results/gpu_run_$(date +%Y-%m-%d)}}
 WORK=/tmp/fast_srt_run      # logs and step reports (tarred into REPORT_DIR after every step)
 
@@ -30,7 +32,7 @@ STEPS=(
   "engine_tests|100|in-place weight write changes generation and log-probs; LoRA adapter written in place through vLLM's GPU kernels (tests/engine on CUDA)|$PY -m pytest -q -x -p no:cacheprovider tests/engine/test_weight_sync.py tests/engine/test_lora_engine.py -k 'not grouped'"
   "kv_release|60|KV cache released and woken around training: memory freed, same greedy tokens|$PY bench/gpu_check.py --only kv_release --model $MODELS/smollm2-135m --report $WORK/gpu_check_kv_release.md"
   "train_3|110|3-step self-play run of the default config on the random-init default architecture|$PY bench/gpu_check.py --only train_3 --model $MODELS/smollm2-135m --report $WORK/gpu_check_train_3.md"
-  "side_by_side|160|fast_srt vs TRL GRPOTrainer (vLLM colocate), Qwen2.5-1.5B shape, 64 x 256 fixed-length tokens per step, 3 steps|$PY bench/gpu/compare_trl_gpu.py --model $MODELS/qwen2.5-1.5b --steps 3 --new-tokens 256 --side-timeout 75 --out $WORK/side_by_side.md"
+  "side_by_side|$((2 * SIDE_TIMEOUT + 10))|fast_srt vs TRL GRPOTrainer (vLLM colocate), Qwen2.5-1.5B shape, 64 x 256 fixed-length tokens per step, 3 steps|$PY bench/gpu/compare_trl_gpu.py --model $MODELS/qwen2.5-1.5b --steps 3 --new-tokens 256 --side-timeout $SIDE_TIMEOUT --out $WORK/side_by_side.md"
   "||||"
   "kernels|60|compiled Triton kernels against their torch twins (passed on 2026-11-30)|$PY bench/gpu_check.py --only kernels --report $WORK/gpu_check_kernels.md"
   "learner|120|learner step on synthetic games, SmolLM2-135M shape (measured on 2026-11-30)|$PY bench/gpu_check.py --only learner --report $WORK/gpu_check_learner.md"
@@ -44,7 +46,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --only) ONLY=$2; shift ;;
     --only=*) ONLY=${1#--only=} ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "run.sh: unknown argument $1 (use --dry-run, --only a,b)" >&2; exit 2 ;;
   esac
   shift
