@@ -12,6 +12,7 @@ import sys
 from fast_srt.engine.engine import QUIET_ENV
 from fast_srt.errors import UserError
 
+COMMANDS = ("train", "sft", "play", "games", "eval", "judge-eval", "plot", "plan", "bench")
 USAGE = """usage: fast-srt {train,sft,play,games,eval,judge-eval,plot,plan,bench} [--help] [--verbose] [options]
 
   train [PRESET] [--options]   self-play RL training (the main job); `fast-srt train --help` lists presets
@@ -49,11 +50,18 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("default", module="fast_srt")  # ...but never fast_srt's own (partial checkpoints etc.)
 
 
+# oneDNN (torch's CPU matmuls) keeps up to 1024 compiled primitives, one per shape; the learner's packed shapes
+# change every step, so a long CPU run's resident memory grows for hundreds of steps until the cache is full.
+# 256 bounds that growth (docs/robustness_and_ranks.md, "Soak"); set the variable to override it.
+ONEDNN_CACHE = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
+    os.environ.setdefault(*ONEDNN_CACHE)  # before torch loads oneDNN
     verbose = "--verbose" in argv
     argv = [a for a in argv if a != "--verbose"]
     if not verbose:
@@ -97,13 +105,15 @@ def main(argv: list[str] | None = None) -> int:
 
             train_main(rest)
         else:
-            print(f"fast-srt: error: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
+            print(f"fast-srt: error: unknown command {cmd!r}; commands: {', '.join(COMMANDS)} (`fast-srt --help` "
+                  f"says what each does)", file=sys.stderr)
             return 2
     except UserError as e:
         print(f"fast-srt: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fast-srt: interrupted", file=sys.stderr)
+        print("fast-srt: interrupted; a train run continues from its last checkpoint with --resume (the same "
+              "command and --run-dir)", file=sys.stderr)
         return 130
     return 0
 

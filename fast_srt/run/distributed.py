@@ -136,7 +136,7 @@ def reduce_metrics(metrics: dict, ranks: Ranks) -> dict:
             out[k] = sum(v * w for v, w in pairs) / total if total else sum(vals) / len(vals)
         elif k.startswith(SUMMED):
             out[k] = sum(vals)
-        elif k.endswith("_max") or k.startswith("time/"):  # a step waits for its slowest rank
+        elif k.endswith("_max") or k.startswith(("time/", "mem/", "proc/")):  # the slowest, the largest rank
             out[k] = max(vals)
         elif k.endswith("_min"):
             out[k] = min(vals)

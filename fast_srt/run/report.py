@@ -35,3 +35,16 @@ def child_processes() -> int:
     except OSError:
         return -1
     return n
+
+
+def process_metrics() -> dict:
+    """This process's resident memory and open file descriptors now (a long run watches both for leaks)."""
+    import psutil
+
+    p = psutil.Process()
+    out = {"mem/host_rss_gib": p.memory_info().rss / 2**30}
+    try:
+        out["proc/open_fds"] = p.num_fds()
+    except (AttributeError, psutil.Error):  # no file-descriptor count on this platform
+        pass
+    return out

@@ -40,7 +40,7 @@ from fast_srt.run.checkpoint import (LORA_ADAPTER_FILE, RUN_CONFIG_FILE, check_f
                                      find_latest, load_checkpoint, restore_trainer_state, save_checkpoint)
 from fast_srt.run.metrics import MetricsLog, PhaseTimer, Status, console_line, read_metrics, step_perf, to_floats
 from fast_srt.run.models import resolve_engine_dirs
-from fast_srt.run.report import child_processes, throughput_lines
+from fast_srt.run.report import child_processes, process_metrics, throughput_lines
 from fast_srt.run.trend import trend_lines
 
 PROBE_PROMPT = "What is the capital of France?"
@@ -108,6 +108,7 @@ def train_step(run: Run, step: int, status: Status) -> tuple[dict, list]:
             metrics[f"prefix_cache/{name}_hit_rate"] = d["cache_hits"] / d["cache_queries"]
     metrics.update(step_perf(timer, phases, sum(s.num_tokens for s in samples),
                              time.perf_counter() - t0, sum(len(s.response_ids) for s in samples)))
+    metrics.update(process_metrics())
     return to_floats(metrics), games
 
 
@@ -368,6 +369,11 @@ def setup_run(cfg: TrainConfig) -> Run:
         from fast_srt.learner.warmup import load_warmup_data
 
         load_warmup_data(cfg.warmup)
+    sft_records = None
+    if cfg.algo.sft_coef > 0:  # so is bad auxiliary SFT data
+        from fast_srt.learner.sft import load_sft_records
+
+        sft_records = load_sft_records(cfg.algo.sft_data)
     base_dir, judge_dir = distributed.main_first(ranks, lambda: resolve_engine_dirs(cfg.model))
     ckpt_dir = resume_point(cfg, run_dir)
     mcfg, warm_key, original_base = cfg.model, None, base_dir
@@ -404,10 +410,10 @@ def setup_run(cfg: TrainConfig) -> Run:
     scheduler = build_scheduler(optimizer, n_updates, int(cfg.optim.warmup_ratio * n_updates), cfg.optim.min_lr_ratio)
     scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
     sft_stream = None
-    if cfg.algo.sft_coef > 0:
-        from fast_srt.learner.sft import SFTStream, build_sft_samples, load_sft_records
+    if sft_records is not None:
+        from fast_srt.learner.sft import SFTStream, build_sft_samples
 
-        samples = build_sft_samples(load_sft_records(cfg.algo.sft_data), engines.policy.tokenizer)
+        samples = build_sft_samples(sft_records, engines.policy.tokenizer)
         sft_stream = SFTStream(samples, seed=sft_seed(cfg.seed, ranks.rank))  # torchrun: one stream per rank
     start_step, step_records, saved_replay = 0, {}, None
     if state is not None:
