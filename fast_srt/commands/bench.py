@@ -94,15 +94,14 @@ def bench_main(argv: list[str]) -> None:
     from fast_srt.run.models import resolve_model
     from fast_srt.run.trainer import train
 
-    steps, out, rest = 3, None, []
-    it = iter(argv)
-    for a in it:
-        if a == "--bench-steps":
-            steps = int(next(it, "0"))
-        elif a == "--out":
-            out = next(it, None)
-        else:
-            rest.append(a)
+    from fast_srt.commands.args import Parser
+
+    ap = Parser("fast-srt bench", (__doc__ or "").split("\n\n")[0], takes_train_options=True)
+    ap.add_argument("--bench-steps", type=int, default=3,
+                    help="steps to run; the first is warm-up and not reported (default 3, at least 2)")
+    ap.add_argument("--out", default=None, help="where to write the report (default bench/results/step_*.md)")
+    ns, rest = ap.parse_own(argv)
+    steps, out = ns.bench_steps, ns.out
     if steps < 2:
         raise UserError("--bench-steps must be >= 2 (the first step is warm-up and not reported)")
     cfg = parse_train_args(rest)

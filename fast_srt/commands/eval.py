@@ -13,11 +13,13 @@ import os
 import time
 from pathlib import Path
 
+from fast_srt.commands.args import Parser
+
 DEFAULT_MAX_PROMPTS = 32
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="fast-srt eval", description=(
+    ap = Parser(prog="fast-srt eval", description=(
         "Defender safety (attack success, refusal, over-refusal, a judge-free refusal rate) and attacker diversity "
         "of a checkpoint on held-out prompt sets, on the training engines. Writes eval-<time>.json and .md."))
     ap.add_argument("checkpoint", help="default, an HF checkpoint directory, a hub id, or a train run directory")

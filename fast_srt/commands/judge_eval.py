@@ -16,9 +16,11 @@ import json
 import time
 from pathlib import Path
 
+from fast_srt.commands.args import Parser
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="fast-srt judge-eval", description=(
+    ap = Parser(prog="fast-srt judge-eval", description=(
         "A judge's agreement with known labels (prompt harm, refusal, response harm): accuracy, AUC, confusion "
         "matrices, accuracy per outcome cell, and the shortcut test (a bag-of-words classifier on the first words "
         "of prompt and response) beside it. Measures the shipped labelled set's split, the shipped real-games set "
@@ -41,7 +43,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--probe", metavar="DIR",
                     help="a saved probe directory (probe.pt, probe.json) for the probe judge instead of the one "
                          "fitted for the shipped set, e.g. an earlier default under fast_srt/data/judge/probes/")
-    ap.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default="bfloat16")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default="bfloat16",
+                    help="the judge engine's dtype (default bfloat16)")
     ap.add_argument("--max-model-len", type=int, default=4096, help="the judge engine's length")
     ap.add_argument("--out", default="runs/judge-eval", help="output directory (default runs/judge-eval)")
     return ap.parse_args(argv)

@@ -14,24 +14,22 @@ from fast_srt.errors import UserError
 
 
 def plan_main(argv: list[str]) -> None:
+    from fast_srt.commands.args import Parser
     from fast_srt.commands.train import parse_train_args
     from fast_srt.run.plan import plan, plan_input_from_config, render
 
-    opts = {"--budget-gib": 80.0, "--device": "cuda", "--prompt-tokens": 320, "--judge-prompt-tokens": 640,
-            "--ranks": 1}
-    rest, it = [], iter(argv)
-    for a in it:
-        key, _, val = a.partition("=")
-        if key in opts:
-            val = val or next(it, None)
-            if val is None:
-                raise UserError(f"{key} needs a value")
-            try:
-                opts[key] = type(opts[key])(val)
-            except ValueError:
-                raise UserError(f"{key}: {val!r} is not a {type(opts[key]).__name__}") from None
-        else:
-            rest.append(a)
+    ap = Parser("fast-srt plan", (__doc__ or "").split("\n\n")[0], takes_train_options=True)
+    ap.add_argument("--budget-gib", type=float, default=80.0, help="the device memory to plan for, GiB (default 80)")
+    ap.add_argument("--device", default="cuda", help="cuda or cpu: which device's engines and kernels (default cuda)")
+    ap.add_argument("--prompt-tokens", type=int, default=320,
+                    help="tokens of a typical attacker or defender prompt (default 320)")
+    ap.add_argument("--judge-prompt-tokens", type=int, default=640,
+                    help="tokens of a typical judge prompt (default 640)")
+    ap.add_argument("--ranks", type=int, default=1,
+                    help="torchrun ranks (nnodes x nproc_per_node): the plan of one rank (default 1)")
+    ns, rest = ap.parse_own(argv)
+    opts = {"--budget-gib": ns.budget_gib, "--device": ns.device, "--prompt-tokens": ns.prompt_tokens,
+            "--judge-prompt-tokens": ns.judge_prompt_tokens, "--ranks": ns.ranks}
     if opts["--device"] not in ("cuda", "cpu"):
         raise UserError(f"--device must be cuda or cpu, got {opts['--device']!r}")
     if opts["--budget-gib"] <= 0:

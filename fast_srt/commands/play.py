@@ -126,15 +126,15 @@ def print_logged_games(records: list[dict], width: int = 100) -> None:
 def games_main(argv: list[str]) -> None:
     """`fast-srt games RUN_DIR [--step N] [--n K]`: a training run's logged games (games.jsonl), side by side;
     default the last logged step."""
-    import argparse
+    from fast_srt.commands.args import Parser
     import json
     from pathlib import Path
 
     from fast_srt.errors import UserError
 
-    ap = argparse.ArgumentParser(prog="fast-srt games", description="A training run's logged games, side by side "
+    ap = Parser(prog="fast-srt games", description="A training run's logged games, side by side "
                                  "(the run logs --log-games games per step; default: the last logged step).")
-    ap.add_argument("run_dir")
+    ap.add_argument("run_dir", help="a `fast-srt train` run directory (its games.jsonl)")
     ap.add_argument("--step", type=int, help="which step (default: the last one logged)")
     ap.add_argument("--n", type=int, default=8, help="at most this many games (default 8)")
     args = ap.parse_args(argv)

@@ -209,9 +209,9 @@ def eval_figure(plt, doc: dict, name: str):
 
 
 def plot_main(argv: list[str]) -> None:
-    import argparse
+    from fast_srt.commands.args import Parser
 
-    ap = argparse.ArgumentParser(prog="fast-srt plot", description=__doc__.split("\n")[0])
+    ap = Parser(prog="fast-srt plot", description=__doc__.split("\n")[0])
     ap.add_argument("run_dir", help="a `fast-srt train` run directory (or its metrics.jsonl, or an eval JSON)")
     ap.add_argument("--out", default=None, help="where the PNG files go (default RUN_DIR/plots)")
     args = ap.parse_args(argv)

@@ -21,17 +21,15 @@ def parse_sft_args(argv: list[str]):
     """(TrainConfig, format prompts, temperatures or None for the config's own)."""
     from fast_srt.commands.train import parse_train_args
 
-    opts: dict = {"--format-prompts": "16", "--format-temperatures": None}
-    rest, it = [], iter(argv)
-    for a in it:
-        key, eq, val = a.partition("=")
-        if key in opts:
-            val = val if eq else next(it, None)
-            if val is None:
-                raise UserError(f"{key} needs a value")
-            opts[key] = val
-        else:
-            rest.append(a)
+    from fast_srt.commands.args import Parser
+
+    ap = Parser("fast-srt sft", (__doc__ or "").split("\n\n")[0], takes_train_options=True)
+    ap.add_argument("--format-prompts", default="16",
+                    help="held-out seeds on which each role's format is measured after the warm-up (0: skip)")
+    ap.add_argument("--format-temperatures", default=None,
+                    help="comma-separated sampling temperatures to measure at (default: the config's)")
+    ns, rest = ap.parse_own(argv)
+    opts = {"--format-prompts": ns.format_prompts, "--format-temperatures": ns.format_temperatures}
     try:
         n = int(opts["--format-prompts"])
     except ValueError:
