@@ -8,7 +8,7 @@ vLLM, and only the learner, run and kernels layers import torch at module level.
     eval     held-out prompt sets, the refusal matcher, diversity, the evaluator on engines, its reports
     commands one module per CLI command; cli.py dispatches to them; __main__.py (`python -m fast_srt`, what torchrun
              launches) runs cli.py
-Leaves any layer may import: errors, config, faults (and kernels from the learner).
+Leaves any layer may import: errors, config, faults, identity (and kernels from the learner).
 """
 
 import ast
@@ -17,7 +17,7 @@ from pathlib import Path
 import fast_srt
 
 ROOT = Path(fast_srt.__file__).parent
-LEAVES = {"errors", "config", "faults"}
+LEAVES = {"errors", "config", "faults", "identity"}
 ALLOWED = {  # layer -> layers it may import
     "game": set(),
     "engine": {"game"},

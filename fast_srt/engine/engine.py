@@ -86,6 +86,12 @@ def configure_vllm_env(kv_cache_gib: float, on_cpu: bool) -> None:
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
+def vllm_version() -> str:
+    import vllm
+
+    return str(vllm.__version__)
+
+
 def derive_seed(*parts) -> int:
     """A 63-bit seed from any parts (run seed, step, rank, phase): the same parts give the same seed everywhere."""
     digest = hashlib.sha256(repr(parts).encode()).digest()

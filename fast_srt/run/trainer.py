@@ -21,7 +21,7 @@ import torch
 
 from fast_srt import faults
 from fast_srt.config import TrainConfig, WarmupConfig
-from fast_srt.engine.engine import SamplingSpec, derive_seed
+from fast_srt.engine.engine import SamplingSpec, derive_seed, vllm_version
 from fast_srt.engine.placement import Engines, build_engines
 from fast_srt.engine.rollout import play_games
 from fast_srt.engine.weight_sync import push_adapter, push_weights
@@ -497,11 +497,9 @@ def replay_conditions(run: Run) -> dict:
     """What else a resume must match to replay the run exactly (the settings are checked apart): the arithmetic's
     thread count, the libraries, the device and the kernels. A different value gives other last digits, hence, at
     some step, other sampled tokens."""
-    import vllm
-
     fn = run.learner.logprob_fn
     return {"torch threads": torch.get_num_threads(), "torch": str(torch.__version__),
-            "vllm": str(vllm.__version__),
+            "vllm": vllm_version(),
             "device": torch.cuda.get_device_name() if run.learner.device.type == "cuda" else "cpu",
             "log-prob kernel": getattr(fn, "__name__", str(fn)), "ranks": run.ranks.world}
 
