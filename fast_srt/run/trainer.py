@@ -196,24 +196,8 @@ def train(cfg: TrainConfig) -> Path:
             [game_record(step, g) for g in games[: cfg.log_games]], cfg.log_games, ranks)}
         if step % cfg.save_every == 0 or step == cfg.steps:
             status.phase(step, "checkpoint")
-            t0 = time.perf_counter()
-            # FSDP2: every rank gathers the full model and optimizer state with rank 0, which writes them
-            full = sharding.full_state(learner.model, learner.optimizer, ranks.main) \
-                if sharding.is_sharded(learner.model) else None
-            # every rank's SFT stream position (each rank draws its own auxiliary samples)
-            streams = None if learner.sft_stream is None else \
-                distributed.gather_all(learner.sft_stream.state_dict(), ranks)
-            if ranks.main:
-                try:
-                    save_checkpoint(run_dir, step, sharding.unwrap(learner.model), engines.policy.tokenizer,
-                                    learner.optimizer, learner.scheduler, checkpoint_extra(run, records, streams),
-                                    dataclasses.asdict(cfg), keep_last=cfg.keep_checkpoints, full_state=full)
-                except UserError:  # a failed write (disk full): the step's lines still reach the logs, then one line
-                    write_records(log, games_log, records)
-                    raise
-            distributed.barrier(ranks)  # no rank goes on before the checkpoint is complete
-            faults.hit("after_checkpoint")
-            records["metrics"] = [{**metrics, "time/checkpoint_s": time.perf_counter() - t0}]
+            seconds = save_step_checkpoint(run, step, records, (log, games_log) if ranks.main else None)
+            records["metrics"] = [{**metrics, "time/checkpoint_s": seconds}]
         if ranks.main:
             write_records(log, games_log, records)
         status.line(console_line(records["metrics"][0]))
@@ -230,6 +214,28 @@ def train(cfg: TrainConfig) -> Path:
           + (f"; {ranks.world} ranks" if ranks.world > 1 else ""))
     distributed.finish(ranks)
     return run_dir
+
+
+def save_step_checkpoint(run: Run, step: int, records: dict, logs: tuple | None) -> float:
+    """Checkpoint `step`: every rank gathers what rank 0 writes (FSDP2's full state, each rank's SFT stream
+    position), rank 0 writes it, and no rank goes on before it is complete. A failed write (disk full) still logs
+    the step's lines (`logs`: rank 0's metrics and games logs), then raises its one line. Returns the seconds."""
+    t0 = time.perf_counter()
+    learner, ranks = run.learner, run.ranks
+    full = sharding.full_state(learner.model, learner.optimizer, ranks.main) \
+        if sharding.is_sharded(learner.model) else None
+    streams = None if learner.sft_stream is None else distributed.gather_all(learner.sft_stream.state_dict(), ranks)
+    if ranks.main:
+        try:
+            save_checkpoint(run.run_dir, step, sharding.unwrap(learner.model), run.engines.policy.tokenizer,
+                            learner.optimizer, learner.scheduler, checkpoint_extra(run, records, streams),
+                            dataclasses.asdict(run.cfg), keep_last=run.cfg.keep_checkpoints, full_state=full)
+        except UserError:
+            write_records(*logs, records)
+            raise
+    distributed.barrier(ranks)
+    faults.hit("after_checkpoint")
+    return time.perf_counter() - t0
 
 
 def write_records(log: MetricsLog, games_log: MetricsLog, records: dict) -> None:
