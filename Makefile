@@ -47,13 +47,13 @@ native-build:
 	cmake --build build -j2
 
 bench: $(STAMP)
-	$(PY) bench/bench_logprobs.py
-	$(PY) bench/bench_advantages.py
+	$(PY) bench/kernels/logprobs.py
+	$(PY) bench/kernels/advantages.py
 
 # the whole GPU path on a CUDA machine (GPU install: README), report in bench/results/gpu_<date>.md;
 # without CUDA it prints what it would run
 gpu-check:
-	$(PY) bench/gpu_check.py
+	$(PY) bench/checks/gpu_check.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,6 +1,6 @@
 // Fused log-prob + entropy of target tokens on CPU, forward and backward, vocab-tiled.
 //
-// Matches kernels/logprobs.py (`logprobs_ref`, the torch twin): z = hidden @ weight.T * inv_temp (fp32),
+// Matches kernels/logprobs.py (`logprobs_chunked`, the torch twin): z = hidden @ weight.T * inv_temp (fp32),
 // logp = z[target] - lse, entropy = lse - sum softmax(z) * z. Each [BN, BV] logits tile is produced by one small
 // GEMM (ATen -> MKL/oneDNN) and then reduced in ONE fused pass while it is still in L2: max, exp, sum, sum e*z,
 // target pick (forward) or softmax + dz + GEMMs into dhidden/dweight (backward).

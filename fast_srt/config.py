@@ -249,7 +249,7 @@ class TrainConfig:
     """Under torchrun: none = every rank holds the whole model, gradients summed by an all-reduce; fsdp2 = the
     model, its gradients and AdamW's moments sharded across the ranks (torch FSDP2; the KL reference too), for a
     model that does not fit one device. Full fine-tuning only (not with --lora-rank)."""
-    logprob_impl: Literal["auto", "naive", "twin", "native", "triton"] = "auto"
+    logprob_impl: Literal["auto", "naive", "chunked", "native", "triton"] = "auto"
     """Log-prob + entropy implementation, chosen once: auto = Triton on CUDA, else the C++ op when built and
     measured faster, else the chunked torch twin; naive = full [tokens, vocab] logits (for comparison only)."""
     inject_nan_loss_at_step: int = -1

@@ -11,15 +11,15 @@ from .advantages import (
     reinforce_pp_advantages_ref,
     select_advantages_impl,
 )
-from .logprobs import fused_logprobs, logprobs_naive, logprobs_native, logprobs_ref, select_logprobs_impl
+from .logprobs import fused_logprobs, logprobs_naive, logprobs_native, logprobs_chunked, select_logprobs_impl
 
 # every log-prob implementation by the name the config, the benches and the tests use
-LOGPROB_IMPLS = {"naive": logprobs_naive, "twin": logprobs_ref, "native": logprobs_native, "triton": fused_logprobs}
+LOGPROB_IMPLS = {"naive": logprobs_naive, "chunked": logprobs_chunked, "native": logprobs_native, "triton": fused_logprobs}
 
 __all__ = [
     "LOGPROB_IMPLS",
     "fused_logprobs",
-    "logprobs_ref",
+    "logprobs_chunked",
     "logprobs_naive",
     "logprobs_native",
     "select_logprobs_impl",

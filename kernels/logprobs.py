@@ -11,8 +11,8 @@ Three implementations with one signature `(hidden, weight, targets, temperature=
   - `fused_logprobs`: CUDA. Per chunk of rows one cuBLAS GEMM with fp32 output, then Triton row kernels for the
     softmax statistics (forward) and dz (backward); on CPU the row kernels run only under TRITON_INTERPRET=1,
     for tests. At most FUSED_CHUNK_BYTES of logits live at once.
-  - `logprobs_ref`: the torch twin, chunked over rows; what runs on CPU. Never holds more than
-    `REF_CHUNK_ELEMS` logits at once (two such buffers live), in the forward or the backward.
+  - `logprobs_chunked`: torch, chunked over rows; what runs on CPU where the C++ op is not built. Never holds more than
+    `CHUNK_ELEMS` logits at once (two such buffers live), in the forward or the backward.
   - `logprobs_naive`: full [N, V] fp32 logits; for tests and benches only.
 `select_logprobs_impl(device)` chooses once (see there). Outputs are fp32 [N]; grads come back in the input dtype.
 """
@@ -30,21 +30,17 @@ try:  # triton is absent on some CPU installs; the twin does not need it
 except ImportError:  # pragma: no cover
     triton = None
 
-# Twin chunk size in logits elements: 3 * 2**21 fp32 = 24 MiB per buffer; forward peak ~55 MiB, backward ~80 MiB above
-# its gradients: under 1/16 of the 1.5 GiB [8192, 49152] fp32 logits (128 rows per chunk at V = 49152).
-REF_CHUNK_ELEMS = 3 << 21
+# Chunk size of `logprobs_chunked` in logits elements: 24 MiB of fp32 per buffer, 128 rows at V = 49152.
+CHUNK_ELEMS = 3 << 21
 
-# The C++ op's fwd+bwd speed over the twin on the CPU, as bench/results/logprobs_cpu_2026-11.md measured it (the
-# number lives there). The op is used on CPU only when this is at least NATIVE_MIN_SPEEDUP; otherwise the twin runs
-# even where the op is built.
-NATIVE_CPU_SPEEDUP = 1.32
-NATIVE_MIN_SPEEDUP = 1.3
+# Where the C++ op is built, CPU runs use it instead of `logprobs_chunked`: it measured faster forward and backward
+# on the development CPU (bench/results/logprobs_cpu_2026-11.md).
+NATIVE_ON_CPU = True
 
 # Triton path (CUDA): the logits of a chunk of rows come from one cuBLAS GEMM with fp32 output, and one Triton
 # program per row reads them once (forward: max, logsumexp, entropy, target logit; backward: dz in place or into the
 # input dtype), so every GEMM runs on the vendor library and no [N, V] buffer exists: at most FUSED_CHUNK_BYTES of
-# fp32 logits at a time. Measured on an H200 (bench/results/logprobs_gpu_2026-11-30*.md): the earlier all-Triton
-# backward (logits recomputed per tile, dhidden/dweight through atomics) took 1.30 s at [8192, 4096, 151936] bf16.
+# fp32 logits at a time (why not an all-Triton backward: bench/results/logprobs_gpu_2026-11-30_atomics.md).
 FUSED_CHUNK_BYTES = 1 << 30
 BLOCK_V = 1024  # columns per loop step of a row program; fixed so the interpreter tests run what the GPU runs
 
@@ -206,7 +202,7 @@ def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     """
     check_logprobs_inputs(hidden, weight, targets, temperature)
     if triton is None:
-        raise ValueError("fused_logprobs needs triton; use logprobs_ref")
+        raise ValueError("fused_logprobs needs triton; use logprobs_chunked")
     return LogprobsFunction.apply(hidden, weight, targets, temperature)
 
 
@@ -215,7 +211,7 @@ def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
 
 
 def _ref_chunk_rows(V: int) -> int:
-    return max(1, REF_CHUNK_ELEMS // max(V, 1))
+    return max(1, CHUNK_ELEMS // max(V, 1))
 
 
 def _chunk_logits(h, weight, inv_temp, out):
@@ -299,11 +295,11 @@ class LogprobsRefFunction(torch.autograd.Function):
         return dhidden, dweight, None, None
 
 
-def logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
+def logprobs_chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
     """Torch twin of `fused_logprobs` (same signature and outputs), chunked over rows.
 
     hidden [N, H], weight [V, H] (same float dtype), targets [N] int64 -> (logp [N] fp32, entropy [N] fp32).
-    At most REF_CHUNK_ELEMS logits (two fp32 buffers of that size) live at once, in forward and backward; the
+    At most CHUNK_ELEMS logits (two fp32 buffers of that size) live at once, in forward and backward; the
     backward recomputes each chunk's logits. bf16 on CPU: logits are rounded to bf16 by the matmul.
     """
     check_logprobs_inputs(hidden, weight, targets, temperature)
@@ -326,11 +322,11 @@ def logprobs_naive(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
 def logprobs_native(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
     """The C++ CPU op (csrc/logprobs_cpu.cpp) with the twin's signature; raises if the library is not built.
 
-    The op is fp32-only (the dtype it was measured in); bf16/fp16 inputs go to `logprobs_ref`.
+    The op is fp32-only (the dtype it was measured in); bf16/fp16 inputs go to `logprobs_chunked`.
     """
     check_logprobs_inputs(hidden, weight, targets, temperature)
     if hidden.dtype != torch.float32:
-        return logprobs_ref(hidden, weight, targets, temperature)
+        return logprobs_chunked(hidden, weight, targets, temperature)
     if not native.available():
         raise ValueError(f"fast_srt native library not built (expected at {native.LIB_PATH}); see csrc/README.md")
     grad_follows = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
@@ -340,14 +336,14 @@ def logprobs_native(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 def select_logprobs_impl(device: torch.device):
     """Choose the log-prob implementation once, for a device.
 
-    CUDA -> `fused_logprobs` (Triton). CPU -> the C++ op if it is built and NATIVE_CPU_SPEEDUP >= NATIVE_MIN_SPEEDUP
-    (set from bench/bench_logprobs.py on the development CPU), else `logprobs_ref`.
+    CUDA -> `fused_logprobs` (Triton). CPU -> the C++ op if it is built and NATIVE_ON_CPU,
+    else `logprobs_chunked`.
     """
     device = torch.device(device)
     if device.type == "cuda":
         if triton is None:
             raise ValueError("CUDA device but triton is not installed")
         return fused_logprobs
-    if native.available() and NATIVE_CPU_SPEEDUP >= NATIVE_MIN_SPEEDUP:
+    if native.available() and NATIVE_ON_CPU:
         return logprobs_native
-    return logprobs_ref
+    return logprobs_chunked

@@ -1,6 +1,6 @@
 """fast_srt against TRL's GRPOTrainer in vLLM colocate mode on one GPU, the same workload on both sides.
 
-The workload is bench/compare_trl.py's W1 (8 prompts x 8 samples of the defender's side, no CoT, the
+The workload is bench/steps/compare_trl.py's W1 (8 prompts x 8 samples of the defender's side, no CoT, the
 `vowel_refusal` rule reward, GRPO with KL 0.01, one update per rollout, bf16), on a random-init model of the given
 directory (bench/gpu/make_models.py: Qwen2.5-1.5B's shape), every completion exactly --new-tokens long
 (fast_srt: `sampling.fixed_length`; TRL: vLLM's `min_tokens` = `max_tokens`), so both sides generate the same
@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "bench" / "steps"))
 sys.path.insert(0, str(ROOT))
 
 from compare_trl import KL, LR, PER_PROMPT, PROMPTS, tokens_per_s, vowel_reward, w1_prompts  # noqa: E402

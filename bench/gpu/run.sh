@@ -30,13 +30,13 @@ WORK=/tmp/fast_srt_run      # logs and step reports (tarred into REPORT_DIR afte
 STEPS=(
   "models|40|random-init SmolLM2-135M (the default's architecture, its real tokenizer) and Qwen2.5-1.5B shape|$PY bench/gpu/make_models.py --assets $BUNDLE/payload/assets/smollm2-135m --out $MODELS"
   "engine_tests|100|in-place weight write changes generation and log-probs; LoRA adapter written in place through vLLM's GPU kernels (tests/engine on CUDA)|$PY -m pytest -q -x -p no:cacheprovider tests/engine/test_weight_sync.py tests/engine/test_lora_engine.py -k 'not grouped'"
-  "kv_release|60|KV cache released and woken around training: memory freed, same greedy tokens|$PY bench/gpu_check.py --only kv_release --model $MODELS/smollm2-135m --report $WORK/gpu_check_kv_release.md"
-  "train_3|110|3-step self-play run of the default config on the random-init default architecture|$PY bench/gpu_check.py --only train_3 --model $MODELS/smollm2-135m --report $WORK/gpu_check_train_3.md"
+  "kv_release|60|KV cache released and woken around training: memory freed, same greedy tokens|$PY bench/checks/gpu_check.py --only kv_release --model $MODELS/smollm2-135m --report $WORK/gpu_check_kv_release.md"
+  "train_3|110|3-step self-play run of the default config on the random-init default architecture|$PY bench/checks/gpu_check.py --only train_3 --model $MODELS/smollm2-135m --report $WORK/gpu_check_train_3.md"
   "side_by_side|$((2 * SIDE_TIMEOUT + 10))|fast_srt vs TRL GRPOTrainer (vLLM colocate), Qwen2.5-1.5B shape, 64 x 256 fixed-length tokens per step, 3 steps|$PY bench/gpu/compare_trl_gpu.py --model $MODELS/qwen2.5-1.5b --steps 3 --new-tokens 256 --side-timeout $SIDE_TIMEOUT --out $WORK/side_by_side.md"
   "||||"
-  "kernels|60|compiled Triton kernels against their torch twins (passed on 2026-11-30)|$PY bench/gpu_check.py --only kernels --report $WORK/gpu_check_kernels.md"
-  "learner|120|learner step on synthetic games, SmolLM2-135M shape (measured on 2026-11-30)|$PY bench/gpu_check.py --only learner --report $WORK/gpu_check_learner.md"
-  "logprob_peers|150|fused log-probs against Liger and full logits at [8192, 4096, 151936] bf16|$PY bench/gpu_check.py --only logprob_peers --report $WORK/gpu_check_logprob_peers.md"
+  "kernels|60|compiled Triton kernels against their torch twins (passed on 2026-11-30)|$PY bench/checks/gpu_check.py --only kernels --report $WORK/gpu_check_kernels.md"
+  "learner|120|learner step on synthetic games, SmolLM2-135M shape (measured on 2026-11-30)|$PY bench/checks/gpu_check.py --only learner --report $WORK/gpu_check_learner.md"
+  "logprob_peers|150|fused log-probs against Liger and full logits at [8192, 4096, 151936] bf16|$PY bench/checks/gpu_check.py --only logprob_peers --report $WORK/gpu_check_logprob_peers.md"
 )
 
 DRY=0

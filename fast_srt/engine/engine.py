@@ -302,7 +302,7 @@ class Engine:
         """Token ids of an already-templated prompt, no special tokens added."""
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
-    def release_for_training(self) -> None:
+    def release_kv_cache(self) -> None:
         """GPU only (vLLM has no sleep mode on CPU): discard the KV cache while training; the weights stay resident.
 
         vLLM has no KV-only sleep: level 1 offloads both, so the weights are woken at once (a host round trip of

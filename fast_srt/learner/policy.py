@@ -101,7 +101,7 @@ def _attention_inputs(query, key, value):
     CUDA: autocast's dtype (RoPE leaves q and k in fp32 beside a bf16 v), what flash-attn and SDPA expect. CPU: fp32,
     with autocast off around the SDPA calls (_sdpa_context). Measured on the 2-core CPU (torch 2.13, one layer,
     9/3 heads of 64, W1's 8 prompts + 64 completions of 64): CPU flash SDPA backward 129 ms in bf16, 55 ms in fp32,
-    forward 27 / 26 ms (bench/attention_precision.py). fp32 is also the more precise of the two."""
+    forward 27 / 26 ms (bench/ab/attention_precision.py). fp32 is also the more precise of the two."""
     dev = query.device.type
     out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else value.dtype
     dt = torch.float32 if dev == "cpu" else out_dtype

@@ -412,7 +412,7 @@ def pick_logprob_impl(name: str, device: torch.device):
         return select_logprobs_impl(device)
     if name == "triton" and device.type != "cuda":
         raise UserError("logprob_impl 'triton' needs CUDA (on CPU the Triton kernels only run in the interpreter, "
-                        "in tests); use auto, twin, native or naive")
+                        "in tests); use auto, chunked, native or naive")
     if name == "native" and not native.available():
-        raise UserError("logprob_impl 'native' needs the C++ op: build it with `make native`, or use auto/twin")
+        raise UserError("logprob_impl 'native' needs the C++ op: build it with `make native`, or use auto/chunked")
     return LOGPROB_IMPLS[name]

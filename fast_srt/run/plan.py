@@ -26,7 +26,7 @@ the copies of the whole model's linears are saved, sharded or not).
 
 Activations: `act_per_token_layer` bytes per token and layer without gradient checkpointing (what each layer saves
 for its backward, counted tensor by tensor); with checkpointing, each layer's fp32 input (4H) plus one layer's
-full set while it is recomputed. Checked against measured peaks on CPU: bench/plan_vs_measured.py and
+full set while it is recomputed. Checked against measured peaks on CPU: bench/checks/plan_vs_measured.py and
 tests/run/test_plan.py.
 """
 
@@ -244,7 +244,7 @@ def logprob_buffers_gib(p: PlanInput, tile_elems: int = 3 * 2**21) -> float:
 
 
 # The trainer process's fixed cost beyond its tensors: on CPU the allocator's caches, thread pools and the
-# libraries' workspaces, measured as the tiny model's peak minus its counted parts (bench/plan_vs_measured.py:
+# libraries' workspaces, measured as the tiny model's peak minus its counted parts (bench/checks/plan_vs_measured.py:
 # 0.15 GiB); on CUDA the context and the caching allocator's slack, an estimate (not yet measured here).
 RUNTIME_OVERHEAD_GIB = {"cpu": 0.15, "cuda": 0.75}
 

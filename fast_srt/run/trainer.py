@@ -43,8 +43,8 @@ from fast_srt.run.models import resolve_engine_dirs
 from fast_srt.run.report import child_processes, process_metrics, throughput_lines
 from fast_srt.run.trend import trend_lines
 
-PROBE_PROMPT = "What is the capital of France?"
-GREEDY_PROBE = SamplingSpec(max_tokens=16, temperature=0.0, logprobs=False)
+CANARY_PROMPT = "What is the capital of France?"
+GREEDY_CANARY = SamplingSpec(max_tokens=16, temperature=0.0, logprobs=False)
 
 
 @dataclasses.dataclass
@@ -63,8 +63,8 @@ class Run:
     step_records: dict  # the checkpointed step's metrics and game lines (written again if a kill lost them)
     sampling: SamplingSpec
     warmup_key: str | None = None  # the format warm-up the run started from (fast_srt.learner.warmup), if any
-    probe: str = ""  # a fixed chat prompt, generated greedily after each weight write
-    probe_text: str = ""
+    canary: str = ""  # a fixed chat prompt, generated greedily after each weight write
+    canary_text: str = ""
     saved_replay: dict | None = None  # the checkpoint's replay conditions (replay_conditions), on resume
     ranks: distributed.Ranks = dataclasses.field(default_factory=distributed.Ranks)  # torchrun: this rank, world
 
@@ -88,13 +88,13 @@ def train_step(run: Run, step: int, status: Status) -> tuple[dict, list]:
     if distributed.global_count(len(samples)):  # torchrun: a rank with none still joins the reductions
         # 4-6) old and reference log-probs, advantages, PPO-clip updates
         status.phase(step, "learn")
-        engines.policy.release_for_training()
+        engines.policy.release_kv_cache()
         metrics.update(learner_step(learner, step, samples, timer))
         # 7) weights into the live engine, in place
         status.phase(step, "weight sync")
         with timer("sync"):
             metrics["time/sync_push_s"] = sync_weights(engines.policy, learner.model)
-        metrics["sync/probe_changed"] = probe_changed(run)
+        metrics["sync/canary_changed"] = canary_changed(run)
     else:  # no sample survived on any rank: the planned updates are skipped, and their LR slots pass
         metrics["optim/skipped_updates"] = cfg.optim.updates_per_step
         for _ in range(cfg.optim.updates_per_step):
@@ -138,10 +138,10 @@ def attach_policy_adapter(engine, model, base_dir: Path) -> None:
         engine.attach_adapter(d)
 
 
-def probe_changed(run: Run) -> bool:
+def canary_changed(run: Run) -> bool:
     """Whether the engine's greedy answer to a fixed prompt changed with the last weight write."""
-    text = run.engines.policy.generate([run.probe], GREEDY_PROBE, phase="probe")[0].text
-    changed, run.probe_text = text != run.probe_text, text
+    text = run.engines.policy.generate([run.canary], GREEDY_CANARY, phase="canary")[0].text
+    changed, run.canary_text = text != run.canary_text, text
     return changed
 
 
@@ -168,9 +168,9 @@ def train(cfg: TrainConfig) -> Path:
     t_start = time.perf_counter()
     run = setup_run(cfg)
     run_dir, engines, learner, ranks = run.run_dir, run.engines, run.learner, run.ranks
-    run.probe = engines.policy.tokenizer.apply_chat_template([{"role": "user", "content": PROBE_PROMPT}],
+    run.canary = engines.policy.tokenizer.apply_chat_template([{"role": "user", "content": CANARY_PROMPT}],
                                                              tokenize=False, add_generation_prompt=True)
-    probe_changed(run)
+    canary_changed(run)
     resume_step = run.start_step if run.resumed else None
     warning = replay_warning(run.saved_replay, replay_conditions(run)) if run.resumed else None
     # a kill between the checkpoint and its metrics line loses no line: the checkpoint carries the step's records

@@ -31,7 +31,7 @@ def expected(records) -> dict[str, list[tuple[int, float]]]:
 
 def _record(step, scale=1.0):
     return {"step": step, "reward/defender_mean": -0.25 * step * scale, "kl/mean": 1e-3 / step,
-            "outcome/defended": step, "sync/probe_changed": step % 2 == 0, "reward/attacker_mean": None,
+            "outcome/defended": step, "sync/canary_changed": step % 2 == 0, "reward/attacker_mean": None,
             "note": "not a scalar"}
 
 
@@ -41,7 +41,7 @@ def test_metrics_log_events_equal_jsonl(tmp_path):
         log.write(_record(step))
     events = read_events(tmp_path)
     assert events == expected(read_metrics(tmp_path / "metrics.jsonl"))
-    assert events["sync/probe_changed"] == [(1, 0.0), (2, 1.0), (3, 0.0)]
+    assert events["sync/canary_changed"] == [(1, 0.0), (2, 1.0), (3, 0.0)]
     assert "reward/attacker_mean" not in events and "note" not in events  # a gap stays a gap
 
 
@@ -74,7 +74,7 @@ def test_wandb_only_when_asked(tmp_path, monkeypatch):
     (run / "config.json").write_text(json.dumps({"wandb_project": "srt", "steps": 2}))
     MetricsLog(run / "metrics.jsonl").write(_record(1))
     assert logged == [(1, {"reward/defender_mean": -0.25, "kl/mean": 1e-3, "outcome/defended": 1.0,
-                           "sync/probe_changed": 0.0})]
+                           "sync/canary_changed": 0.0})]
 
 
 def test_wandb_missing_is_one_line(tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ import subprocess
 import pytest
 
 import fast_srt.kernels.logprobs as L
-from fast_srt.kernels import fused_logprobs, logprobs_naive, logprobs_ref, native, select_logprobs_impl
+from fast_srt.kernels import fused_logprobs, logprobs_naive, logprobs_chunked, native, select_logprobs_impl
 
 needs_native = pytest.mark.skipif(torch.cuda.is_available() or not native.available(),
                                   reason="C++ CPU op not built (csrc/README.md), or a CUDA run")
@@ -122,7 +122,7 @@ def test_fp32_inputs_stay_fp32_under_autocast(name):
         pytest.skip("triton missing, or imported before TRITON_INTERPRET=1")
     if name == "native" and (torch.cuda.is_available() or not native.available()):
         pytest.skip("C++ CPU op not built, or a CUDA run")
-    fn = {"triton": fused_logprobs, "twin": logprobs_ref, "native": L.logprobs_native}[name]
+    fn = {"triton": fused_logprobs, "twin": logprobs_chunked, "native": L.logprobs_native}[name]
     hidden, weight, targets, g_logp, g_ent = _inputs(33, 40, 1031, torch.float32, seed=3)
     plain = _run(fn, hidden, weight, targets, g_logp, g_ent, 0.8, torch.float32)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
@@ -133,17 +133,17 @@ def test_fp32_inputs_stay_fp32_under_autocast(name):
 
 @pytest.mark.parametrize("N,H,V,temperature", CASES + [(1000, 576, 49152, 0.6)])
 def test_twin_fp32_matches_float64(N, H, V, temperature):
-    _compare("twin", logprobs_ref, N, H, V, temperature, torch.float32, TOL[torch.float32])
+    _compare("twin", logprobs_chunked, N, H, V, temperature, torch.float32, TOL[torch.float32])
 
 
 def test_twin_many_chunks(monkeypatch):
-    monkeypatch.setattr(L, "REF_CHUNK_ELEMS", 5 * 1031)  # 5 rows per chunk, last chunk partial
-    _compare("twin", logprobs_ref, 67, 48, 1031, 0.9, torch.float32, TOL[torch.float32])
+    monkeypatch.setattr(L, "CHUNK_ELEMS", 5 * 1031)  # 5 rows per chunk, last chunk partial
+    _compare("twin", logprobs_chunked, 67, 48, 1031, 0.9, torch.float32, TOL[torch.float32])
 
 
 def test_twin_bf16_matches_float64():
     # bf16 on CPU: the matmul rounds logits to bf16 (no fp32-output mm on CPU), hence the looser tolerance
-    _compare("twin", logprobs_ref, 45, 64, 1031, 0.8, torch.bfloat16, TOL[torch.bfloat16])
+    _compare("twin", logprobs_chunked, 45, 64, 1031, 0.8, torch.bfloat16, TOL[torch.bfloat16])
 
 
 @needs_native
@@ -186,7 +186,7 @@ def test_native_matches_twin():
     seed = int.from_bytes(os.urandom(4), "little")
     hidden, weight, targets, g_logp, g_ent = _inputs(53, 72, 3001, torch.float32, seed)
     a = _run(L.logprobs_native, hidden, weight, targets, g_logp, g_ent, 1.1, torch.float32)
-    b = _run(logprobs_ref, hidden, weight, targets, g_logp, g_ent, 1.1, torch.float32)
+    b = _run(logprobs_chunked, hidden, weight, targets, g_logp, g_ent, 1.1, torch.float32)
     for x, y in zip(a, b):
         assert ((x - y).abs().max() / y.abs().max()).item() < 1e-5
 
@@ -200,7 +200,7 @@ def test_logp_only_gradient_matches_naive():
     """Entropy unused (its grad is None in backward): the twin must still give the right grads."""
     hidden, weight, targets, g_logp, _ = _inputs(29, 32, 517, torch.float32, int.from_bytes(os.urandom(4), "little"))
     grads = []
-    for fn in (logprobs_ref, logprobs_naive):
+    for fn in (logprobs_chunked, logprobs_naive):
         h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
         logp, _ = fn(h, w, targets, 1.0)
         (logp * g_logp.float()).sum().backward()
@@ -215,7 +215,7 @@ def test_entropy_and_logp_are_sane():
     hidden = torch.zeros(5, 16, device=DEVICE) + torch.rand(1).item()  # constant rows, never all-zero weights
     weight = torch.ones(V, 16, device=DEVICE) * torch.rand(1).item()
     targets = torch.randint(0, V, (5,), device=DEVICE)
-    for fn in (logprobs_ref, logprobs_naive):
+    for fn in (logprobs_chunked, logprobs_naive):
         logp, ent = fn(hidden, weight, targets, 1.0)
         torch.testing.assert_close(logp, torch.full_like(logp, -torch.log(torch.tensor(float(V))).item()))
         torch.testing.assert_close(ent, torch.full_like(ent, torch.log(torch.tensor(float(V))).item()))
@@ -233,7 +233,7 @@ def test_entropy_and_logp_are_sane():
     ],
 )
 def test_bad_input_raises_value_error(hidden, weight, targets, temperature):
-    for fn in (logprobs_ref, fused_logprobs, logprobs_naive):  # input checks run before any launch
+    for fn in (logprobs_chunked, fused_logprobs, logprobs_naive):  # input checks run before any launch
         with pytest.raises(ValueError):
             fn(hidden, weight, targets, temperature)
 
@@ -241,8 +241,8 @@ def test_bad_input_raises_value_error(hidden, weight, targets, temperature):
 def test_select_logprobs_impl_chooses_once_per_device():
     assert select_logprobs_impl(torch.device("cuda")) is L.fused_logprobs
     cpu_impl = select_logprobs_impl(torch.device("cpu"))
-    expect_native = native.available() and L.NATIVE_CPU_SPEEDUP >= L.NATIVE_MIN_SPEEDUP
-    assert cpu_impl is (L.logprobs_native if expect_native else logprobs_ref)
+    expect_native = native.available() and L.NATIVE_ON_CPU
+    assert cpu_impl is (L.logprobs_native if expect_native else logprobs_chunked)
 
 
 def test_import_does_not_shadow_hf_kernels_package():

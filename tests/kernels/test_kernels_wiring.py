@@ -41,7 +41,7 @@ def _impls():
 
         if not isinstance(L._row_stats_kernel, InterpretedFunction):
             L = importlib.reload(L)
-    impls = {"naive": L.logprobs_naive, "twin": L.logprobs_ref}
+    impls = {"naive": L.logprobs_naive, "chunked": L.logprobs_chunked}
     if L.triton is not None:
         impls["triton"] = L.fused_logprobs
     from fast_srt.kernels import native
@@ -91,7 +91,7 @@ def test_one_training_step_same_loss_and_grads_for_every_impl(tiny_model_dir):
     vocab = AutoConfig.from_pretrained(tiny_model_dir).vocab_size
     samples = _samples(vocab, gen)
     impls = _impls()
-    assert {"naive", "twin", "triton"} <= set(impls)
+    assert {"naive", "chunked", "triton"} <= set(impls)
     ref_loss, ref_grads, _ = _step(tiny_model_dir, samples, impls["naive"])
     assert ref_loss.abs() > 0
     for name, fn in impls.items():

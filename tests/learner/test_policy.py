@@ -178,7 +178,7 @@ def test_fused_adamw_matches_the_reference_step():
 @pytest.mark.parametrize("autocast", [False, True])
 def test_cpu_attention_runs_in_fp32_and_keeps_the_output_dtype(monkeypatch, shared, autocast):
     """On CPU the packed attention computes SDPA on fp32 q/k/v (its bf16 backward is 2-3x slower:
-    bench/attention_precision.py) and hands the next projection the dtype it had before: bf16 under bf16 autocast
+    bench/ab/attention_precision.py) and hands the next projection the dtype it had before: bf16 under bf16 autocast
     and in a bf16 model; the forward and the gradients of a bf16-autocast run stay within bf16 error of fp32."""
     import fast_srt.learner.policy as policy
     from fast_srt.learner.batch import pack_shared

@@ -119,7 +119,7 @@ def test_bad_attacker_file_is_one_line_user_error(tmp_path, line, needle):
 # --- training ----------------------------------------------------------------------------------------------------
 
 def test_warmup_lowers_the_sft_loss(tiny_model_dir, tok):
-    from fast_srt.kernels import logprobs_ref
+    from fast_srt.kernels import logprobs_chunked
     from fast_srt.learner.policy import VARLEN_SDPA, load_policy
     from fast_srt.learner.sft import build_sft_samples
 
@@ -128,7 +128,7 @@ def test_warmup_lowers_the_sft_loss(tiny_model_dir, tok):
     off = torch.autocast("cpu", enabled=False)
 
     def loss() -> float:
-        return warmup.sft_batch_loss(model, samples, logprobs_ref, lambda: off, torch.device("cpu"), backward=False)
+        return warmup.sft_batch_loss(model, samples, logprobs_chunked, lambda: off, torch.device("cpu"), backward=False)
 
     before = loss()
     out = warmup.train_warmup(model, samples, WarmupConfig(steps=4, lr=3e-3, batch_size=3),

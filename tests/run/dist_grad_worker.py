@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import torch
 
 from fast_srt.config import AlgoConfig, OptimConfig, TrainConfig
-from fast_srt.kernels import logprobs_ref, select_advantages_impl
+from fast_srt.kernels import logprobs_chunked, select_advantages_impl
 from fast_srt.learner import collective, sharding
 from fast_srt.learner.batch import Sample
 from fast_srt.learner.policy import load_policy, load_reference
@@ -61,7 +61,7 @@ def step_gradient(model_dir: str, estimator: str, samples: list[Sample], shard: 
     model = load_policy(model_dir, dtype=torch.float32)
     ref = load_reference(model_dir, torch.float32) if kl else None
     with torch.no_grad():  # vLLM's log-probs: the trainer's, slightly off (the importance correction is not 1)
-        for s, lp in zip(samples, per_sample_logprobs(model, samples, logprobs_ref, 4096, contextlib.nullcontext,
+        for s, lp in zip(samples, per_sample_logprobs(model, samples, logprobs_chunked, 4096, contextlib.nullcontext,
                                                       TEMPERATURE)):
             s.vllm_logprobs = (lp - 0.05).tolist()
         if ref is not None:  # a reference that differs from the policy: a KL term worth its gradient
@@ -76,7 +76,7 @@ def step_gradient(model_dir: str, estimator: str, samples: list[Sample], shard: 
     learner = SimpleNamespace(cfg=cfg, model=model, ref=ref, optimizer=opt, total_updates=total_updates(cfg),
                               scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
                               scaler=torch.amp.GradScaler("cpu", enabled=False), autocast=contextlib.nullcontext,
-                              logprob_fn=logprobs_ref, adv_fns=select_advantages_impl(torch.device("cpu")),
+                              logprob_fn=logprobs_chunked, adv_fns=select_advantages_impl(torch.device("cpu")),
                               device=torch.device("cpu"), temperature=TEMPERATURE, sft_stream=None)
     out = learner_step(learner, 1, samples, lambda name: contextlib.nullcontext())
     assert out["optim/updates"] == 1, out

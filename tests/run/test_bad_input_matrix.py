@@ -23,7 +23,7 @@ def _tiny(model, run, *extra):
     return ["train", "defender_only", "--model.model", str(model), "--model.judge-model", "rule:vowel_refusal",
             "--model.dtype", "float32", "--model.max-model-len", "1024", "--model.kv-cache-gib", "1",
             "--game.no-cot", "--sampling.games-per-step", "8", "--sampling.max-new-tokens", "4",
-            "--algo.kl-coef", "0", "--logprob-impl", "twin", "--run-dir", str(run), *extra]
+            "--algo.kl-coef", "0", "--logprob-impl", "chunked", "--run-dir", str(run), *extra]
 
 
 def _write(path, text):

@@ -27,7 +27,7 @@ def _run(model_dir, run_dir):
             "--model.dtype", "float32", "--model.max-model-len", "1024", "--model.kv-cache-gib", "1",
             "--sampling.games-per-step", "8", "--sampling.max-new-tokens", "12", "--optim.lr", "1e-3",
             "--optim.updates-per-step", "2", "--algo.kl-coef", "0.01", "--steps", "3", "--save-every", "3",
-            "--logprob-impl", "twin",  # the torch twin on every machine (the C++ op is built only where cmake is)
+            "--logprob-impl", "chunked",  # the torch twin on every machine (the C++ op is built only where cmake is)
             "--run-dir", str(run_dir)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("FAST_SRT_")}
     p = subprocess.run([sys.executable, "-m", "fast_srt.cli", "train", *args], capture_output=True, text=True,

@@ -42,14 +42,14 @@ def test_advantages_on_cuda_match_the_cpu_twin(estimator):
 
 
 def test_logprob_kernel_chosen_for_cuda_matches_the_twin():
-    from fast_srt.kernels import logprobs_ref
+    from fast_srt.kernels import logprobs_chunked
 
     g = torch.Generator().manual_seed(2)
     hidden = torch.randn(77, 64, generator=g).cuda()
     weight = torch.randn(1001, 64, generator=g).cuda()
     targets = torch.randint(0, 1001, (77,), generator=g).cuda()
     lp, ent = select_logprobs_impl(torch.device("cuda"))(hidden, weight, targets, 0.7)
-    lp_ref, ent_ref = logprobs_ref(hidden, weight, targets, 0.7)
+    lp_ref, ent_ref = logprobs_chunked(hidden, weight, targets, 0.7)
     torch.testing.assert_close(lp, lp_ref, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(ent, ent_ref, atol=1e-3, rtol=1e-3)
 
@@ -59,7 +59,7 @@ def test_shared_prefix_on_cuda_matches_whole_samples(dtype):
     """The shared-prefix attention on CUDA (flash-attn's varlen kernel when installed, else SDPA per piece) gives
     the log-probs and gradients of whole-sample packing: fp32 1e-4 (flash-attn computes in bf16/fp16 only, so
     fp32 goes through SDPA), bf16 0.05 nats and 5% of each gradient's norm."""
-    from fast_srt.kernels import logprobs_ref
+    from fast_srt.kernels import logprobs_chunked
     from fast_srt.learner.batch import pack, pack_shared
     from fast_srt.learner.policy import VARLEN_SDPA, load_policy, token_logprobs
     from fast_srt.run.tiny import make_tiny_model
@@ -76,7 +76,7 @@ def test_shared_prefix_on_cuda_matches_whole_samples(dtype):
     for packer in (pack, pack_shared):
         model = load_policy(str(d), dtype=dtype, device="cuda", attn=VARLEN_SDPA)
         b = packer(samples, device="cuda")
-        logp, _ = token_logprobs(model, b, logprobs_ref)
+        logp, _ = token_logprobs(model, b, logprobs_chunked)
         logp.sum().backward()
         out.append((b.split_responses(logp.detach().float().cpu()),
                     {n: p.grad.float().cpu() for n, p in model.named_parameters()}))

@@ -11,7 +11,7 @@ from fast_srt.errors import UserError
 from fast_srt.run.plan import KNOWN, ModelShape, PlanInput, plan, render, resolve_shape
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "bench" / "checks"))
 from plan_vs_measured import run_case  # noqa: E402
 
 

@@ -291,7 +291,7 @@ def test_lora_in_one_engine_trains_and_resumes(tiny_model_dir, tmp_path):
     assert "1 engine: policy engine (policy: base + LoRA adapter; judge: base)" in p.stdout, p.stdout[-3000:]
     m = read_metrics(run / "metrics.jsonl")
     assert [x["step"] for x in m] == [1, 2] and all(x["time/sync_push_s"] > 0 for x in m)
-    assert any(x["sync/probe_changed"] for x in m)  # the written adapter reached the policy's generations
+    assert any(x["sync/canary_changed"] for x in m)  # the written adapter reached the policy's generations
     p = _train(args + ["--resume"], timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "1 engine:" in p.stdout and "from step 2" in p.stdout

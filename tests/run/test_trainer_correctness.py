@@ -17,7 +17,7 @@ from fast_srt.run import checkpoint as ck
 from fast_srt.learner.batch import Sample, pack
 from fast_srt.config import AlgoConfig, GameConfig, ModelConfig, OptimConfig, TrainConfig
 from fast_srt.errors import UserError
-from fast_srt.kernels import logprobs_ref
+from fast_srt.kernels import logprobs_chunked
 from fast_srt.learner.policy import build_optimizer, build_scheduler, load_policy, load_reference, token_logprobs
 from fast_srt.learner.step import (compute_advantages, per_sample_logprobs, scheduler_step, total_updates,
                                    update_policy)
@@ -48,7 +48,7 @@ def _run(model_dir, *, micro=4096, ups=1, steps=3, lr=1e-3, fp16_scaler=False, e
     return SimpleNamespace(cfg=cfg, model=model, optimizer=opt, total_updates=n,
                            scheduler=build_scheduler(opt, n, 0, cfg.optim.min_lr_ratio),
                            scaler=torch.amp.GradScaler("cpu", enabled=fp16_scaler), autocast=contextlib.nullcontext,
-                           logprob_fn=logprobs_ref, temperature=0.7, sft_stream=None)
+                           logprob_fn=logprobs_chunked, temperature=0.7, sft_stream=None)
 
 
 def _rollout(run, samples):
@@ -66,7 +66,7 @@ def test_logprobs_follow_the_temperature(tiny_model_dir):
     model = load_policy(str(tiny_model_dir), dtype=torch.float32).eval()
     batch = pack(_samples(model.config.vocab_size))
     with torch.no_grad():
-        lp07, _ = token_logprobs(model, batch, logprobs_ref, 0.7)
+        lp07, _ = token_logprobs(model, batch, logprobs_chunked, 0.7)
     # reference: the first sample alone through a plain HF forward, float64 log-softmax of logits / 0.7
     s = _samples(model.config.vocab_size)[0]
     with torch.no_grad():
@@ -76,7 +76,7 @@ def test_logprobs_follow_the_temperature(tiny_model_dir):
     got = batch.split_responses(lp07)[0]
     assert torch.allclose(got.double(), want, atol=1e-4)
     with torch.no_grad():
-        lp1, _ = token_logprobs(model, batch, logprobs_ref, 1.0)
+        lp1, _ = token_logprobs(model, batch, logprobs_chunked, 1.0)
     assert not torch.allclose(lp1, lp07)
 
 
@@ -87,10 +87,10 @@ def test_reference_computes_what_the_autocast_policy_computes(tiny_model_dir):
     ref = load_reference(str(tiny_model_dir), torch.bfloat16)
     batch = pack(_samples(policy.config.vocab_size, n=5, seed=3))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        a, _ = token_logprobs(policy, batch, logprobs_ref, 0.7)
-        b, _ = token_logprobs(ref, batch, logprobs_ref, 0.7)
+        a, _ = token_logprobs(policy, batch, logprobs_chunked, 0.7)
+        b, _ = token_logprobs(ref, batch, logprobs_chunked, 0.7)
         old_ref = load_policy(str(tiny_model_dir), dtype=torch.bfloat16).eval()
-        c, _ = token_logprobs(old_ref, batch, logprobs_ref, 0.7)
+        c, _ = token_logprobs(old_ref, batch, logprobs_chunked, 0.7)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)  # the defect this replaces
     lin = [m for m in ref.modules() if isinstance(m, torch.nn.Linear) and m is not ref.get_output_embeddings()]

@@ -11,7 +11,7 @@ the policy's base model as judge (`--model.judge-model policy`), so that one eng
   full FT      (no LoRA)                             every weight trains and is written; the judge on a second
                                                      engine; the KL reference a second trainer copy
 
-    .venv/bin/python bench/lora_engines.py [--rounds 2] [--bench-steps 3]
+    .venv/bin/python bench/ab/lora_engines.py [--rounds 2] [--bench-steps 3]
 
 Writes bench/results/lora_engines_cpu_<date>.md; prints the table.
 """
@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BASE = ["rl_only", "--model.judge-model", "policy"]
 SETUPS = {
     "LoRA r16, one engine": ["--lora-rank", "16"],
@@ -63,7 +63,7 @@ def main() -> None:
             print(f"round {r + 1} {name}: {res}", flush=True)
     full = statistics.median(x["step"] for x in results["full fine-tuning"])
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    lines = [f"commit {sha.strip() or 'unknown'}: `.venv/bin/python bench/lora_engines.py --rounds {a.rounds} "
+    lines = [f"commit {sha.strip() or 'unknown'}: `.venv/bin/python bench/ab/lora_engines.py --rounds {a.rounds} "
              f"--bench-steps {a.bench_steps}` "
              f"(each: `fast-srt bench {' '.join(BASE)} ...`, steps 2-{a.bench_steps}, medians over rounds; peak: "
              f"the process's peak RSS)", "",

@@ -6,8 +6,8 @@ resident memory (VmHWM) of the second update (steady state: AdamW's moments exis
 imports, before any model is loaded. Predicted: the planner's
 training phase without engines.
 
-    .venv/bin/python bench/plan_vs_measured.py --model default --tokens 2048
-    .venv/bin/python bench/plan_vs_measured.py --model /path/to/tiny --tokens 4096 --json
+    .venv/bin/python bench/checks/plan_vs_measured.py --model default --tokens 2048
+    .venv/bin/python bench/checks/plan_vs_measured.py --model /path/to/tiny --tokens 4096 --json
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # glibc's heap keeps freed blocks below its mmap threshold, which it raises at run time to the largest block freed
 # (up to 32 MiB); how much it keeps depends on thread timing. For the tiny model (peaks of 0.2 GiB) that is as large
 # as the tolerance: its error ranged from -2% to -18% over runs. With blocks of 64 KiB and up mapped and unmapped at

@@ -7,7 +7,7 @@ Providers (REINFORCE++ with per-role whitening):
   triton: kernels.reinforce_pp_advantages (CUDA only).
 Group baselines (GRPO, RLOO): twin and triton (group_advantages[_ref]).
 
-    .venv/bin/python bench/bench_advantages.py [--shapes 256x1024,1024x512] [--reps 20]
+    .venv/bin/python bench/kernels/advantages.py [--shapes 256x1024,1024x512] [--reps 20]
 
 Shapes are SxL: S samples with lengths uniform in [L/8, L] (a quarter of each is prompt, loss_mask False).
 Last stdout line: one JSON object.
@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (  # noqa: E402
     BenchRow,
     final_json,

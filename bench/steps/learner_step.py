@@ -7,8 +7,8 @@ to --max-resp. The model is a random initialisation of a named architecture (no 
 where no model hub and no vLLM are (the lent GPU machine). Log-prob implementations given in --impls take turns
 step by step on the same learner; the first step of each is a warm-up and is not counted.
 
-    .venv/bin/python bench/learner_step.py --arch tiny --games 8 --steps 2        # CPU smoke run
-    python3 bench/learner_step.py --arch smollm2-135m --games 64 --impls triton,twin --steps 6   # CUDA
+    .venv/bin/python bench/steps/learner_step.py --arch tiny --games 8 --steps 2        # CPU smoke run
+    python3 bench/steps/learner_step.py --arch smollm2-135m --games 64 --impls triton,chunked --steps 6   # CUDA
 
 Last stdout line: one JSON object (per-impl phase table, ceiling, peak memory).
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from fast_srt.commands.bench import linear_params  # noqa: E402
@@ -230,7 +230,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.report:
-        Path(args.report).write_text(f"# Learner step\n\nCommand: `python bench/learner_step.py "
+        Path(args.report).write_text(f"# Learner step\n\nCommand: `python bench/steps/learner_step.py "
                                      f"{' '.join(sys.argv[1:])}`\n\n{text}\n")
     print(json.dumps({"arch": args.arch, "device": device.type, "ceiling_tflops": round(ceiling / 1e12, 2),
                       "peak_gib": peak, "impls": table}))

@@ -1,13 +1,13 @@
 """Fused log-prob + entropy: time (p20/p50/p80) and peak extra memory per provider, shape and mode.
 
-Providers: naive (full [N, V] fp32 logits, torch autograd), twin (kernels.logprobs_ref, chunked), native (the C++
+Providers: naive (full [N, V] fp32 logits, torch autograd), chunked (kernels.logprobs_chunked), native (the C++
 op, when built), liger (liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss, pure torch, compiled=False: a GRPO
 loss rather than logp/entropy, and it computes gradients inside its forward, so it is timed in fwdbwd only),
 triton (kernels.fused_logprobs, CUDA only). Modes: fwd (no grad) and fwdbwd (forward + backward of
 sum(g1 * logp + g2 * entropy)).
 
-    .venv/bin/python bench/bench_logprobs.py                      # default shapes, report to stdout
-    .venv/bin/python bench/bench_logprobs.py --shapes 1024x576x49152 --reps 7 --report bench/results/x.md
+    .venv/bin/python bench/kernels/logprobs.py                      # default shapes, report to stdout
+    .venv/bin/python bench/kernels/logprobs.py --shapes 1024x576x49152 --reps 7 --report bench/results/x.md
 
 Last stdout line: one JSON object (rows, environment, summary).
 """
@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (  # noqa: E402
     BenchRow,
     final_json,
@@ -39,7 +39,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def available_providers(device: str) -> list[str]:
-    out = ["naive", "twin"]
+    out = ["naive", "chunked"]
     if device == "cpu" and native.available():
         out.append("native")
     try:
@@ -177,11 +177,11 @@ def main() -> None:
         for mode in args.modes.split(","):
             by = {r.provider: r for r in rows if r.shape.startswith(shape + " ") and r.mode == mode}
             s = {"logits_fp32_mib": logits_mib}
-            if "twin" in by and "naive" in by:
-                s["twin_speedup_vs_naive"] = by["naive"].p50_ms / by["twin"].p50_ms
-            if "native" in by and "twin" in by:
-                s["native_speedup_vs_twin"] = by["twin"].p50_ms / by["native"].p50_ms
-            for prov in ("twin", "native", "triton"):
+            if "chunked" in by and "naive" in by:
+                s["chunked_speedup_vs_naive"] = by["naive"].p50_ms / by["chunked"].p50_ms
+            if "native" in by and "chunked" in by:
+                s["native_speedup_vs_chunked"] = by["chunked"].p50_ms / by["native"].p50_ms
+            for prov in ("chunked", "native", "triton"):
                 if prov in by and by[prov].extra_mib is not None:
                     s[f"{prov}_extra_over_logits"] = by[prov].extra_mib / logits_mib
             summary[f"{shape}/{mode}"] = s

@@ -5,7 +5,7 @@ tokens); 16 prompts of 301 tokens, 48 greedy tokens each (EOS ignored). Interlea
 (no LoRA request), the adapter with vLLM's ops, the adapter with the grouped ops; the prefix cache is reset before
 each call. Prints seconds per call and how far both ops' greedy tokens agree.
 
-    .venv/bin/python bench/cpu_lora_ops.py [--rounds 2]
+    .venv/bin/python bench/kernels/cpu_lora_ops.py [--rounds 2]
 """
 
 from __future__ import annotations

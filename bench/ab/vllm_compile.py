@@ -1,7 +1,7 @@
 """vLLM generation on CPU, eager (fast_srt's setting) against compiled (`enforce_eager=False`), each in a fresh
 process, interleaved: start-up seconds and seconds per batch, plus greedy tokens (the two must agree).
 
-    .venv/bin/python bench/vllm_compile.py --batch 64 --tokens 64 --rounds 2
+    .venv/bin/python bench/ab/vllm_compile.py --batch 64 --tokens 64 --rounds 2
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Checks:
   flash_attn   packed log-probs with flash-attn varlen == each sample alone through SDPA (tiny model, fp32, bf16)
   kv_release   the engine's KV cache released and woken around a training phase: memory freed, same greedy tokens
   train_3      a 3-step run of the offline default, its console and per-phase seconds
-  learner      the learner's half of a step (bench/learner_step.py: old/reference log-probs, advantages, PPO-clip
+  learner      the learner's half of a step (bench/steps/learner_step.py: old/reference log-probs, advantages, PPO-clip
                updates, AdamW) on synthetic self-play games, a random-init SmolLM2-135M, the Triton log-prob
                kernel and its twin taking turns: per-phase seconds, share of the bf16 ceiling, a profiled step
   logprob_peers  the fused log-prob (Triton) against Liger's fused linear losses (its Triton cross-entropy and
@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 
 
@@ -77,7 +77,7 @@ import torch, json
 from fast_srt.run.tiny import make_tiny_model
 from fast_srt.learner.batch import Sample, pack
 from fast_srt.learner.policy import load_policy, token_logprobs
-from fast_srt.kernels import logprobs_ref
+from fast_srt.kernels import logprobs_chunked
 import tempfile
 d = make_tiny_model(tempfile.mkdtemp() + "/m", arch="qwen2", hidden=128)
 g = torch.Generator().manual_seed(0)
@@ -92,12 +92,12 @@ for dtype in (torch.float32, torch.bfloat16):
     sd = load_policy(str(d), dtype=dtype, device="cuda", attn="sdpa").eval()
     b = pack(samples, device="cuda")
     with torch.no_grad():
-        a, _ = token_logprobs(fa, b, logprobs_ref)
+        a, _ = token_logprobs(fa, b, logprobs_chunked)
         # reference: each sample alone through plain SDPA
         ref = []
         for s in samples:
             bs = pack([s], device="cuda")
-            ref.append(token_logprobs(sd, bs, logprobs_ref)[0][bs.loss_mask])
+            ref.append(token_logprobs(sd, bs, logprobs_chunked)[0][bs.loss_mask])
         ref = torch.cat(ref)
     out[str(dtype)] = float((a[b.loss_mask] - ref).abs().max())
 print(json.dumps(out))
@@ -126,7 +126,7 @@ prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start
 greedy = SamplingSpec(max_tokens=16, temperature=0.0)
 before = eng.generate([prompt], greedy)[0].token_ids
 free0 = torch.cuda.mem_get_info()[0]
-eng.release_for_training()
+eng.release_kv_cache()
 free1 = torch.cuda.mem_get_info()[0]
 eng.wake_kv_cache()
 after = eng.generate([prompt], greedy)[0].token_ids
@@ -160,7 +160,7 @@ def check_train_3() -> dict:
 
 def check_learner() -> dict:
     name = f"bench/results/learner_gpu_smollm2-135m_{datetime.date.today().isoformat()}"
-    cmd = [PY, "bench/learner_step.py", "--arch", "smollm2-135m", "--games", "32", "--impls", "triton,twin",
+    cmd = [PY, "bench/steps/learner_step.py", "--arch", "smollm2-135m", "--games", "32", "--impls", "triton,chunked",
            "--steps", "2", "--report", f"{name}.md", "--profile", f"{name}_profile.txt"]
     rc, text, dt = _run(cmd, timeout=240)
     last = [line for line in text.splitlines() if line.startswith('{"arch"')]  # stdout's JSON (stderr follows)
@@ -171,8 +171,8 @@ def check_learner() -> dict:
 
 def check_logprob_peers() -> dict:
     # [8, 1024, 151936]: 8 sequences of 1024 tokens (N = 8192 rows), a 4096-wide model, Qwen's vocabulary
-    cmd = [PY, "bench/bench_logprobs.py", "--shapes", "8192x4096x151936", "--dtype", "bf16",
-           "--providers", "triton,twin,liger_ce,liger,naive", "--reps", "5",
+    cmd = [PY, "bench/kernels/logprobs.py", "--shapes", "8192x4096x151936", "--dtype", "bf16",
+           "--providers", "triton,chunked,liger_ce,liger,naive", "--reps", "5",
            "--report", f"bench/results/logprobs_gpu_{datetime.date.today().isoformat()}.md"]
     rc, out, dt = _run(cmd)
     return {"ok": rc == 0, "seconds": round(dt, 1), "summary": out.strip().splitlines()[-1:],

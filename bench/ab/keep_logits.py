@@ -4,7 +4,7 @@ A: kernels.native.STORE_LOGITS_MAX_BYTES = 0 (the backward recomputes the logits
 B: as shipped (the forward keeps them in one pooled [N, V] buffer). Each run is a fresh `fast-srt bench`
 process; everything after `--` goes to it. Needs the C++ op (`make native`).
 
-    .venv/bin/python bench/keep_logits_ab.py --rounds 2 --out bench/results/x.md -- defender_only --game.no-cot ...
+    .venv/bin/python bench/ab/keep_logits.py --rounds 2 --out bench/results/x.md -- defender_only --game.no-cot ...
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RUNNER = """
 import sys
 import fast_srt.kernels.native as native

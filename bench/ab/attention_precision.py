@@ -8,7 +8,7 @@ Shapes (SmolLM2-135M: 9 query / 3 key-value heads of 64):
   W1        8 prompts of 40 tokens, each with 8 completions of 64 tokens that attend to their prompt
   selfplay  an attacker instruction of 300 tokens with 8 turns of 48, a defender one of 80 with 8 turns of 120
 
-    .venv/bin/python bench/attention_precision.py [--reps 5] [--report bench/results/attention_precision_cpu.md]
+    .venv/bin/python bench/ab/attention_precision.py [--reps 5] [--report bench/results/attention_precision_cpu.md]
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ machine load; the report gives every pair, the median ratio and the versions.
 
 TRL is a benchmark-only dependency: `.venv/bin/pip install trl==1.16.0`.
 
-    .venv/bin/python bench/compare_trl.py                       # 2 pairs x 4 steps, report in bench/results/
-    .venv/bin/python bench/compare_trl.py --pairs 3 --steps 5 --out /tmp/w1.md
+    .venv/bin/python bench/steps/compare_trl.py                       # 2 pairs x 4 steps, report in bench/results/
+    .venv/bin/python bench/steps/compare_trl.py --pairs 3 --steps 5 --out /tmp/w1.md
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROMPTS, PER_PROMPT, NEW_TOKENS, KL, LR = 8, 8, 64, 0.01, 1e-6
 
 
@@ -159,7 +159,7 @@ def main() -> None:
     med = statistics.median(p["ratio"] for p in pairs)
     v = versions()
     lines = [f"# W1: fast_srt vs TRL GRPOTrainer ({datetime.date.today().isoformat()})", "",
-             f"`.venv/bin/python bench/compare_trl.py --pairs {a.pairs} --steps {a.steps}` | "
+             f"`.venv/bin/python bench/steps/compare_trl.py --pairs {a.pairs} --steps {a.steps}` | "
              + ", ".join(f"{k} {x}" for k, x in v.items()) + f" | load average before: {os.getloadavg()[0]:.2f}",
              "", f"{PROMPTS} prompts x {PER_PROMPT} samples, exactly {NEW_TOKENS} new tokens, GRPO, KL {KL}, one "
              f"update per rollout, bf16, completion tokens/s over steps 2-{a.steps}.", "",
