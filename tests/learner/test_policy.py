@@ -6,24 +6,10 @@ import pytest
 import torch
 
 from fast_srt.learner.batch import Sample, pack, pad
+from helpers import VOCAB, tiny_model
 from fast_srt.kernels import logprobs_naive
 from fast_srt.learner.policy import (VARLEN_SDPA, build_optimizer, build_scheduler, packed_hidden_states,
-                                     pick_attention, prepare_for_training, token_logprobs)
-
-VOCAB = 300
-
-
-def tiny_model(arch: str, tie: bool, dtype=torch.float32):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  tie_word_embeddings=tie, attn_implementation=pick_attention("cpu"))
-    torch.manual_seed(0)
-    model = (LlamaForCausalLM(LlamaConfig(**common)) if arch == "llama"
-             else Qwen2ForCausalLM(Qwen2Config(**common)))
-    return prepare_for_training(model.to(dtype))
-
+                                     prepare_for_training, token_logprobs)
 
 def ragged_samples(seed=0):
     g = torch.Generator().manual_seed(seed)

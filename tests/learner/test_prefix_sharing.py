@@ -9,7 +9,7 @@ from fast_srt.kernels import logprobs_naive
 from fast_srt.learner.batch import (Sample, pack, pack_shared, prefix_tree, split_micro_batches,
                                     split_shared_micro_batches)
 from fast_srt.learner.policy import token_logprobs
-from test_policy import VOCAB, tiny_model
+from helpers import VOCAB, tiny_model
 
 
 def tree_samples(seed: int, n: int = 11) -> list[Sample]:

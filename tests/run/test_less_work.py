@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from test_trainer_correctness import _rollout, _run, _samples
+from helpers import learner_run, random_samples, rollout
 
 from fast_srt.config import AlgoConfig, OptimConfig, TrainConfig
 from fast_srt.kernels import select_advantages_impl
@@ -42,9 +42,9 @@ def test_first_mini_batch_without_old_forward_updates_the_same(tiny_model_dir, u
     a separate forward, and without (its own detached log-probs), agree within 1e-6; so do the logged losses."""
     results = []
     for skip in (False, True):
-        run = _sgd(_run(tiny_model_dir, estimator="grpo", kl=0.5, ups=ups))
-        samples = _samples(run.model.config.vocab_size, n=6, seed=11)
-        old, advs = _rollout(run, samples)
+        run = _sgd(learner_run(tiny_model_dir, estimator="grpo", kl=0.5, ups=ups))
+        samples = random_samples(run.model.config.vocab_size, n=6, seed=11)
+        old, advs = rollout(run, samples)
         ref = [o - 0.2 * torch.rand(len(o), generator=torch.Generator().manual_seed(1)) for o in old]
         minis = mini_batches(run.cfg, 1, len(samples))
         if skip:
@@ -80,10 +80,10 @@ def test_learner_step_with_shared_prefixes_updates_the_same(tiny_model_dir, esti
     without shared-prefix packing: weights within 1e-5 and the logged metrics within 1e-5 relative."""
     results = []
     for share in (False, True):
-        run = _sgd(_run(tiny_model_dir, estimator=estimator, kl=kl, ups=2))
+        run = _sgd(learner_run(tiny_model_dir, estimator=estimator, kl=kl, ups=2))
         run.cfg = dataclasses.replace(run.cfg, optim=dataclasses.replace(run.cfg.optim, share_prefix=share))
         samples = _shared_samples(run.model.config.vocab_size)
-        _rollout(run, samples)  # vLLM's log-probs = the trainer's
+        rollout(run, samples)  # vLLM's log-probs = the trainer's
         run.ref = load_reference(str(tiny_model_dir), torch.float32)
         with torch.no_grad():  # a reference that differs from the policy: a non-zero KL
             for p in run.ref.parameters():

@@ -5,7 +5,6 @@ the judge's own length, empty attacks, one BOS token, resume checks, SFT stream 
 End-to-end counterparts (a real `fast-srt train` in a subprocess) are in test_train.py.
 """
 
-import contextlib
 import dataclasses
 import errno
 from types import SimpleNamespace
@@ -14,61 +13,24 @@ import pytest
 import torch
 
 from fast_srt.run import checkpoint as ck
-from fast_srt.learner.batch import Sample, pack
+from helpers import learner_run, random_samples, rollout
+from fast_srt.learner.batch import pack
 from fast_srt.config import AlgoConfig, GameConfig, ModelConfig, OptimConfig, TrainConfig
 from fast_srt.errors import UserError
 from fast_srt.kernels import logprobs_chunked
 from fast_srt.learner.policy import build_optimizer, build_scheduler, load_policy, load_reference, token_logprobs
-from fast_srt.learner.step import (compute_advantages, per_sample_logprobs, scheduler_step, total_updates,
-                                   update_policy)
-
-
-def _samples(vocab, n=6, seed=0, prompt=(5, 30), response=(3, 20), group=lambda i: i):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        p = int(torch.randint(prompt[0], prompt[1], (1,), generator=g))
-        r = int(torch.randint(response[0], response[1], (1,), generator=g))
-        ids = torch.randint(3, vocab, (p + r,), generator=g).tolist()
-        out.append(Sample(ids[:p], ids[p:], "attacker" if i % 2 else "defender", reward=float(i % 3) - 1.0,
-                          vllm_logprobs=[0.0] * r, metadata={"group": group(i)}))
-    return out
-
-
-def _run(model_dir, *, micro=4096, ups=1, steps=3, lr=1e-3, fp16_scaler=False, estimator="reinforce_pp",
-         kl=0.0, nan_step=-1):
-    cfg = TrainConfig(optim=OptimConfig(lr=lr, updates_per_step=ups, micro_batch_tokens=micro, warmup_ratio=0.0),
-                      algo=AlgoConfig(kl_coef=kl, estimator=estimator,
-                                      samples_per_prompt=1 if estimator == "reinforce_pp" else 2),
-                      steps=steps, inject_nan_loss_at_step=nan_step)
-    torch.manual_seed(0)
-    model = load_policy(str(model_dir), dtype=torch.float32)
-    opt = build_optimizer(model, lr)
-    n = total_updates(cfg)
-    return SimpleNamespace(cfg=cfg, model=model, optimizer=opt, total_updates=n,
-                           scheduler=build_scheduler(opt, n, 0, cfg.optim.min_lr_ratio),
-                           scaler=torch.amp.GradScaler("cpu", enabled=fp16_scaler), autocast=contextlib.nullcontext,
-                           logprob_fn=logprobs_chunked, temperature=0.7, sft_stream=None)
-
-
-def _rollout(run, samples):
-    old = per_sample_logprobs(run.model, samples, run.logprob_fn, 4096, run.autocast, run.temperature)
-    for s, o in zip(samples, old):
-        s.vllm_logprobs = o.tolist()
-    advs = [torch.randn(len(s.response_ids), generator=torch.Generator().manual_seed(i)) for i, s in
-            enumerate(samples)]
-    return old, advs
+from fast_srt.learner.step import (compute_advantages, scheduler_step, update_policy)
 
 
 # -------------------------------------------------------------------------------------- temperature and reference
 
 def test_logprobs_follow_the_temperature(tiny_model_dir):
     model = load_policy(str(tiny_model_dir), dtype=torch.float32).eval()
-    batch = pack(_samples(model.config.vocab_size))
+    batch = pack(random_samples(model.config.vocab_size))
     with torch.no_grad():
         lp07, _ = token_logprobs(model, batch, logprobs_chunked, 0.7)
     # reference: the first sample alone through a plain HF forward, float64 log-softmax of logits / 0.7
-    s = _samples(model.config.vocab_size)[0]
+    s = random_samples(model.config.vocab_size)[0]
     with torch.no_grad():
         ids = torch.tensor([s.prompt_ids + s.response_ids])
         logits = model(ids).logits[0, len(s.prompt_ids) - 1:-1].double() / 0.7
@@ -85,7 +47,7 @@ def test_reference_computes_what_the_autocast_policy_computes(tiny_model_dir):
     (KL exactly 0); the old all-bf16 reference did not."""
     policy = load_policy(str(tiny_model_dir), dtype=torch.float32).eval()
     ref = load_reference(str(tiny_model_dir), torch.bfloat16)
-    batch = pack(_samples(policy.config.vocab_size, n=5, seed=3))
+    batch = pack(random_samples(policy.config.vocab_size, n=5, seed=3))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         a, _ = token_logprobs(policy, batch, logprobs_chunked, 0.7)
         b, _ = token_logprobs(ref, batch, logprobs_chunked, 0.7)
@@ -106,8 +68,8 @@ def test_grpo_group_ids_with_gaps_are_renumbered():
 
     cfg = TrainConfig(algo=AlgoConfig(estimator="grpo", samples_per_prompt=2), sampling=dataclasses.replace(
         TrainConfig().sampling, games_per_step=16))
-    gapped = _samples(50, n=6, group=lambda i: [0, 0, 5, 5, 13, 13][i])
-    dense = _samples(50, n=6, group=lambda i: i // 2)
+    gapped = random_samples(50, n=6, group=lambda i: [0, 0, 5, 5, 13, 13][i])
+    dense = random_samples(50, n=6, group=lambda i: i // 2)
     old = [torch.zeros(len(s.response_ids)) for s in gapped]
     fns = (reinforce_pp_advantages_ref, group_advantages_ref)
     got, _ = compute_advantages(cfg, gapped, old, None, fns, torch.device("cpu"))
@@ -128,7 +90,7 @@ def test_advantages_run_on_the_device_they_were_chosen_for():
         seen.extend([old.device, rewards.device, mask.device])
         return torch.zeros(mask.shape[0], device=mask.device), None
 
-    samples = _samples(50, n=4)
+    samples = random_samples(50, n=4)
     compute_advantages(TrainConfig(), samples, [torch.zeros(len(s.response_ids)) for s in samples], None,
                        (reinforce, spy), torch.device("cpu"))
     assert seen and all(d == torch.device("cpu") for d in seen)
@@ -140,9 +102,9 @@ def test_logged_pg_loss_does_not_depend_on_micro_batching(tiny_model_dir):
     """loss/pg is the mini-batch's loss, not that divided by its micro-batch count."""
     vals = []
     for micro in (64, 100000):
-        run = _run(tiny_model_dir, micro=micro)
-        samples = _samples(run.model.config.vocab_size, n=8, seed=1)
-        old, advs = _rollout(run, samples)
+        run = learner_run(tiny_model_dir, micro=micro)
+        samples = random_samples(run.model.config.vocab_size, n=8, seed=1)
+        old, advs = rollout(run, samples)
         out = update_policy(run, 1, samples, old, None, advs)
         vals.append(float(out["loss/pg"]))
     assert vals[0] == pytest.approx(vals[1], rel=1e-5, abs=1e-7), vals
@@ -150,7 +112,7 @@ def test_logged_pg_loss_does_not_depend_on_micro_batching(tiny_model_dir):
 
 
 def test_lr_reaches_its_floor_at_the_last_update(tiny_model_dir):
-    run = _run(tiny_model_dir, steps=3, ups=2, lr=1e-3)
+    run = learner_run(tiny_model_dir, steps=3, ups=2, lr=1e-3)
     lrs = []
     for _ in range(3 * 2):
         lrs.append(run.optimizer.param_groups[0]["lr"])
@@ -162,28 +124,28 @@ def test_lr_reaches_its_floor_at_the_last_update(tiny_model_dir):
 
 
 def test_skipped_updates_still_move_the_schedule(tiny_model_dir):
-    run = _run(tiny_model_dir, steps=3, ups=2, nan_step=1)
-    samples = _samples(run.model.config.vocab_size, n=4, seed=2)
-    old, advs = _rollout(run, samples)
+    run = learner_run(tiny_model_dir, steps=3, ups=2, nan_step=1)
+    samples = random_samples(run.model.config.vocab_size, n=4, seed=2)
+    old, advs = rollout(run, samples)
     out = update_policy(run, 1, samples, old, None, advs)
     assert out["optim/skipped_updates"] == 2 and out["optim/updates"] == 0
     assert run.scheduler.last_epoch == 2
 
 
 def test_grpo_kl_coef_adds_the_k3_term(tiny_model_dir):
-    run = _run(tiny_model_dir, estimator="grpo", kl=0.5)
-    samples = _samples(run.model.config.vocab_size, n=4, seed=4)
-    old, advs = _rollout(run, samples)
+    run = learner_run(tiny_model_dir, estimator="grpo", kl=0.5)
+    samples = random_samples(run.model.config.vocab_size, n=4, seed=4)
+    old, advs = rollout(run, samples)
     ref = [o - 0.3 for o in old]  # a reference that differs: k3 > 0
     out = update_policy(run, 1, samples, old, ref, advs)
     assert float(out["loss/kl_k3"]) > 0
 
 
 def test_fp16_runs_through_a_gradient_scaler(tiny_model_dir):
-    run = _run(tiny_model_dir, fp16_scaler=True)
+    run = learner_run(tiny_model_dir, fp16_scaler=True)
     before = [p.detach().clone() for p in run.model.parameters()]
-    samples = _samples(run.model.config.vocab_size, n=4, seed=5)
-    old, advs = _rollout(run, samples)
+    samples = random_samples(run.model.config.vocab_size, n=4, seed=5)
+    old, advs = rollout(run, samples)
     out = update_policy(run, 1, samples, old, None, advs)
     assert out["optim/grad_scale"] > 1 and out["optim/updates"] == 1
     assert any(not torch.equal(a, b) for a, b in zip(before, run.model.parameters()))
@@ -282,7 +244,7 @@ def test_engine_sends_one_bos_token(tiny_bos_engine):
 def test_sft_stream_state_round_trip():
     from fast_srt.learner.sft import SFTStream
 
-    samples = _samples(40, n=7)
+    samples = random_samples(40, n=7)
     a = SFTStream(samples, seed=3)
     a.next(10)
     b = SFTStream(samples, seed=3)
