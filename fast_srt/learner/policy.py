@@ -2,40 +2,32 @@
 
 1. `load_policy` loads the model with an attention that understands packed sequences (no padding):
    CUDA with flash-attn installed -> "flash_attention_2" fed cu_seqlens directly (varlen kernel, no mask);
-   otherwise -> VARLEN_SDPA, registered here, which runs causal SDPA once per sample.
+   otherwise -> VARLEN_SDPA, registered here: one varlen kernel call per layer on CUDA, one SDPA call per sample
+   or shared-prefix piece on CPU, where that costs the least (fast_srt/learner/attention.py). `pick_attention`
+   and `pick_fused_ops` (RMSNorm, SwiGLU and RoPE as fused kernels on CUDA) choose once, for a device.
 2. `packed_hidden_states` runs the decoder on the packed row and returns the final hidden states [T, H].
 3. `token_logprobs` gathers the loss positions (batch.loss_index) and hands hidden [N, H] and the output
    projection weight [V, H] to `logprob_fn` (the fused kernel or its torch twin): [T, V] logits never exist.
-
-Why per-sample SDPA on CPU. Measured on the 2-core dev machine (torch 2.13) while other jobs loaded it, so as
-single-thread process CPU time, min of 3: one attention layer, 9 query / 3 kv heads of dim 64, forward + backward,
-ms, per-sample SDPA over split() views / the same over slices / one SDPA with a dense block-diagonal [T, T] mask:
-    8 x 300 tokens          fp32  82 / 90 / 654     bf16  92 / 99 / 543
-    8 ragged 50..600, T=2400 fp32 102 / 111 / 670    bf16 115 / 120 / 551
-    32 x 64 tokens          fp32  23 / 46 / 482     bf16  52 / 74 / 403
-    flex attention: "FlexAttention does not support backward on CPU" (eager and torch.compile alike).
-Per-sample SDPA does no work on cross-sample blocks and allocates no [T, T] mask: 5-20x less CPU time here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import importlib.util
 import itertools
 import math
 from collections.abc import Iterator
 from typing import Callable
 
 import torch
-from torch.nn.functional import scaled_dot_product_attention
 
+from fast_srt.learner.attention import (PER_PIECE, attention_inputs, has_flash_attn, one_call_attention,
+                                        packed_attention_kernel, per_segment_sdpa)
 from fast_srt.learner.batch import PackedBatch
 from fast_srt.learner.lora import has_lora, merged_state_dict
 
 VARLEN_SDPA = "fast_srt_varlen_sdpa"
 SEQLENS_KWARG = "fast_srt_seqlens"  # host tuple of sample lengths, passed through the model's **kwargs
 LAYOUT_KWARG = "fast_srt_prefix_layout"  # a PrefixLayout (pack_shared), passed the same way
+CU_SEQLENS_KWARG = "fast_srt_cu_seqlens"  # the same lengths as a device tensor [S + 1] int32
 
 LogprobFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
 
@@ -44,9 +36,9 @@ def _varlen_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
                            **kwargs):
     """query [1, Hq, T, D], key/value [1, Hkv, T, D] -> ([1, T, Hq, D], None), causal within each sample.
 
-    Without the seqlens kwarg (an ordinary padded or single-sequence call), behaves like transformers' sdpa.
-    On CUDA with flash-attn installed, packed calls go to its varlen kernel. With a PrefixLayout (shared-prefix
-    packing), each piece attends to its ancestors and causally to itself.
+    Without the seqlens kwarg (an ordinary padded or single-sequence call), behaves like transformers' sdpa. With
+    a PrefixLayout (shared-prefix packing), each piece attends to its ancestors and causally to itself. The kernel
+    is attention.packed_attention_kernel's choice: one call per layer on CUDA, one SDPA call per segment on CPU.
     """
     layout = kwargs.get(LAYOUT_KWARG)
     if layout is not None:
@@ -60,67 +52,16 @@ def _varlen_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     if query.shape[0] != 1:
         raise ValueError(f"packed attention expects batch 1, got query {tuple(query.shape)}")
     p = dropout if module.training else 0.0
-    query, key, value, out_dtype = _attention_inputs(query, key, value)
-    if _flash_varlen_applies(query):
-        cu = torch.tensor([0, *itertools.accumulate(seqlens)], dtype=torch.int32, device=query.device)
-        return _flash_varlen(query, key, value, cu, cu, max(seqlens), max(seqlens), p, scaling), None
-    gqa = query.shape[1] != key.shape[1]
-    # split (not slicing in a loop): its backward is one cat, where S slices would each zero-fill and add a
-    # full-size [1, H, T, D] gradient
-    qs, ks, vs = (x.split(list(seqlens), dim=2) for x in (query, key, value))
-    with _sdpa_context(query):
-        outs = [scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=gqa)
-                for q, k, v in zip(qs, ks, vs)]  # [1, Hq, n, D] each
-    out = torch.cat(outs, dim=2)  # [1, Hq, T, D]
+    query, key, value, out_dtype = attention_inputs(query, key, value)
+    kernel = packed_attention_kernel(query, p)
+    if kernel != PER_PIECE:
+        cu = kwargs.get(CU_SEQLENS_KWARG)
+        if cu is None:
+            cu = torch.tensor([0, *itertools.accumulate(seqlens)], dtype=torch.int32, device=query.device)
+        n = max(seqlens)
+        return one_call_attention(kernel, query, key, value, cu, cu, n, n, scaling, p).to(out_dtype), None
+    out = per_segment_sdpa(query, key, value, seqlens, seqlens, (0,) * len(seqlens), None, scaling, p)
     return out.transpose(1, 2).to(out_dtype, memory_format=torch.contiguous_format), None  # [1, T, Hq, D], one copy
-
-
-@functools.cache
-def _has_flash_attn() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
-def _flash_varlen_applies(query: torch.Tensor) -> bool:
-    """flash-attn's varlen kernel: CUDA, installed, half precision (fp32 goes through SDPA)."""
-    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _has_flash_attn()
-
-
-def _flash_varlen(query, key, value, cu_q, cu_k, max_q: int, max_k: int, p: float, scaling) -> torch.Tensor:
-    """[1, H, T, D] tensors -> [1, Tq, Hq, D]; the causal mask is aligned to the bottom right of each key range."""
-    from flash_attn import flash_attn_varlen_func
-
-    out = flash_attn_varlen_func(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
-                                 cu_q, cu_k, max_q, max_k, dropout_p=p, softmax_scale=scaling, causal=True)
-    return out[None]  # [1, Tq, Hq, D]
-
-
-def _attention_inputs(query, key, value):
-    """(q, k, v, out_dtype): the dtype SDPA computes in, and the dtype its output must have (the one autocast or the
-    plain path would give: the next projection sees the same dtype as before).
-
-    CUDA: autocast's dtype (RoPE leaves q and k in fp32 beside a bf16 v), what flash-attn and SDPA expect. CPU: fp32,
-    with autocast off around the SDPA calls (_sdpa_context). Measured on the 2-core CPU (torch 2.13, one layer,
-    9/3 heads of 64, W1's 8 prompts + 64 completions of 64): CPU flash SDPA backward 129 ms in bf16, 55 ms in fp32,
-    forward 27 / 26 ms (bench/ab/attention_precision.py). fp32 is also the more precise of the two."""
-    dev = query.device.type
-    out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else value.dtype
-    dt = torch.float32 if dev == "cpu" else out_dtype
-    return query.to(dt), key.to(dt), value.to(dt), out_dtype
-
-
-def _sdpa_context(query):
-    """Around the packed SDPA calls. CPU: autocast off while SDPA runs on fp32 inputs (CPU autocast would cast them
-    back to bf16). CUDA: flash, memory-efficient or math SDPA, never cuDNN's. cuDNN builds an execution graph for
-    every new shape, and the pieces of a packed row have a new shape at almost every call: profiled on an H200
-    (bench/results/learner_gpu_smollm2-135m_2026-11-30_profile.txt), its 6330 forward calls of one learner step
-    took 7.3 s of host time for 0.11 s of GPU work, its 2130 backward calls 3.7 s for 0.06 s."""
-    if query.device.type == "cpu":
-        return torch.autocast("cpu", enabled=False)
-    if query.device.type == "cuda":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-    return contextlib.nullcontext()
 
 
 def _shared_prefix_attention(module, query, key, value, layout, dropout, scaling):
@@ -129,30 +70,21 @@ def _shared_prefix_attention(module, query, key, value, layout, dropout, scaling
     Each piece's keys and values are gathered once per layer (its ancestors', then its own: layout.ctx_index);
     the gather's backward adds every piece's gradient into the shared positions. Queries sit at the end of their
     key range, so the causal mask is aligned to the bottom right (query j sees all ancestors and its own piece up
-    to j). On CUDA with flash-attn: one varlen call (its causal mask is bottom-right aligned); elsewhere one SDPA
-    call per piece, with an additive mask built once per batch and dtype and reused by every layer."""
+    to j). On CUDA one kernel call over the whole row (layout.cu_q / cu_k); on CPU one SDPA call per piece, with
+    an additive mask built once per batch and dtype and reused by every layer."""
     if query.shape[0] != 1:
         raise ValueError(f"packed attention expects batch 1, got query {tuple(query.shape)}")
     p = dropout if module.training else 0.0
-    query, key, value, out_dtype = _attention_inputs(query, key, value)
+    query, key, value, out_dtype = attention_inputs(query, key, value)
     kc = key.index_select(2, layout.ctx_index)  # [1, Hkv, Tk, D]
     vc = value.index_select(2, layout.ctx_index)  # [1, Hkv, Tk, D]
-    if _flash_varlen_applies(query):
-        return _flash_varlen(query, kc, vc, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, p, scaling), None
-    gqa = query.shape[1] != key.shape[1]
-    qs = query.split(list(layout.lengths), dim=2)
-    ks, vs = (x.split(list(layout.key_lengths), dim=2) for x in (kc, vc))
-    outs = []
-    with _sdpa_context(query):
-        for q, k, v, c in zip(qs, ks, vs, layout.context):
-            if c == 0:
-                o = scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=gqa)
-            else:
-                mask = layout.mask(q.shape[2], c, q.dtype, q.device)  # [n, c + n]
-                o = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scaling,
-                                                 enable_gqa=gqa)
-            outs.append(o)  # [1, Hq, n, D]
-    out = torch.cat(outs, dim=2)  # [1, Hq, T, D]
+    kernel = packed_attention_kernel(query, p)
+    if kernel != PER_PIECE:
+        out = one_call_attention(kernel, query, kc, vc, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k,
+                                 scaling, p)
+        return out.to(out_dtype), None
+    out = per_segment_sdpa(query, kc, vc, layout.lengths, layout.key_lengths, layout.context,
+                           lambda n, c: layout.mask(n, c, query.dtype, query.device), scaling, p)
     return out.transpose(1, 2).to(out_dtype, memory_format=torch.contiguous_format), None  # [1, T, Hq, D], one copy
 
 
@@ -179,7 +111,7 @@ def pick_attention(device: torch.device | str, attn: str | None = None) -> str:
     """attn if given, else flash_attention_2 on CUDA with flash-attn installed, else VARLEN_SDPA."""
     if attn is None:
         cuda = torch.device(device).type == "cuda"
-        attn = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") is not None else VARLEN_SDPA
+        attn = "flash_attention_2" if cuda and has_flash_attn() else VARLEN_SDPA
     if attn == VARLEN_SDPA:
         register_varlen_attention()
     return attn
@@ -242,7 +174,7 @@ def attention_kwargs(model, batch: PackedBatch) -> dict:
         return {"cu_seq_lens_q": batch.cu_seqlens, "cu_seq_lens_k": batch.cu_seqlens,
                 "max_length_q": batch.max_seqlen, "max_length_k": batch.max_seqlen}
     if impl == VARLEN_SDPA:
-        return {SEQLENS_KWARG: batch.seqlens}
+        return {SEQLENS_KWARG: batch.seqlens, CU_SEQLENS_KWARG: batch.cu_seqlens}
     raise ValueError(
         f"attention {impl!r} cannot run packed batches without a [T, T] mask; load the model with "
         f"pick_attention() (flash_attention_2 or {VARLEN_SDPA})"
@@ -300,8 +232,7 @@ def weights_for_engine(model: torch.nn.Module, dtype: torch.dtype | str | None =
 def build_optimizer(model, lr: float, betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.0,
                     eps: float = 1e-8) -> torch.optim.AdamW:
     """AdamW over trainable parameters; weight decay only on matrices (not norms, biases). Fused (one kernel over
-    all tensors) on CUDA and CPU: on the 2-core CPU the fused step over 20M fp32 parameters took 0.02 s against
-    0.17-0.30 s for the default foreach implementation (interleaved, same process)."""
+    all tensors) on CUDA and CPU, the fastest there (bench/results/optimizer_cpu_2026-11-25.md)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]

@@ -166,16 +166,16 @@ def test_cpu_attention_runs_in_fp32_and_keeps_the_output_dtype(monkeypatch, shar
     """On CPU the packed attention computes SDPA on fp32 q/k/v (its bf16 backward is 2-3x slower:
     bench/ab/attention_precision.py) and hands the next projection the dtype it had before: bf16 under bf16 autocast
     and in a bf16 model; the forward and the gradients of a bf16-autocast run stay within bf16 error of fp32."""
-    import fast_srt.learner.policy as policy
+    import fast_srt.learner.attention as attention
     from fast_srt.learner.batch import pack_shared
 
-    seen, real = [], policy.scaled_dot_product_attention
+    seen, real = [], attention.scaled_dot_product_attention
 
     def spy(q, k, v, **kw):
         seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
         return real(q, k, v, **kw)
 
-    monkeypatch.setattr(policy, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(attention, "scaled_dot_product_attention", spy)
     samples = ragged_samples(3)
     if shared:  # two samples with a common 12-token prompt, so the row has a shared piece
         samples[1].prompt_ids = samples[0].prompt_ids[:5] + list(range(1, 13))
@@ -203,14 +203,14 @@ def test_cpu_attention_runs_in_fp32_and_keeps_the_output_dtype(monkeypatch, shar
 
 def test_packed_attention_on_cuda_excludes_cudnn_sdpa():
     """cuDNN's SDPA builds an execution graph for every new shape, about 1 ms of host time per packed piece on an
-    H200 (profile cited in policy._sdpa_context). Around the packed calls on CUDA only flash, memory-efficient and
+    H200 (profile cited in attention.sdpa_context). Around the packed calls on CUDA only flash, memory-efficient and
     math SDPA are allowed; the global setting is restored afterwards."""
     from types import SimpleNamespace
 
-    import fast_srt.learner.policy as policy
+    import fast_srt.learner.attention as attention
 
     before = torch.backends.cuda.cudnn_sdp_enabled()
-    with policy._sdpa_context(SimpleNamespace(device=torch.device("cuda"))):
+    with attention.sdpa_context(SimpleNamespace(device=torch.device("cuda"))):
         assert not torch.backends.cuda.cudnn_sdp_enabled()
         assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
     assert torch.backends.cuda.cudnn_sdp_enabled() == before

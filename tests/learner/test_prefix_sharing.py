@@ -124,3 +124,80 @@ def test_shared_prefix_under_bf16_autocast_matches_whole_samples():
         b = shared.split_responses(token_logprobs(model, shared, logprobs_naive)[0])
     for x, y in zip(a, b):
         torch.testing.assert_close(y, x, atol=0.05, rtol=0)
+
+
+def logprobs_and_grads(batch, weights, arch="llama", tie=True):
+    model = tiny_model(arch, tie)
+    logp, ent = token_logprobs(model, batch, logprobs_naive)
+    w = batch.scatter_responses(weights)
+    ((logp * w).sum() + 0.1 * (ent * w).sum()).backward()
+    return logp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("kernel", ["varlen", "masked"])
+@pytest.mark.parametrize("seed,arch,tie", [(0, "llama", True), (3, "qwen2", False)])
+@pytest.mark.parametrize("shared", [True, False])
+def test_one_call_attention_equals_per_piece_fp32(monkeypatch, kernel, seed, arch, tie, shared):
+    """The CUDA path (one attention call per layer; on CPU its twin computes what the CUDA call computes) against
+    the per-piece path, fp32, on a ragged tree with a piece that has no ancestors: log-probs and entropies within
+    1e-5, every parameter's gradient within 1e-5 absolute + 1e-4 relative."""
+    from fast_srt.learner import attention
+
+    samples = tree_samples(seed)
+    batch = (pack_shared if shared else pack)(samples)
+    assert (batch.layout is not None) == shared
+    if shared:
+        assert 0 in batch.layout.context and batch.layout.shares
+    g = torch.Generator().manual_seed(seed + 7)
+    weights = [torch.randn(len(s.response_ids), generator=g) for s in samples]
+    lp0, en0, g0 = logprobs_and_grads(batch, weights, arch, tie)
+    monkeypatch.setattr(attention, "FORCED_KERNEL", kernel)
+    lp1, en1, g1 = logprobs_and_grads(batch, weights, arch, tie)
+    torch.testing.assert_close(lp1, lp0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(en1, en0, atol=1e-5, rtol=0)
+    for name in g0:
+        assert g0[name].abs().max() > 0, name
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_one_call_attention_under_bf16_autocast_matches_per_piece(monkeypatch):
+    """bf16 autocast, forced one-call path against the per-piece path: log-probs within 0.02 nats and gradients
+    within bf16 error (the attention itself runs in fp32 on CPU in both; a layout error gives whole nats)."""
+    from fast_srt.learner import attention
+
+    samples = tree_samples(4)
+    batch = pack_shared(samples)
+    weights = [torch.randn(len(s.response_ids), generator=torch.Generator().manual_seed(1)) for s in samples]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp0, _, g0 = logprobs_and_grads(batch, weights)
+        monkeypatch.setattr(attention, "FORCED_KERNEL", "varlen")
+        lp1, _, g1 = logprobs_and_grads(batch, weights)
+    torch.testing.assert_close(lp1, lp0, atol=0.02, rtol=0)
+    for name in g0:
+        scale = g0[name].abs().max().item()
+        torch.testing.assert_close(g1[name], g0[name], atol=0.02 * scale + 1e-6, rtol=0.02, msg=name)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_cuda_path_makes_one_attention_call_per_layer(monkeypatch, shared):
+    """Forced onto the varlen kernel (CUDA's), the forward calls it once per decoder layer whatever the number of
+    pieces, and the backward calls no attention kernel again (autograd replays the recorded call)."""
+    from fast_srt.learner import attention
+
+    calls = []
+    real = attention.torch_varlen
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "FORCED_KERNEL", "varlen")
+    monkeypatch.setattr(attention, "torch_varlen", counting)
+    model = tiny_model("llama", True)
+    for n in (5, 11, 23):
+        batch = (pack_shared if shared else pack)(tree_samples(n, n=n))
+        calls.clear()
+        logp, _ = token_logprobs(model, batch, logprobs_naive)
+        assert calls == [batch.num_tokens] * model.config.num_hidden_layers
+        logp.sum().backward()
+        assert len(calls) == model.config.num_hidden_layers
