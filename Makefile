@@ -50,7 +50,7 @@ bench: $(STAMP)
 	$(PY) bench/kernels/logprobs.py
 	$(PY) bench/kernels/advantages.py
 
-# the whole GPU path on a CUDA machine (GPU install: README), report in bench/results/gpu_<date>.md;
+# the whole GPU path on a CUDA machine (GPU install: README), report in bench/results/gpu_check_<device>_<date>.md;
 # without CUDA it prints what it would run
 gpu-check:
 	$(PY) bench/checks/gpu_check.py

@@ -52,7 +52,7 @@ def quiet_libraries() -> None:
 
 # oneDNN (torch's CPU matmuls) keeps up to 1024 compiled primitives, one per shape; the learner's packed shapes
 # change every step, so a long CPU run's resident memory grows for hundreds of steps until the cache is full.
-# 256 bounds that growth (docs/robustness_and_ranks.md, "Soak"); set the variable to override it.
+# 256 bounds that growth (docs/crash_safety.md, "Soak"); set the variable to override it.
 ONEDNN_CACHE = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
 
 

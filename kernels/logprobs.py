@@ -34,13 +34,13 @@ except ImportError:  # pragma: no cover
 CHUNK_ELEMS = 3 << 21
 
 # Where the C++ op is built, CPU runs use it instead of `logprobs_chunked`: it measured faster forward and backward
-# on the development CPU (bench/results/logprobs_cpu_2026-11.md).
+# on the development CPU (bench/results/logprobs_cpu_2026-11-24.md).
 NATIVE_ON_CPU = True
 
 # Triton path (CUDA): the logits of a chunk of rows come from one cuBLAS GEMM with fp32 output, and one Triton
 # program per row reads them once (forward: max, logsumexp, entropy, target logit; backward: dz in place or into the
 # input dtype), so every GEMM runs on the vendor library and no [N, V] buffer exists: at most FUSED_CHUNK_BYTES of
-# fp32 logits at a time (why not an all-Triton backward: bench/results/logprobs_gpu_2026-11-30_atomics.md).
+# fp32 logits at a time (why not an all-Triton backward: bench/results/logprobs_h200_2026-11-30_atomics.md).
 FUSED_CHUNK_BYTES = 1 << 30
 BLOCK_V = 1024  # columns per loop step of a row program; fixed so the interpreter tests run what the GPU runs
 

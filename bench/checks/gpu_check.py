@@ -1,4 +1,4 @@
-"""`make gpu-check`: run the whole GPU path on a CUDA machine and write bench/results/gpu_<date>.md.
+"""`make gpu-check`: run the whole GPU path on a CUDA machine and write bench/results/gpu_check_<device>_<date>.md.
 
 Each check runs the real code on the device and records pass/fail, its figures, and the command that reproduces
 it. Without CUDA (`--dry-run`, or no device found) it prints what it would run and writes nothing.
@@ -27,6 +27,7 @@ import datetime
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,7 +41,20 @@ PY = sys.executable
 
 LOG_DIR: Path | None = None  # --log-dir: every check's full output, one file per command
 MODEL = "default"  # --model: the policy of kv_release and train_3 (a checkpoint directory, or 'default')
-REPORT: Path | None = None  # --report: where the report goes (default bench/results/gpu_<date>.md)
+REPORT: Path | None = None  # --report: where the report goes (default bench/results/gpu_check_<device>_<date>.md)
+
+
+def result_name(what: str) -> str:
+    """bench/results naming rule: <what>_<device>_<yyyy-mm-dd>.md, the device as its short name (h200, cpu)."""
+    device = "cpu"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            device = torch.cuda.get_device_name(0).lower().split()[-1]
+    except Exception:
+        pass
+    return f"{what}_{re.sub(r'[^a-z0-9]+', '', device) or 'gpu'}_{datetime.date.today().isoformat()}.md"
 
 
 def _run(cmd: list[str], timeout: int = 900) -> tuple[int, str, float]:
@@ -173,7 +187,7 @@ def check_logprob_peers() -> dict:
     # [8, 1024, 151936]: 8 sequences of 1024 tokens (N = 8192 rows), a 4096-wide model, Qwen's vocabulary
     cmd = [PY, "bench/kernels/logprobs.py", "--shapes", "8192x4096x151936", "--dtype", "bf16",
            "--providers", "triton,chunked,liger_ce,liger,naive", "--reps", "5",
-           "--report", f"bench/results/logprobs_gpu_{datetime.date.today().isoformat()}.md"]
+           "--report", f"bench/results/{result_name('logprobs')}"]
     rc, out, dt = _run(cmd)
     return {"ok": rc == 0, "seconds": round(dt, 1), "summary": out.strip().splitlines()[-1:],
             "cmd": " ".join(cmd[1:])}
@@ -217,7 +231,7 @@ def write_report(header: str, results: dict) -> Path:
     for n, r in results.items():
         details = json.dumps({k: v for k, v in r.items() if k != "ok"})[:1500].replace("|", "\\|")
         lines.append(f"| {n} | {r['ok']} | {details} |")
-    out = REPORT or ROOT / "bench" / "results" / f"gpu_{datetime.date.today().isoformat()}.md"
+    out = REPORT or ROOT / "bench" / "results" / result_name("gpu_check")
     out.write_text("\n".join(lines) + "\n")
     return out
 
@@ -228,7 +242,7 @@ def main() -> int:
     ap.add_argument("--only", default=",".join(CHECKS), help="comma-separated checks to run")
     ap.add_argument("--log-dir", default="", help="write each check's full output here")
     ap.add_argument("--model", default="default", help="policy for kv_release and train_3 (checkpoint directory)")
-    ap.add_argument("--report", default="", help="write the report here instead of bench/results/gpu_<date>.md")
+    ap.add_argument("--report", default="", help="write the report here instead of bench/results/gpu_check_<device>_<date>.md")
     args = ap.parse_args()
     global LOG_DIR, MODEL, REPORT
     LOG_DIR = Path(args.log_dir) if args.log_dir else None

@@ -71,7 +71,7 @@ def _documented_options() -> dict[str, set[str]]:
 def test_every_option_the_docs_give_a_command_is_in_its_help(capsys, monkeypatch):
     helps = {cmd: _help(cmd, capsys, monkeypatch) for cmd in COMMANDS}
     documented = _documented_options()
-    assert sum(map(len, documented.values())) >= 20  # the scan finds the docs' options
+    assert sum(map(len, documented.values())) >= 15  # the scan finds the docs' options
     unknown = []
     for cmd, opts in documented.items():
         text = helps[cmd] + (helps["train"] if cmd in TAKES_TRAIN_OPTIONS else "")
