@@ -192,6 +192,10 @@ class WarmupConfig:
     """SFT samples per warm-up step (drawn from both sets, shuffled)."""
     seed: int = 0
     """Seed of the warm-up's data order and torch."""
+    lora_rank: int = 0
+    """0: the warm-up trains every weight. N > 0: it trains LoRA adapters of rank N on every linear layer (alpha
+    2N), merged into the base model afterwards; such a warm-up can be shipped (`fast-srt sft --ship`) and is then
+    built from its adapter in seconds instead of trained."""
     defender_data: str = "builtin"
     """Defender CoT SFT data: 'builtin' (fast_srt/data/sft/cot_sft.jsonl) or a JSONL file of {"prompt",
     "response"} with optional "thinking"."""
@@ -203,6 +207,7 @@ class WarmupConfig:
         _require(self.steps >= 0, f"warmup.steps must be >= 0 (0 turns the warm-up off), got {self.steps}")
         _require(self.lr > 0, f"warmup.lr must be > 0, got {self.lr}")
         _require(self.batch_size >= 1, f"warmup.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.lora_rank >= 0, f"warmup.lora_rank must be >= 0 (0: train every weight), got {self.lora_rank}")
 
 
 @dataclass(frozen=True, kw_only=True)

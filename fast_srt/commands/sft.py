@@ -28,6 +28,9 @@ def parse_sft_args(argv: list[str]):
                     help="held-out seeds on which each role's format is measured after the warm-up (0: skip)")
     ap.add_argument("--format-temperatures", default=None,
                     help="comma-separated sampling temperatures to measure at (default: the config's)")
+    ap.add_argument("--ship", action="store_true",
+                    help="copy the LoRA warm-up's adapter into fast_srt/data/warmup/ (a fresh machine then builds "
+                         "the same warm-up in seconds)")
     ns, rest = ap.parse_own(argv)
     opts = {"--format-prompts": ns.format_prompts, "--format-temperatures": ns.format_temperatures}
     try:
@@ -51,7 +54,9 @@ def parse_sft_args(argv: list[str]):
                         "cpu_default preset turns it on)")
     if not cfg.game.cot:
         raise UserError("the warm-up teaches the <think>/<answer> format: it needs game.cot True")
-    return cfg, n, temps
+    if ns.ship and not cfg.warmup.lora_rank:
+        raise UserError("--ship needs a LoRA warm-up (--warmup.lora-rank N): a full fine-tune has no adapter to ship")
+    return cfg, n, temps, ns.ship
 
 
 def format_seeds(n: int):
@@ -91,12 +96,16 @@ def sft_main(argv: list[str]) -> None:
     from fast_srt.learner.warmup import ensure_warmup, load_warmup_data
     from fast_srt.run.models import resolve_model
 
-    cfg, n, temps = parse_sft_args(argv)
+    cfg, n, temps, ship = parse_sft_args(argv)
     t0 = time.perf_counter()
     load_warmup_data(cfg.warmup)  # a bad data file is refused before any model is resolved or converted
     base = resolve_model(cfg.model.model, cfg.model.dtype)
     warm = ensure_warmup(base, cfg.warmup, cfg.model.dtype)
     print(f"warmed checkpoint: {warm}")
+    if ship:
+        from fast_srt.learner.warmup import ship_warmup
+
+        print(f"shipped adapter: {ship_warmup(warm)}")
     if n == 0:
         return
     from fast_srt.engine.engine import Engine

@@ -99,6 +99,21 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+@torch.no_grad()
+def merge_into_base(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Replace every LoRALinear by its base nn.Linear holding W + (alpha/r) B A (summed in fp32, then cast to `dtype`
+    or the base's own dtype): an ordinary model again, trainable in full. Returns how many layers were merged."""
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                w = child.merged_weight()
+                child.base.weight.data = w.to(dtype or child.base.weight.dtype)
+                setattr(parent, name, child.base.requires_grad_(True))
+                n += 1
+    return n
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in model.state_dict().items() if ".lora_A" in k or ".lora_B" in k}
 

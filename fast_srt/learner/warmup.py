@@ -41,6 +41,11 @@ MICRO_BATCH_TOKENS = 4096  # packed row tokens per forward/backward (a batch of 
 BETAS = (0.9, 0.95)
 GRAD_CLIP = 1.0
 MIN_LR_RATIO = 0.1
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_ALPHA_PER_RANK = 2.0
+ADAPTER_FILE = "adapter/warmup_adapter.safetensors"  # a subfolder: engines load every top-level *.safetensors
+ADAPTER_DTYPE = torch.bfloat16
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / "warmup"  # adapters shipped by key (`--ship`)
 
 
 # ------------------------------------------------------------------------------------------------ the cache key
@@ -130,10 +135,11 @@ def sft_batch_loss(model, batch_samples, logprob_fn, autocast, device, backward:
     return total
 
 
-def train_warmup(model, samples, wcfg, device: torch.device, compute_dtype: torch.dtype) -> dict:
+def train_warmup(model, samples, wcfg, device: torch.device, compute_dtype: torch.dtype,
+                 progress=lambda msg: None) -> dict:
     """wcfg.steps AdamW steps of wcfg.batch_size samples from a seeded shuffled stream over `samples`; linear LR
     warm-up over 10% of the steps, then cosine to MIN_LR_RATIO x lr; gradients clipped to GRAD_CLIP; a non-finite
-    loss or gradient skips its step. Returns {"losses": [...], "skipped": n}."""
+    loss or gradient skips its step; `progress` hears a line at every quarter. Returns {"losses": [...], "skipped": n}."""
     from fast_srt.learner.policy import build_optimizer, build_scheduler
     from fast_srt.learner.sft import SFTStream
     from fast_srt.learner.step import pick_logprob_impl
@@ -151,12 +157,15 @@ def train_warmup(model, samples, wcfg, device: torch.device, compute_dtype: torc
 
     model.train()
     losses, skipped = [], 0
-    for _ in range(wcfg.steps):
+    t0 = time.perf_counter()
+    for i in range(wcfg.steps):
+        if i and i % max(1, wcfg.steps // 4) == 0:
+            progress(f"step {i}/{wcfg.steps}, loss {losses[-1]:.3f}, {time.perf_counter() - t0:.0f} s")
         batch = stream.next(wcfg.batch_size)
         optimizer.zero_grad(set_to_none=True)
         loss = sft_batch_loss(model, batch, logprob_fn, autocast, device, scale=scaler.scale)
         scaler.unscale_(optimizer)
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        gn = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], GRAD_CLIP)
         if not (math.isfinite(loss) and bool(torch.isfinite(gn))):
             optimizer.zero_grad(set_to_none=True)
             scaler.update()
@@ -184,8 +193,9 @@ def write_meta(out: Path, meta: dict) -> None:
 
 
 def ensure_warmup(base_dir: str | Path, wcfg, dtype: str = "bfloat16", quiet: bool = False) -> Path:
-    """The warmed checkpoint for (base model, data, hyper-parameters, dtype): trained and cached on the first call,
-    reused afterwards. `wcfg.steps == 0` returns `base_dir` unchanged. Prints one line unless quiet."""
+    """The warmed checkpoint for (base model, data, hyper-parameters, dtype): taken from the cache, else built from a
+    shipped adapter of the same key (LoRA warm-ups), else trained; cached either way. `wcfg.steps == 0` returns
+    `base_dir` unchanged. Prints one line unless quiet (and progress while it trains)."""
     base_dir = Path(base_dir)
     if wcfg.steps < 0:
         raise UserError(f"warmup.steps must be >= 0 (0 turns the warm-up off), got {wcfg.steps}")
@@ -199,31 +209,90 @@ def ensure_warmup(base_dir: str | Path, wcfg, dtype: str = "bfloat16", quiet: bo
     samples = warmup_samples(tokenizer, defender, attacker)
     key = _key(identity, wcfg, dtype, samples)
     target = warmup_dir(key)
+    say = (lambda msg: None) if quiet else (lambda msg: print(f"[fast_srt] warm-up: {msg}", flush=True))
     if is_complete(target):
-        if not quiet:
-            meta = json.loads((target / META_FILE).read_text())
-            print(f"[fast_srt] warm-up: cached ({meta.get('steps')} steps, final loss {meta.get('final_loss'):.3f}) "
-                  f"in {target}", flush=True)
+        meta = json.loads((target / META_FILE).read_text())
+        say(f"cached ({meta.get('steps')} steps, final loss {meta.get('final_loss'):.3f}) in {target}")
         return target
-    from fast_srt.learner.policy import VARLEN_SDPA, load_policy
-
     t0 = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    compute_dtype = getattr(torch, dtype)
+    shipped = SHIPPED_DIR / key
+    if wcfg.lora_rank and (shipped / ADAPTER_FILE).is_file():
+        model = _load_base(base_dir, wcfg, device)
+        _load_adapter(model, shipped / ADAPTER_FILE)
+        meta = {**json.loads((shipped / META_FILE).read_text()), "from_shipped": str(shipped)}
+        _save_entry(model, tokenizer, target, getattr(torch, dtype), meta)
+        say(f"built from the shipped adapter {shipped.name} ({meta['steps']} steps, final loss "
+            f"{meta['final_loss']:.3f}) in {time.perf_counter() - t0:.1f} s; cached in {target}")
+        return target
+    model = _load_base(base_dir, wcfg, device)
+    result = train_warmup(model, samples, wcfg, device, getattr(torch, dtype), progress=say)
+    losses, seconds = result["losses"], time.perf_counter() - t0
+    tail = losses[-max(1, min(5, len(losses))):]
+    meta = {"base": str(base_dir), "key": key, "dtype": dtype, **dataclasses.asdict(wcfg), "recipe": RECIPE_VERSION,
+            "first_loss": losses[0], "final_loss": sum(tail) / len(tail), "skipped_steps": result["skipped"],
+            "samples": {"defender": len(defender), "attacker": len(attacker)}, "seconds": round(seconds, 1),
+            "device": device.type}
+    _save_entry(model, tokenizer, target, getattr(torch, dtype), meta)
+    say(f"{wcfg.steps} steps of {wcfg.batch_size} SFT samples ({len(defender)} defender, {len(attacker)} attacker "
+        f"records){f', LoRA rank {wcfg.lora_rank}' if wcfg.lora_rank else ''}, loss {losses[0]:.3f} -> "
+        f"{meta['final_loss']:.3f} (mean of the last {len(tail)}), {seconds:.1f} s on {device.type}; cached in "
+        f"{target}")
+    return target
+
+
+def _load_base(base_dir: Path, wcfg, device: torch.device):
+    """The base model in fp32 for training, with LoRA adapters on every linear layer when wcfg.lora_rank > 0."""
+    from fast_srt.learner.lora import apply_lora
+    from fast_srt.learner.policy import VARLEN_SDPA, load_policy
+
     model = load_policy(str(base_dir), dtype=torch.float32, device=device, attn=VARLEN_SDPA)
-    result = train_warmup(model, samples, wcfg, device, compute_dtype)
-    losses = result["losses"]
-    seconds = time.perf_counter() - t0
+    if wcfg.lora_rank:
+        apply_lora(model, wcfg.lora_rank, LORA_ALPHA_PER_RANK * wcfg.lora_rank, LORA_TARGETS)
+    return model
+
+
+def _load_adapter(model, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from fast_srt.learner.lora import adapter_state_dict
+
+    tensors = load_file(str(path))
+    expected = adapter_state_dict(model)
+    if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
+        raise UserError(f"warm-up: the shipped adapter {path} does not fit this model's LoRA layers; delete it or "
+                        f"rebuild it with `fast-srt sft --ship`")
+    model.load_state_dict(tensors, strict=False)
+
+
+def _round_adapter(model) -> dict[str, torch.Tensor]:
+    """The adapter as it is kept (ADAPTER_DTYPE), written back into the model: a shipped copy merges exactly as the
+    run that trained it did."""
+    from fast_srt.learner.lora import adapter_state_dict
+
+    kept = {k: v.to(ADAPTER_DTYPE) for k, v in adapter_state_dict(model).items()}
+    model.load_state_dict(kept, strict=False)
+    return kept
+
+
+def _save_entry(model, tokenizer, target: Path, dtype: torch.dtype, meta: dict) -> None:
+    """Merge any adapter (kept beside the checkpoint as ADAPTER_FILE) and write the cache entry atomically: into
+    `.tmp-<name>-*`, the marker last, then renamed into place."""
+    from safetensors.torch import save_file
+
+    from fast_srt.learner.lora import has_lora, merge_into_base
+
+    adapter = _round_adapter(model) if has_lora(model) else None
+    if adapter is not None:
+        merge_into_base(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
-        save_warm_checkpoint(model, tokenizer, tmp, compute_dtype)
-        tail = losses[-max(1, min(5, len(losses))):]
-        write_meta(tmp, {"base": str(base_dir), "key": key, "dtype": dtype, **dataclasses.asdict(wcfg),
-                         "recipe": RECIPE_VERSION, "first_loss": losses[0], "final_loss": sum(tail) / len(tail),
-                         "skipped_steps": result["skipped"], "samples": {"defender": len(defender),
-                                                                         "attacker": len(attacker)},
-                         "seconds": round(seconds, 1), "device": device.type})
+        save_warm_checkpoint(model, tokenizer, tmp, dtype)
+        if adapter is not None:
+            (tmp / ADAPTER_FILE).parent.mkdir()
+            save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp / ADAPTER_FILE))
+        write_meta(tmp, meta)
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished the same key first: keep its copy
@@ -231,9 +300,17 @@ def ensure_warmup(base_dir: str | Path, wcfg, dtype: str = "bfloat16", quiet: bo
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if not quiet:
-        tail = losses[-max(1, min(5, len(losses))):]
-        print(f"[fast_srt] warm-up: {wcfg.steps} steps of {wcfg.batch_size} SFT samples ({len(defender)} defender, "
-              f"{len(attacker)} attacker records), loss {losses[0]:.3f} -> {sum(tail) / len(tail):.3f} (mean of "
-              f"the last {len(tail)}), {seconds:.1f} s on {device.type}; cached in {target}", flush=True)
-    return target
+
+
+def ship_warmup(entry: Path) -> Path:
+    """Copy a LoRA warm-up's adapter and meta from its cache entry into SHIPPED_DIR/<key>/ (what `fast-srt sft
+    --ship` does): a fresh machine with the same base model and inputs then skips the training."""
+    meta = json.loads((entry / META_FILE).read_text())
+    if not (entry / ADAPTER_FILE).is_file():
+        raise UserError(f"warm-up {entry} has no adapter to ship: only a LoRA warm-up (--warmup.lora-rank N) ships")
+    out = SHIPPED_DIR / meta["key"]
+    (out / ADAPTER_FILE).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(entry / ADAPTER_FILE, out / ADAPTER_FILE)
+    keep = {k: v for k, v in meta.items() if k not in ("base", "from_shipped")}
+    (out / META_FILE).write_text(json.dumps(keep, indent=2, sort_keys=True) + "\n")
+    return out

@@ -165,6 +165,38 @@ def test_ensure_warmup_caches_and_reuses(tiny_model_dir, small_data, cache, monk
     assert warmup.ensure_warmup(tiny_model_dir, dataclasses.replace(wcfg, steps=0), "float32") == tiny_model_dir
 
 
+def test_lora_warmup_ships_and_a_fresh_cache_builds_the_same_weights_without_training(
+        tiny_model_dir, small_data, cache, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(warmup, "SHIPPED_DIR", tmp_path / "shipped")
+    wcfg = _wcfg(small_data, lora_rank=4, steps=3, lr=5e-3)
+    trained = warmup.ensure_warmup(tiny_model_dir, wcfg, "float32")
+    adapter = load_file(str(trained / warmup.ADAPTER_FILE))
+    assert adapter and all(v.dtype == warmup.ADAPTER_DTYPE for v in adapter.values())
+    assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)  # the adapter moved
+    assert "LoRA rank 4" in capsys.readouterr().out
+    assert [f.name for f in trained.glob("*.safetensors")] == ["model.safetensors"]  # engines load every one there
+    shipped = warmup.ship_warmup(trained)
+    assert shipped.parent == tmp_path / "shipped" and (shipped / warmup.ADAPTER_FILE).is_file()
+
+    def no_training(*a, **k):
+        raise AssertionError("a shipped warm-up must not train")
+
+    monkeypatch.setattr(warmup, "train_warmup", no_training)
+    monkeypatch.setenv("FAST_SRT_CACHE", str(tmp_path / "fresh_cache"))
+    built = warmup.ensure_warmup(tiny_model_dir, wcfg, "float32")
+    assert built != trained and built.name == trained.name and warmup.is_complete(built)
+    assert "shipped adapter" in capsys.readouterr().out
+    a, b = (load_file(str(next(d.glob("model*.safetensors")))) for d in (trained, built))
+    base = load_file(str(next(tiny_model_dir.glob("*.safetensors"))))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same merged weights
+    assert not all(torch.equal(a[k], base[k]) for k in base if k in a)  # and not the base's
+    # another key (here another rank) finds no shipped adapter and trains
+    with pytest.raises(AssertionError, match="must not train"):
+        warmup.ensure_warmup(tiny_model_dir, dataclasses.replace(wcfg, lora_rank=2), "float32")
+
+
 def test_changed_inputs_give_new_cache_entries(tiny_model_dir, small_data, cache, tmp_path):
     wcfg = _wcfg(small_data)
     d, a = warmup.load_warmup_data(wcfg)
@@ -264,11 +296,13 @@ def test_presets_turn_the_warmup_on_for_cot_only():
 def test_sft_command_arguments():
     from fast_srt.commands.sft import format_seeds, parse_sft_args
 
-    cfg, n, temps = parse_sft_args(["--warmup.steps", "3", "--format-prompts", "4", "--format-temperatures",
+    cfg, n, temps, ship = parse_sft_args(["--warmup.steps", "3", "--format-prompts", "4", "--format-temperatures",
                                     "0.6,1.0"])
-    assert cfg.warmup.steps == 3 and n == 4 and temps == [0.6, 1.0]
+    assert cfg.warmup.steps == 3 and n == 4 and temps == [0.6, 1.0] and not ship
+    assert parse_sft_args(["--warmup.steps", "3", "--warmup.lora-rank", "4", "--ship"])[3]
     for bad in (["--warmup.steps", "0"], ["--format-prompts", "x"], ["--format-prompts", "-1"],
-                ["--format-temperatures", "hot"], ["no_cot"]):
+                ["--format-temperatures", "hot"], ["no_cot"], ["--warmup.steps", "3", "--ship"],
+                ["--warmup.steps", "3", "--warmup.lora-rank", "-1"]):
         with pytest.raises(UserError) as e:
             parse_sft_args(bad)
         _one_line(e)
