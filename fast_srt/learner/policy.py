@@ -117,18 +117,94 @@ def pick_attention(device: torch.device | str, attn: str | None = None) -> str:
     return attn
 
 
+FUSED_TRITON, FUSED_TORCH = "triton", "torch"
+
+
+def pick_fused_ops(device: torch.device | str, fused: str | None = None) -> str:
+    """fused if given, else FUSED_TRITON on CUDA with triton installed (RMSNorm, SwiGLU and RoPE as one kernel
+    each: fast_srt/kernels/fused_ops.py), else FUSED_TORCH (transformers' own small ops; CPU keeps them)."""
+    if fused is None:
+        from fast_srt.kernels import fused_ops
+
+        fused = FUSED_TRITON if torch.device(device).type == "cuda" and fused_ops.triton is not None else FUSED_TORCH
+    if fused not in (FUSED_TRITON, FUSED_TORCH):
+        raise ValueError(f"fused ops {fused!r}: one of {FUSED_TRITON!r}, {FUSED_TORCH!r}")
+    return fused
+
+
+def _fused_rms_norm_forward(module, hidden_states):
+    from fast_srt.kernels.fused_ops import rms_norm
+
+    return rms_norm(hidden_states, module.weight, module.variance_epsilon)
+
+
+def _fused_mlp_forward(module, x):
+    from fast_srt.kernels.fused_ops import silu_mul
+
+    return module.down_proj(silu_mul(module.gate_proj(x), module.up_proj(x)))
+
+
+_FUSED_ROPE_DEVICES: set[str] = set()  # device types whose models asked for the fused RoPE
+
+
+def _rope_dispatch(torch_rope):
+    """A module-level apply_rotary_pos_emb that takes the fused kernel for tensors on an opted-in device type."""
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if q.device.type in _FUSED_ROPE_DEVICES and unsqueeze_dim == 1 and q.dim() == 4:
+            from fast_srt.kernels.fused_ops import apply_rope
+
+            return apply_rope(q, k, cos, sin)
+        return torch_rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+    apply_rotary_pos_emb.torch_rope = torch_rope
+    return apply_rotary_pos_emb
+
+
+def apply_fused_ops(model, fused: str) -> dict[str, int]:
+    """With FUSED_TRITON, route the model's RMSNorms, SiLU MLPs and rotary embedding through the fused kernels
+    (instance forwards; RoPE through its modeling module's apply_rotary_pos_emb, for this model's device type).
+    Returns how many modules of each kind now run fused ({} with FUSED_TORCH)."""
+    import functools
+    import sys
+
+    if fused == FUSED_TORCH:
+        return {}
+    done = {"rms_norm": 0, "swiglu": 0, "rope": 0}
+    act = getattr(model.config, "hidden_act", None)
+    for module in model.modules():
+        name = type(module).__name__
+        if name.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            module.forward = functools.partial(_fused_rms_norm_forward, module)
+            done["rms_norm"] += 1
+        elif name.endswith("MLP") and act in ("silu", "swish") and hasattr(module, "gate_proj"):
+            module.forward = functools.partial(_fused_mlp_forward, module)
+            done["swiglu"] += 1
+        elif name.endswith("Attention"):
+            modeling = sys.modules[type(module).__module__]
+            rope = getattr(modeling, "apply_rotary_pos_emb", None)
+            if rope is not None:
+                if not hasattr(rope, "torch_rope"):
+                    modeling.apply_rotary_pos_emb = _rope_dispatch(rope)
+                done["rope"] += 1
+    _FUSED_ROPE_DEVICES.add(next(model.parameters()).device.type)
+    return done
+
+
 def load_policy(model_dir: str, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-                attn: str | None = None, gradient_checkpointing: bool = False):
-    """Load an HF causal LM for training from a local directory (or hub id), in train mode."""
+                attn: str | None = None, gradient_checkpointing: bool = False, fused: str | None = None):
+    """Load an HF causal LM for training from a local directory (or hub id), in train mode, with the attention
+    and the fused small ops chosen for `device` (pick_attention, pick_fused_ops)."""
     from transformers import AutoModelForCausalLM
 
     attn = pick_attention(device, attn)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn)
-    return prepare_for_training(model.to(device), gradient_checkpointing)
+    model = model.to(device)
+    apply_fused_ops(model, pick_fused_ops(device, fused))
+    return prepare_for_training(model, gradient_checkpointing)
 
 
 def load_reference(model_dir: str, compute_dtype: torch.dtype, device: torch.device | str = "cpu",
-                   attn: str | None = None):
+                   attn: str | None = None, fused: str | None = None):
     """The frozen KL reference, computing exactly what the fp32-master policy computes under autocast.
 
     The policy keeps fp32 master weights and runs its matmuls in `compute_dtype` under autocast: every linear
@@ -138,7 +214,8 @@ def load_reference(model_dir: str, compute_dtype: torch.dtype, device: torch.dev
     Here the linear layers (not the output head) hold compute_dtype weights, which autocast uses as they are, and
     the rest stays fp32: identical numbers on identical weights, for half the memory of an fp32 copy of the
     linears."""
-    model = load_policy(model_dir, dtype=torch.float32, device=device, attn=attn).eval().requires_grad_(False)
+    model = load_policy(model_dir, dtype=torch.float32, device=device, attn=attn, fused=fused)
+    model = model.eval().requires_grad_(False)
     head = model.get_output_embeddings()
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module is not head:

@@ -214,3 +214,59 @@ def test_packed_attention_on_cuda_excludes_cudnn_sdpa():
         assert not torch.backends.cuda.cudnn_sdp_enabled()
         assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def test_pick_fused_ops_is_triton_on_cuda_and_torch_on_cpu():
+    from fast_srt.kernels import fused_ops
+    from fast_srt.learner.policy import FUSED_TORCH, FUSED_TRITON, pick_fused_ops
+
+    assert pick_fused_ops("cpu") == FUSED_TORCH
+    assert pick_fused_ops("cuda") == (FUSED_TRITON if fused_ops.triton is not None else FUSED_TORCH)
+    assert pick_fused_ops("cpu", FUSED_TRITON) == FUSED_TRITON
+    with pytest.raises(ValueError, match="fused ops"):
+        pick_fused_ops("cpu", "liger")
+
+
+@pytest.fixture
+def fused_rope_on_cpu():
+    from fast_srt.learner import policy
+
+    yield
+    policy._FUSED_ROPE_DEVICES.discard("cpu")
+
+
+@pytest.mark.parametrize("arch,tie", [("llama", True), ("qwen2", False)])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_small_ops_match_the_torch_path(fused_rope_on_cpu, arch, tie, autocast):
+    """The fused RMSNorm, SwiGLU and RoPE (their CPU twins here; the Triton kernels against the same twins and a
+    float64 reference in tests/kernels/test_fused_ops.py) in place of transformers' ops: every module swapped,
+    log-probs within 1e-5 and every gradient within 1e-5 + 1e-4 relative in fp32; under bf16 autocast within
+    bf16 rounding (0.02 nats, gradients 2% of their largest entry)."""
+    from fast_srt.learner.op_count import count_ops
+    from fast_srt.learner.policy import FUSED_TRITON, apply_fused_ops
+
+    batch = pack(ragged_samples(4))
+    w = torch.randn(batch.num_tokens, generator=torch.Generator().manual_seed(3))
+    runs = []
+    for fused in (False, True):
+        model = tiny_model(arch, tie)
+        if fused:
+            layers = model.config.num_hidden_layers
+            assert apply_fused_ops(model, FUSED_TRITON) == {"rms_norm": 2 * layers + 1, "swiglu": layers,
+                                                             "rope": layers}
+        with count_ops() as ops:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                logp, ent = token_logprobs(model, batch, logprobs_naive)
+            ((logp * w).sum() + 0.1 * (ent * w).sum()).backward()
+        n = model.config.num_hidden_layers if fused else 0
+        assert [ops.counts[f"fast_srt.{k}"] for k in ("rms_norm_fwd", "rms_norm_bwd", "silu_mul_fwd",
+                                                       "silu_mul_bwd", "rope_fwd", "rope_bwd")] == \
+            [2 * n + fused, 2 * n + fused, n, n, n, n]
+        runs.append((logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (lp0, g0), (lp1, g1) = runs
+    torch.testing.assert_close(lp1, lp0, atol=0.02 if autocast else 1e-5, rtol=0)
+    for name in g0:
+        assert g0[name].abs().max() > 0, name
+        scale = g0[name].abs().max().item()
+        tol = dict(atol=0.02 * scale, rtol=0.02) if autocast else dict(atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(g1[name], g0[name], msg=name, **tol)
