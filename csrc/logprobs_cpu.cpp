@@ -23,9 +23,8 @@
 namespace fast_srt {
 
 namespace {
-// Tiles (measured at N 2048, H 576, V 49152 on a 2-core AVX-512 CPU, docs/measurements.md): forward rows per
-// tile 64 -> 256 took the forward from 0.82 to 0.71 s; backward rows 64 -> 128 from 2.10 to 1.95 s. Fewer rows
-// per tile when N is small, so that every thread still gets a row block in the forward.
+// Tile sizes chosen by measurement (bench/results/trainer_cpu_2026-11-30.md). Fewer rows per tile when N is
+// small, so that every thread still gets a row block in the forward.
 constexpr int64_t kFwdBlockNMax = 256;
 constexpr int64_t kFwdBlockNMin = 64;
 constexpr int64_t kFwdBlockV = 512;  // 256 x 512 fp32 = 512 KiB: stays in L2

@@ -37,8 +37,7 @@ def linear_params(config: dict) -> tuple[int, int]:
 
 def matmul_ceiling(hidden: int, dtype, reps: int = 20) -> float:
     """Best of `reps` timings of a [2048, H] x [H, 4H] matmul in `dtype`, in FLOP/s. The bench takes it before
-    and after the run and keeps the higher: on the shared 2-core machines one reading of best-of-5 ranged from
-    192 to 361 GFLOP/s between runs, which moved the shares by 2x."""
+    and after the run and keeps the higher: one reading moves by up to 2x between runs on a shared machine."""
     import torch
 
     a = torch.randn(2048, hidden, dtype=dtype)
