@@ -7,7 +7,15 @@ to --max-resp. The model is a random initialisation of a named architecture (no 
 where no model hub and no vLLM are (the lent GPU machine). Log-prob implementations given in --impls take turns
 step by step on the same learner; the first step of each is a warm-up and is not counted.
 
+Per phase: wall seconds (device synchronized at both ends) and host seconds (until the phase's last op is queued:
+a phase whose host time is near its wall time is host-bound). With --count-ops, per step: the ops dispatched
+(CPU: fast_srt.learner.op_count, deterministic) or the kernels launched and their summed device time (CUDA:
+torch.profiler). MFU: the step's model FLOPs (as `fast-srt bench` counts them) over its wall time and the matmul
+ceiling. --attention and --fused force the packed attention kernel and the small ops (e.g. CUDA's one-call path
+on CPU, for its op count).
+
     .venv/bin/python bench/steps/learner_step.py --arch tiny --games 8 --steps 2        # CPU smoke run
+    .venv/bin/python bench/steps/learner_step.py --steps 2 --count-ops --attention varlen --fused triton  # CPU ops
     python3 bench/steps/learner_step.py --arch smollm2-135m --games 64 --impls triton,chunked --steps 6   # CUDA
 
 Last stdout line: one JSON object (per-impl phase table, ceiling, peak memory).
@@ -119,15 +127,61 @@ def write_profile(prof, device: torch.device, path: str, impl: str) -> None:
     print(f"profile: {path}", flush=True)
 
 
-def build_learner(model_dir: Path, cfg, device: torch.device, impl: str):
+class PhaseClock:
+    """PhaseTimer's synchronized wall seconds per phase, plus host seconds: from the phase's start to the moment its
+    last op was queued (before the closing synchronize)."""
+
+    def __init__(self, device: torch.device):
+        self.timer = PhaseTimer(torch.cuda.synchronize if device.type == "cuda" else None)
+        self.host: dict[str, float] = {}
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        return self.timer.seconds
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        with self.timer(phase):
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.host[phase] = self.host.get(phase, 0.0) + time.perf_counter() - t0
+
+
+def step_counter(device: torch.device, count: bool, prof=None):
+    """(context, read): read() after the context gives the step's dispatched ops (CPU) or its kernel launches and
+    their device seconds (CUDA; from `prof` when the step is profiled anyway), {} when not counting."""
+    if not count:
+        return contextlib.nullcontext(), dict
+    if device.type == "cuda":
+        if prof is not None:
+            return contextlib.nullcontext(), lambda: cuda_launches(prof)
+        prof = profiled(device)
+        return prof, lambda: cuda_launches(prof)
+    from fast_srt.learner.op_count import OpCounter
+
+    counter = OpCounter()
+    return counter, lambda: {"ops": counter.launches, "ops_all": counter.total}
+
+
+def cuda_launches(prof) -> dict:
+    """Kernels launched in a profiled step and their summed device time (a GPU's busy time, overlaps aside)."""
+    from torch.autograd import DeviceType
+
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return {"launches": len(kernels), "device_s": round(sum(e.device_time for e in kernels) / 1e6, 4)}
+
+
+def build_learner(model_dir: Path, cfg, device: torch.device, impl: str, fused: str | None = None):
     from fast_srt.kernels import select_advantages_impl
     from fast_srt.learner.policy import VARLEN_SDPA, build_optimizer, build_scheduler, load_policy, load_reference
     from fast_srt.learner.step import Learner, pick_logprob_impl, total_updates
 
     compute = getattr(torch, cfg.model.dtype)
     attn = VARLEN_SDPA if cfg.optim.share_prefix else None
-    model = load_policy(str(model_dir), dtype=torch.float32, device=device, attn=attn)
-    ref = load_reference(str(model_dir), compute, device, attn=attn) if cfg.algo.kl_coef > 0 else None
+    model = load_policy(str(model_dir), dtype=torch.float32, device=device, attn=attn, fused=fused)
+    ref = load_reference(str(model_dir), compute, device, attn=attn, fused=fused) if cfg.algo.kl_coef > 0 else None
     optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
     n = total_updates(cfg)
     return Learner(cfg=cfg, model=model, ref=ref, optimizer=optimizer,
@@ -139,8 +193,9 @@ def build_learner(model_dir: Path, cfg, device: torch.device, impl: str):
 
 
 def summarize(per_impl: dict[str, list[dict]], lin: int, head: int, ceiling: float) -> dict:
-    """Per impl: median seconds of each phase over its timed steps (the first is a warm-up), the log-prob and train
-    phases' share of the matmul ceiling (FLOPs as `fast-srt bench` counts them), and train tokens per second."""
+    """Per impl: median seconds of each phase (wall and host) over its timed steps (the first is a warm-up), the
+    log-prob and train phases' share of the matmul ceiling and the step's MFU (FLOPs as `fast-srt bench` counts
+    them), train tokens per second, and the step's ops or kernel launches when counted."""
     table = {}
     for name, rows in per_impl.items():
         timed = rows[1:]
@@ -150,11 +205,27 @@ def summarize(per_impl: dict[str, list[dict]], lin: int, head: int, ceiling: flo
         table[name] = {
             "step_s": med["step_s"], "logprob_s": med.get("logprob_s"), "advantage_s": med.get("advantage_s"),
             "train_s": med.get("train_s"),
+            **{k: med[k] for k in med if k.startswith("host_") or k in ("ops", "ops_all", "launches", "device_s")},
             "logprob_share": round(lp_flops / med["logprob_s"] / ceiling, 3) if med.get("logprob_s") else None,
             "train_share": round(tr_flops / med["train_s"] / ceiling, 3) if med.get("train_s") else None,
+            "mfu": round((lp_flops + tr_flops) / med["step_s"] / ceiling, 3),
             "train_tokens_per_s": round(med["train_rows"] / med["train_s"]) if med.get("train_s") else None,
         }
     return table
+
+
+def report_lines(table: dict) -> list[str]:
+    """The markdown table of `summarize`'s result."""
+    lines = ["| impl | step s | host s (logprob / train) | logprob s | train s | ops / launches | device s | "
+             "logprob share | train share | MFU | train tok/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, t in table.items():
+        host = f"{t.get('host_logprob_s', 0):.3f} / {t.get('host_train_s', 0):.3f}"
+        count = t.get("ops", t.get("launches", ""))
+        lines.append(f"| {name} | {t['step_s']:.3f} | {host} | {t['logprob_s']:.3f} | {t['train_s']:.3f} | "
+                     f"{count} | {t.get('device_s', '')} | {t['logprob_share']} | {t['train_share']} | {t['mfu']} | "
+                     f"{t['train_tokens_per_s']} |")
+    return lines
 
 
 def main() -> None:
@@ -173,6 +244,12 @@ def main() -> None:
     p.add_argument("--micro-batch-tokens", type=int, default=4096)
     p.add_argument("--report", default="", help="also write a markdown report here")
     p.add_argument("--profile", default="", help="profile the last step (torch.profiler) and write its top ops here")
+    p.add_argument("--count-ops", action="store_true",
+                   help="count each step's dispatched ops (CPU) or kernel launches (CUDA, torch.profiler)")
+    p.add_argument("--attention", default="auto", choices=["auto", "per_piece", "varlen", "masked", "flash_attn"],
+                   help="force the packed attention kernel (auto: the device's choice)")
+    p.add_argument("--fused", default="auto", choices=["auto", "torch", "triton"],
+                   help="force the small ops (auto: fused Triton on CUDA, torch on CPU)")
     args = p.parse_args()
     if args.steps < 2:
         p.error("--steps must be >= 2 (the first step of each impl is a warm-up)")
@@ -185,11 +262,16 @@ def main() -> None:
         optim=dataclasses.replace(base.optim, updates_per_step=args.updates_per_step,
                                   micro_batch_tokens=args.micro_batch_tokens))
     impls = [x for x in args.impls.split(",") if x]
+    if args.attention != "auto":
+        from fast_srt.learner import attention
+
+        attention.FORCED_KERNEL = args.attention
+    fused = None if args.fused == "auto" else args.fused
     with tempfile.TemporaryDirectory(prefix="fast_srt_learner_") as tmp:
         model_dir = make_model_dir(args.arch, Path(tmp) / "model")
         config = json.loads((model_dir / "config.json").read_text())
         lin, head = linear_params(config)
-        learner = build_learner(model_dir, cfg, device, impls[0])
+        learner = build_learner(model_dir, cfg, device, impls[0], fused)
         fns = {name: pick_logprob_impl(name, device) for name in impls}
         ceiling = matmul_ceiling(device, getattr(torch, args.dtype), config["hidden_size"])
         per_impl: dict[str, list[dict]] = {name: [] for name in impls}
@@ -199,16 +281,18 @@ def main() -> None:
             name = impls[step % len(impls)]
             learner.logprob_fn = fns[name]
             samples = synthetic_samples(args.games, config["vocab_size"], args.max_resp, seed=step, group=spp)
-            timer = PhaseTimer(torch.cuda.synchronize if device.type == "cuda" else None)
+            timer = PhaseClock(device)
             last = step == args.steps * len(impls) - 1
-            prof = profiled(device) if args.profile and last else contextlib.nullcontext()
-            with prof as pr:
+            prof = profiled(device) if args.profile and last else None
+            counting, read_count = step_counter(device, args.count_ops, prof)
+            with prof if prof is not None else contextlib.nullcontext(), counting:
                 t0 = time.perf_counter()
                 m = learner_step(learner, step, samples, timer)
                 timer.seconds["step"] = time.perf_counter() - t0
-            if pr is not None:
-                write_profile(pr, device, args.profile, name)
+            if prof is not None:
+                write_profile(prof, device, args.profile, name)
             row = {"impl": name, "step": step, **{f"{k}_s": round(v, 3) for k, v in timer.seconds.items()},
+                   **{f"host_{k}_s": round(v, 3) for k, v in timer.host.items()}, **read_count(),
                    "logprob_rows": m["tokens/logprob_rows"], "logprob_loss": m["tokens/logprob_loss"],
                    "train_rows": m.get("tokens/train_rows", 0), "loss_tokens": sum(len(s.response_ids)
                                                                                    for s in samples)}
@@ -222,11 +306,7 @@ def main() -> None:
                  f"({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}); matmul ceiling "
                  f"{ceiling / 1e12:.1f} TFLOP/s; peak {peak if peak is None else round(peak, 2)} GiB; medians over "
                  f"steps 2-{args.steps} of each impl")
-    lines = [head_line, "", "| impl | step s | logprob s | train s | logprob share | train share | train tok/s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, t in table.items():
-        lines.append(f"| {name} | {t['step_s']:.3f} | {t['logprob_s']:.3f} | {t['train_s']:.3f} | "
-                     f"{t['logprob_share']} | {t['train_share']} | {t['train_tokens_per_s']} |")
+    lines = [head_line, f"attention {args.attention}, small ops {args.fused}", "", *report_lines(table)]
     text = "\n".join(lines)
     print(text)
     if args.report:
