@@ -298,17 +298,18 @@ def cpu_base() -> TrainConfig:
 
 def cpu_default() -> TrainConfig:
     """The offline default: SmolLM2-135M-Instruct on CPU, a few minutes for a handful of steps. A format warm-up
-    (24 SFT steps, cached after the first run) teaches both roles the <think>/<answer> format and the auxiliary
-    SFT loss (1 sample per micro-step) keeps it; 128 new tokens leave room for it; temperature 0.6
-    (docs/measurements.md §9). Then 12 self-play steps at lr 5e-5 (at 1e-5 the policy hardly moves in a CPU demo:
-    KL 0.001 after 16 steps; at 5e-5 KL reaches about 0.1, docs/measurements.md §10), every game of a step logged
-    (`fast-srt games RUN_DIR`), a checkpoint at the end."""
+    (24 SFT steps of a rank-8 LoRA, merged; its adapter ships, so a fresh machine does not train it) teaches both
+    roles the <think>/<answer> format and the auxiliary SFT loss (1 sample per micro-step) keeps it; 128 new tokens
+    leave room for it; temperature 0.6 (bench/results/warmup_temperature_cpu_2026-11-30.md). Then 12 self-play
+    steps at lr 5e-5 (bench/results/learning_rate_cpu_2026-11-30.md: at 1e-5 the policy hardly moves), every game
+    of a step logged (`fast-srt games RUN_DIR`), a checkpoint at the end."""
     base = cpu_base()
     return dataclasses.replace(
         base, sampling=dataclasses.replace(base.sampling, max_new_tokens=128, temperature=0.6),
         algo=dataclasses.replace(base.algo, sft_coef=1.0, sft_samples_per_micro_step=1),
         optim=dataclasses.replace(base.optim, lr=5e-5),
-        warmup=WarmupConfig(steps=24, lr=1e-4, batch_size=8, seed=0), steps=12, save_every=12, log_games=8)
+        warmup=WarmupConfig(steps=24, lr=3e-3, batch_size=8, seed=0, lora_rank=8), steps=12, save_every=12,
+        log_games=8)
 
 
 def llama8b_reference() -> TrainConfig:

@@ -301,7 +301,7 @@ def test_sft_command_arguments():
     assert cfg.warmup.steps == 3 and n == 4 and temps == [0.6, 1.0] and not ship
     assert parse_sft_args(["--warmup.steps", "3", "--warmup.lora-rank", "4", "--ship"])[3]
     for bad in (["--warmup.steps", "0"], ["--format-prompts", "x"], ["--format-prompts", "-1"],
-                ["--format-temperatures", "hot"], ["no_cot"], ["--warmup.steps", "3", "--ship"],
+                ["--format-temperatures", "hot"], ["no_cot"], ["--warmup.steps", "3", "--warmup.lora-rank", "0", "--ship"],
                 ["--warmup.steps", "3", "--warmup.lora-rank", "-1"]):
         with pytest.raises(UserError) as e:
             parse_sft_args(bad)
