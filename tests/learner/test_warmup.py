@@ -337,3 +337,20 @@ def test_setup_run_takes_the_warmed_base_and_keeps_the_original_judge(tiny_model
     assert judge_dir == tiny_model_dir and mcfg.judge_model == str(tiny_model_dir)  # the judge is not warmed
     other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, judge_model="probe"))
     assert warmed_base(other, tiny_model_dir, tiny_model_dir)[1:3] == (tiny_model_dir, other.model)
+
+
+@pytest.mark.slow
+def test_the_shipped_warmup_is_the_defaults_own():
+    """The adapter under fast_srt/data/warmup/ has the key of cpu_default's warm-up on the default model: a change to
+    the data, the role instructions, the template or the hyper-parameters must ship a new adapter
+    (`fast-srt sft --ship`), or every fresh machine trains the warm-up again."""
+    from fast_srt.run.models import resolve_model
+
+    cfg = cpu_default()
+    base = resolve_model("default", cfg.model.dtype)
+    d, a = warmup.load_warmup_data(cfg.warmup)
+    key = warmup.warmup_key(base, cfg.warmup, cfg.model.dtype, d, a)
+    shipped = sorted(p.name for p in warmup.SHIPPED_DIR.iterdir() if p.is_dir())
+    assert key in shipped, f"cpu_default's warm-up key {key} is not shipped (shipped: {shipped})"
+    meta = json.loads((warmup.SHIPPED_DIR / key / warmup.META_FILE).read_text())
+    assert meta["key"] == key and meta["lora_rank"] == cfg.warmup.lora_rank
