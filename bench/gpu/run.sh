@@ -37,6 +37,11 @@ STEPS=(
   "kernels|60|compiled Triton kernels against their torch twins (passed on 2026-11-30)|$PY bench/checks/gpu_check.py --only kernels --report $WORK/gpu_check_kernels.md"
   "learner|120|learner step on synthetic games, SmolLM2-135M shape (measured on 2026-11-30)|$PY bench/checks/gpu_check.py --only learner --report $WORK/gpu_check_learner.md"
   "logprob_peers|150|fused log-probs against Liger and full logits at [8192, 4096, 151936] bf16|$PY bench/checks/gpu_check.py --only logprob_peers --report $WORK/gpu_check_logprob_peers.md"
+  "learner_tests|90|one-call attention (torch varlen) and the fused RMSNorm/SwiGLU/RoPE Triton kernels against their twins on CUDA|$PY -m pytest -q -x -p no:cacheprovider tests/learner/test_packed_attention.py tests/kernels/test_fused_ops.py tests/learner/test_prefix_sharing.py tests/learner/test_policy.py"
+  "learner_135m|150|learner step, SmolLM2-135M shape, 32 games: wall, host and device s per phase, kernel launches (the profiled last step), MFU; profile file|$PY bench/steps/learner_step.py --arch smollm2-135m --games 32 --steps 4 --count-ops --profile $WORK/learner_135m_profile.txt --report $WORK/learner_135m.md"
+  "learner_135m_before|150|the same with the per-piece attention and transformers' small ops (the path before one call per layer)|$PY bench/steps/learner_step.py --arch smollm2-135m --games 32 --steps 4 --count-ops --attention per_piece --fused torch --profile $WORK/learner_135m_before_profile.txt --report $WORK/learner_135m_before.md"
+  "learner_1p5b|200|learner step, Qwen2.5-1.5B shape, 32 games: as learner_135m; profile file|$PY bench/steps/learner_step.py --arch qwen2.5-1.5b --games 32 --steps 4 --count-ops --profile $WORK/learner_1p5b_profile.txt --report $WORK/learner_1p5b.md"
+  "head_dtype|90|output head fp32 master weights vs TF32 vs bf16: fwd+bwd s and log-prob error against float64, 135M and 1.5B heads|$PY bench/ab/head_dtype.py --shape smollm2-135m --report $WORK/head_dtype_135m.md \&\& $PY bench/ab/head_dtype.py --shape qwen2.5-1.5b --report $WORK/head_dtype_1p5b.md"
 )
 
 DRY=0

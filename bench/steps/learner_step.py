@@ -56,11 +56,18 @@ ARCHS = {
 }
 
 
-def make_model_dir(arch: str, out: Path) -> Path:
-    """A random-init model of `arch` saved in bf16 (what load_policy/load_reference read)."""
+def make_model_dir(arch: str, out: Path, narrow: int = 1) -> Path:
+    """A random-init model of `arch` saved in bf16 (what load_policy/load_reference read). narrow > 1 divides the
+    hidden and MLP widths (same layers, heads, vocabulary): the same ops dispatch, on narrower tensors, so a CPU
+    counts a wide model's ops in a fraction of its time."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     family, shape = ARCHS[arch]
+    if narrow > 1:
+        heads = shape["num_attention_heads"]
+        hidden = max(heads * 8, shape["hidden_size"] // narrow // heads * heads)
+        shape = {**shape, "hidden_size": hidden, "intermediate_size": max(8, shape["intermediate_size"] // narrow),
+                 "head_dim": hidden // heads}
     cls = LlamaConfig if family == "llama" else Qwen2Config
     cfg = cls(max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5, **shape)
     torch.manual_seed(0)
@@ -151,14 +158,11 @@ class PhaseClock:
 
 def step_counter(device: torch.device, count: bool, prof=None):
     """(context, read): read() after the context gives the step's dispatched ops (CPU) or its kernel launches and
-    their device seconds (CUDA; from `prof` when the step is profiled anyway), {} when not counting."""
+    their device seconds (CUDA: from `prof`, the --profile step's profiler), {} when not counted."""
     if not count:
         return contextlib.nullcontext(), dict
-    if device.type == "cuda":
-        if prof is not None:
-            return contextlib.nullcontext(), lambda: cuda_launches(prof)
-        prof = profiled(device)
-        return prof, lambda: cuda_launches(prof)
+    if device.type == "cuda":  # the profiled step only: a profiler on every step would slow the timed ones
+        return contextlib.nullcontext(), (lambda: cuda_launches(prof)) if prof is not None else dict
     from fast_srt.learner.op_count import OpCounter
 
     counter = OpCounter()
@@ -198,8 +202,9 @@ def summarize(per_impl: dict[str, list[dict]], lin: int, head: int, ceiling: flo
     them), train tokens per second, and the step's ops or kernel launches when counted."""
     table = {}
     for name, rows in per_impl.items():
-        timed = rows[1:]
-        med = {k: statistics.median(r[k] for r in timed) for k in timed[0] if k not in ("impl", "step")}
+        timed = rows[1:] or rows  # one step: counts only, its times include the warm-up
+        keys = dict.fromkeys(k for r in timed for k in r if k not in ("impl", "step"))
+        med = {k: statistics.median(r[k] for r in timed if k in r) for k in keys}  # counts: the counted steps
         lp_flops = 2 * lin * med["logprob_rows"] + 2 * head * med["logprob_loss"]
         tr_flops = 6 * lin * med["train_rows"] + 6 * head * med["loss_tokens"]  # each sample trained once a step
         table[name] = {
@@ -236,7 +241,9 @@ def main() -> None:
     p.add_argument("--arch", default="smollm2-135m", choices=sorted(ARCHS))
     p.add_argument("--games", type=int, default=64)
     p.add_argument("--max-resp", type=int, default=256)
-    p.add_argument("--steps", type=int, default=4, help="steps per impl, the first a warm-up")
+    p.add_argument("--steps", type=int, default=4, help="steps per impl, the first a warm-up (1: counts only)")
+    p.add_argument("--narrow", type=int, default=1,
+                   help="divide the hidden and MLP widths by this (op counts on CPU; they do not depend on widths)")
     p.add_argument("--impls", default="auto", help="comma-separated logprob_impl names, taking turns")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--estimator", default="reinforce_pp", choices=["reinforce_pp", "grpo", "rloo"])
@@ -245,14 +252,17 @@ def main() -> None:
     p.add_argument("--report", default="", help="also write a markdown report here")
     p.add_argument("--profile", default="", help="profile the last step (torch.profiler) and write its top ops here")
     p.add_argument("--count-ops", action="store_true",
-                   help="count each step's dispatched ops (CPU) or kernel launches (CUDA, torch.profiler)")
+                   help="count each step's dispatched ops (CPU), or the profiled step's kernel launches (CUDA, "
+                        "with --profile)")
     p.add_argument("--attention", default="auto", choices=["auto", "per_piece", "varlen", "masked", "flash_attn"],
                    help="force the packed attention kernel (auto: the device's choice)")
     p.add_argument("--fused", default="auto", choices=["auto", "torch", "triton"],
                    help="force the small ops (auto: fused Triton on CUDA, torch on CPU)")
     args = p.parse_args()
-    if args.steps < 2:
-        p.error("--steps must be >= 2 (the first step of each impl is a warm-up)")
+    if args.count_ops and torch.cuda.is_available() and not args.profile:
+        p.error("--count-ops on CUDA counts the profiled step's launches: give --profile FILE")
+    if args.steps < 2 and not (args.steps == 1 and args.count_ops):
+        p.error("--steps must be >= 2 (the first step of each impl is a warm-up), or 1 with --count-ops")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     spp = 1 if args.estimator == "reinforce_pp" else 2
     base = TrainConfig()
@@ -268,7 +278,7 @@ def main() -> None:
         attention.FORCED_KERNEL = args.attention
     fused = None if args.fused == "auto" else args.fused
     with tempfile.TemporaryDirectory(prefix="fast_srt_learner_") as tmp:
-        model_dir = make_model_dir(args.arch, Path(tmp) / "model")
+        model_dir = make_model_dir(args.arch, Path(tmp) / "model", args.narrow)
         config = json.loads((model_dir / "config.json").read_text())
         lin, head = linear_params(config)
         learner = build_learner(model_dir, cfg, device, impls[0], fused)
@@ -300,7 +310,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     table = summarize(per_impl, lin, head, ceiling)
-    head_line = (f"learner step, {args.arch} (random init), {args.games} games ({2 * args.games} samples, "
+    head_line = (f"learner step, {args.arch} (random init{f', widths / {args.narrow}' if args.narrow > 1 else ''}), {args.games} games ({2 * args.games} samples, "
                  f"responses <= {args.max_resp}), {args.dtype}, {args.estimator}, {args.updates_per_step} updates, "
                  f"micro-batch {args.micro_batch_tokens} tokens, on {device.type} "
                  f"({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}); matmul ceiling "
