@@ -218,6 +218,7 @@ def ensure_warmup(base_dir: str | Path, wcfg, dtype: str = "bfloat16", quiet: bo
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shipped = SHIPPED_DIR / key
     if wcfg.lora_rank and (shipped / ADAPTER_FILE).is_file():
+        say(f"building the warmed checkpoint from the shipped adapter {shipped.name} (once)")
         model = _load_base(base_dir, wcfg, device)
         _load_adapter(model, shipped / ADAPTER_FILE)
         meta = {**json.loads((shipped / META_FILE).read_text()), "from_shipped": str(shipped)}
@@ -225,6 +226,7 @@ def ensure_warmup(base_dir: str | Path, wcfg, dtype: str = "bfloat16", quiet: bo
         say(f"built from the shipped adapter {shipped.name} ({meta['steps']} steps, final loss "
             f"{meta['final_loss']:.3f}) in {time.perf_counter() - t0:.1f} s; cached in {target}")
         return target
+    say(f"training {wcfg.steps} steps (once; no shipped adapter has this key)")
     model = _load_base(base_dir, wcfg, device)
     result = train_warmup(model, samples, wcfg, device, getattr(torch, dtype), progress=say)
     losses, seconds = result["losses"], time.perf_counter() - t0
