@@ -259,6 +259,16 @@ class TrainConfig:
     measured faster, else the chunked torch twin; naive = full [tokens, vocab] logits (for comparison only)."""
     inject_nan_loss_at_step: int = -1
     """Testing aid: make the loss NaN at this step (the step must be skipped and reported). -1: never."""
+    eval_every: int = 0
+    """Eval during training: before the first step (the baseline), every N steps and at the last, a small fixed
+    held-out eval in the training process (fast_srt/eval/training.py): refusal of harmful and jailbreak-wrapped
+    requests, over-refusal of benign ones, attack success against the frozen base model, attack diversity; in
+    metrics.jsonl with n and 95% Wilson intervals (docs/evaluation.md). 0 turns it off."""
+    eval_prompts: int = 8
+    """Prompts per held-out set of the eval during training, and attacks: a fixed sample, the same at every eval."""
+    eval_over_refusal_alarm: float = 0.5
+    """The always-refuse alarm: one console line and eval/always_refuse_alarm 1 when an eval's benign over-refusal
+    (the judge-free phrase matcher) is above this share."""
 
     def __post_init__(self):
         _require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
@@ -275,6 +285,11 @@ class TrainConfig:
                  "the no-CoT ablation (game.cot False) needs algo.sft_coef 0: the SFT targets are CoT-formatted")
         _require(self.game.cot or self.warmup.steps == 0,
                  "the no-CoT ablation (game.cot False) needs warmup.steps 0: the warm-up teaches the CoT format")
+        _require(self.eval_every >= 0, f"eval_every must be >= 0 (0 turns the eval off), got {self.eval_every}")
+        _require(self.eval_prompts >= 2, f"eval_prompts must be >= 2 (diversity needs two attacks), got "
+                                         f"{self.eval_prompts}")
+        _require(0 <= self.eval_over_refusal_alarm <= 1,
+                 f"eval_over_refusal_alarm must be a share in [0, 1], got {self.eval_over_refusal_alarm}")
         _require(self.sampling.games_per_step % self.algo.samples_per_prompt == 0,
                  f"games_per_step ({self.sampling.games_per_step}) must be a multiple of samples_per_prompt "
                  f"({self.algo.samples_per_prompt})")
