@@ -19,8 +19,10 @@ def plan_main(argv: list[str]) -> None:
     from fast_srt.run.plan import plan, plan_input_from_config, render
 
     ap = Parser("fast-srt plan", (__doc__ or "").split("\n\n")[0], takes_train_options=True)
-    ap.add_argument("--budget-gib", type=float, default=80.0, help="the device memory to plan for, GiB (default 80)")
-    ap.add_argument("--device", default="cuda", help="cuda or cpu: which device's engines and kernels (default cuda)")
+    ap.add_argument("--budget-gib", type=float, default=None,
+                    help="the device memory to plan for, GiB (default: 80 for cuda, this machine's memory for cpu)")
+    ap.add_argument("--device", default=None,
+                    help="cuda or cpu: which device's engines and kernels (default: cuda where torch sees one, else cpu)")
     ap.add_argument("--prompt-tokens", type=int, default=320,
                     help="tokens of a typical attacker or defender prompt (default 320)")
     ap.add_argument("--judge-prompt-tokens", type=int, default=640,
@@ -28,6 +30,14 @@ def plan_main(argv: list[str]) -> None:
     ap.add_argument("--ranks", type=int, default=1,
                     help="torchrun ranks (nnodes x nproc_per_node): the plan of one rank (default 1)")
     ns, rest = ap.parse_own(argv)
+    if ns.device is None:
+        import torch
+
+        ns.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if ns.budget_gib is None:
+        import psutil
+
+        ns.budget_gib = 80.0 if ns.device == "cuda" else round(psutil.virtual_memory().total / 2**30, 1)
     opts = {"--budget-gib": ns.budget_gib, "--device": ns.device, "--prompt-tokens": ns.prompt_tokens,
             "--judge-prompt-tokens": ns.judge_prompt_tokens, "--ranks": ns.ranks}
     if opts["--device"] not in ("cuda", "cpu"):
