@@ -23,9 +23,10 @@ $(STAMP): pyproject.toml
 	  || echo "fast_srt: the C++ log-prob op was not built (needs cmake and a C++ compiler; $(VENV)/native-build.log); the torch twin runs"
 	touch $(STAMP)
 
-# each demo run gets its own run directory (a run directory that already holds checkpoints needs --resume)
+# the default run, 8 of its 12 steps, so that a first run ends within minutes; each demo run gets its own run
+# directory (a run directory that already holds checkpoints needs --resume)
 demo: $(STAMP)
-	$(VENV)/bin/fast-srt train --run-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
+	$(VENV)/bin/fast-srt train --steps 8 --run-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 play: $(STAMP)
 	$(VENV)/bin/fast-srt play
