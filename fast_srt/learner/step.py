@@ -69,18 +69,59 @@ def learner_step(learner: Learner, step: int, samples, timer) -> dict:
             advs, metrics = compute_advantages(cfg, samples, old, ref, learner.adv_fns, learner.device,
                                                whiten=not whiten_all)
         else:  # this rank played no trainable game: it still joins every reduction
-            advs, metrics = [], {"kl/_sum": 0.0, "kl/_n": 0}
+            advs, metrics = [], kl_sums([], [], None)
         if whiten_all:
             advs = whiten_across_ranks(samples, advs)
     learner.model.train()
     with timer("train"):
         metrics.update(update_policy(learner, step, samples, old, ref, advs, minis))
-    kl_sum, kl_n = metrics.pop("kl/_sum"), metrics.pop("kl/_n")
-    kl_sum, kl_n = kl_sum + metrics.pop("kl/_sum_train", 0.0), kl_n + metrics.pop("kl/_n_train", 0)
-    metrics["kl/mean"] = kl_sum / max(kl_n, 1)  # over every loss token, old taken at the rollout's weights
+    metrics.update(pop_kl_means(metrics))
+    for role in ROLE_IDS:  # the count each role's means are over (torchrun pools them by it)
+        metrics[f"tokens/{role}_loss"] = sum(len(s.response_ids) for s in samples if s.role == role)
     # what the forwards computed (after prefix sharing and skipped old forwards): the FLOPs in `fast-srt bench`
     metrics["tokens/logprob_rows"], metrics["tokens/logprob_loss"] = counts.get("rows", 0), counts.get("loss", 0)
     return metrics
+
+
+# Stability metrics also logged per role, as `{namespace}/{role}_{name}` (role_key): each a mean over that role's
+# loss tokens, beside the pooled mean over every loss token.
+ROLE_SPLIT = ("is/ratio_mean", "is/trunc_frac", "is/logp_mismatch_mean_abs", "loss/clip_frac", "loss/approx_kl",
+              "loss/ratio_mean", "policy/entropy", "kl/mean")
+
+
+def role_key(key: str, role: str) -> str:
+    """`is/ratio_mean` of the attacker's tokens: `is/attacker_ratio_mean`."""
+    namespace, name = key.split("/", 1)
+    return f"{namespace}/{role}_{name}"
+
+
+ROLE_KEYS: dict[str, str] = {role_key(k, r): r for k in ROLE_SPLIT for r in ROLE_IDS}  # per-role key -> its role
+
+
+def kl_sums(samples, old, ref) -> dict:
+    """The k1 KL (old - ref) summed over the loss tokens of the samples whose old log-probs exist, and their
+    count, in all and per role ("kl/_sum", "kl/_n", "kl/_sum_attacker", ...); sums 0 without a reference."""
+    out = {"kl/_sum": 0.0, "kl/_n": 0, **{f"kl/_{k}_{r}": 0 for k in ("sum", "n") for r in ROLE_IDS}}
+    for i, (s, o) in enumerate(zip(samples, old)):
+        if o is None:
+            continue
+        d = float((o - ref[i]).sum()) if ref is not None else 0.0
+        for suffix in ("", f"_{s.role}"):
+            out[f"kl/_sum{suffix}"] += d
+            out[f"kl/_n{suffix}"] += len(o)
+    return out
+
+
+def pop_kl_means(metrics: dict) -> dict:
+    """kl/mean (over every loss token, old taken at the rollout's weights) and per role, from the sums of the
+    advantage pass ("kl/_sum...") and of the micro-batches trained at the rollout's weights ("kl/_sum_train...");
+    a role without tokens has None."""
+    out = {}
+    for suffix, key in [("", "kl/mean")] + [(f"_{r}", role_key("kl/mean", r)) for r in ROLE_IDS]:
+        total = metrics.pop(f"kl/_sum{suffix}", 0.0) + metrics.pop(f"kl/_sum_train{suffix}", 0.0)
+        n = metrics.pop(f"kl/_n{suffix}", 0) + metrics.pop(f"kl/_n_train{suffix}", 0)
+        out[key] = total / max(n, 1) if not suffix or n else None
+    return out
 
 
 def mini_batches(cfg: TrainConfig, step: int, n: int, n_max: int | None = None) -> list[list[int]]:
@@ -187,9 +228,6 @@ def compute_advantages(cfg, samples, old, ref, adv_fns, device: torch.device, wh
     old_t = full.scatter_responses([o if o is not None else torch.zeros(len(s.response_ids))
                                     for o, s in zip(old, samples)])
     ref_t = full.scatter_responses(ref) if ref is not None else old_t
-    # the KL metric over the samples whose old log-probs exist (update_policy adds the others')
-    kl_sum = sum(float((o - r).sum()) for o, r in zip(old, ref) if o is not None) if ref is not None else 0.0
-    kl_n = sum(len(o) for o in old if o is not None)
     if cfg.algo.estimator == "reinforce_pp":
         if cfg.algo.kl_coef > 0 and not all(have):
             raise ValueError("REINFORCE++ with kl_coef > 0 needs the old log-probs of every sample")
@@ -200,7 +238,8 @@ def compute_advantages(cfg, samples, old, ref, adv_fns, device: torch.device, wh
         raw = torch.tensor([s.metadata["group"] for s in samples], dtype=torch.int64)
         groups = torch.unique(raw, return_inverse=True)[1].to(device)
         adv = group_fn(full.rewards, groups, full.cu_seqlens, full.loss_mask, kind=cfg.algo.estimator)
-    return full.split_responses(adv.cpu()), {"kl/_sum": kl_sum, "kl/_n": kl_n}
+    # the KL metric over the samples whose old log-probs exist (update_policy adds the others')
+    return full.split_responses(adv.cpu()), kl_sums(samples, old, ref)
 
 
 def whiten_across_ranks(samples, returns: list[torch.Tensor], eps: float = 1e-8) -> list[torch.Tensor]:
@@ -229,88 +268,137 @@ def update_policy(learner: Learner, step: int, samples, old, ref, advs, minis: l
     KL to the reference as a loss term (REINFORCE++ has it in the reward). The scheduler moves once per planned
     update, done or skipped, so the cosine reaches its floor at the last update of the last step. fp16 runs
     through a gradient scaler."""
-    cfg, model, optimizer, scaler = learner.cfg, learner.model, learner.optimizer, learner.scaler
-    o, a = cfg.optim, cfg.algo
+    cfg, a = learner.cfg, learner.cfg.algo
     kl_in_loss = a.estimator != "reinforce_pp" and a.kl_coef > 0 and ref is not None
-    sharded = sharding.is_sharded(model)
     minis = minis if minis is not None else mini_batches(cfg, step, len(samples))
     if any(x is None for m in minis[1:] for i in m for x in [old[i]]):
         raise ValueError("update_policy: only the first mini-batch may come without old log-probs")
-    n_mini = len(minis)
-    acc: dict[str, list] = {}
-    weights: dict[str, list] = {}  # token-level means: each micro-batch's weighs its loss tokens
-    skipped = 0
-    kl_sum, kl_n, rows = 0.0, 0, 0
-    for m in range(n_mini):
-        idx = minis[m]
-        mini = [samples[i] for i in idx]
-        # the token mean is over the mini-batch of every rank together (collective.py)
-        n_tokens = int(collective.all_sum([sum(len(s.response_ids) for s in mini)])[0])
-        where = {id(s): i for s, i in zip(mini, idx)}  # sample -> its index in the rollout
-        optimizer.zero_grad(set_to_none=True)
-        acc.setdefault("optim/lr", []).append(torch.tensor(optimizer.param_groups[0]["lr"]))
-        finite, per_mini, passes = True, {}, 0
-        mbs = micro_batches(mini, o.micro_batch_tokens, o.share_prefix)
-        n_passes = collective.all_max(len(mbs)) if sharded else len(mbs)  # FSDP2: as many on every rank
-        for mb in mbs:
-            pos = [where[id(x)] for x in mb]
-            mb_old = [old[i] for i in pos]
-            mb_ref = [ref[i] for i in pos] if ref is not None and (kl_in_loss or mb_old[0] is None) else None
-            loss, metrics = micro_batch_loss(learner, mb, None if mb_old[0] is None else mb_old,
-                                             [advs[i] for i in pos], mb_ref, n_tokens, kl_in_loss)
-            kl_sum += metrics.pop("kl/_sum", 0.0)
-            kl_n += metrics.pop("kl/_n", 0)
-            rows += metrics.pop("tokens/_rows")
-            if step == cfg.inject_nan_loss_at_step:
-                loss = loss * float("nan")
-            if not is_finite_loss(loss):  # host sync, once per micro-step, before backward
-                finite = False
-                if sharded:  # FSDP2: its backward's collectives still run (the update is skipped on every rank)
-                    loss.backward()
-                    passes += 1
-                break
-            scaler.scale(loss).backward()
-            passes += 1
-            for k, v in metrics.items():
-                if k in SUMMED_OVER_MICRO_BATCHES:  # parts of one mini-batch loss (each divided by n_tokens)
-                    per_mini[k] = per_mini.get(k, 0.0) + v
-                else:
-                    acc.setdefault(k, []).append(v)
-                    weights.setdefault(k, []).append(sum(len(s.response_ids) for s in mb))
-        if sharded:  # FSDP2: as many forward-backward passes on every rank; their backwards summed the gradients
-            matching_passes(learner, n_passes - passes, kl_in_loss)
-        finite, gn = reduced_and_clipped(learner, finite, sharded)
-        if not finite:
-            optimizer.zero_grad(set_to_none=True)
-            scaler.update()  # fp16: an overflow lowers the scale
-            skipped += 1
-            continue
-        for k, v in per_mini.items():
-            acc.setdefault(k, []).append(v)
-        acc.setdefault("optim/grad_norm", []).append(gn.detach())
-        scaler.step(optimizer)
-        scaler.update()
+    acc = UpdateMetrics()
+    done = sum(update_on_mini_batch(learner, step, samples, old, ref, advs, idx, kl_in_loss, acc) for idx in minis)
+    for _ in range(cfg.optim.updates_per_step - done):  # skipped and unplanned updates still use their slot
         scheduler_step(learner)
-        faults.hit("update")
-    for _ in range(o.updates_per_step - (n_mini - skipped)):  # skipped and unplanned updates still use their slot
-        scheduler_step(learner)
-    out = {}
-    for k, vs in acc.items():
-        t = torch.stack([torch.as_tensor(v).float() for v in vs])
-        if k.endswith("_max") or k.endswith("_min"):
-            out[k] = t.max() if k.endswith("_max") else t.min()
-        elif k in weights:  # a mean over every loss token of the step, not a mean of micro-batch means
-            w = torch.tensor(weights[k], dtype=torch.float32)
-            out[k] = (t * w).sum() / w.sum().clamp(min=1)
-        else:
-            out[k] = t.mean()
-    out["optim/skipped_updates"] = skipped
-    out["kl/_sum_train"], out["kl/_n_train"] = kl_sum, kl_n
-    out["tokens/train_rows"] = rows  # RL forwards and backwards (SFT rows not counted)
-    out["optim/updates"] = n_mini - skipped
-    if scaler.is_enabled():
-        out["optim/grad_scale"] = scaler.get_scale()
+    out = acc.result()
+    out["optim/skipped_updates"] = len(minis) - done
+    out["optim/updates"] = done
+    if learner.scaler.is_enabled():
+        out["optim/grad_scale"] = learner.scaler.get_scale()
     return out
+
+
+SUMMED_OVER_MICRO_BATCHES = ("loss/pg", "loss/kl_k3")
+
+
+class UpdateMetrics:
+    """update_policy's metrics, gathered over its micro-batches: token-level means (each micro-batch's mean weighs
+    its loss tokens, and a role's mean its loss tokens of that role: a mean over every such token of the step, not
+    a mean of micro-batch means), the parts of one mini-batch's loss (summed over its micro-batches, then one value
+    per mini-batch), maxima and minima, and the k1 KL sums of the micro-batches trained at the rollout's weights."""
+
+    def __init__(self):
+        self.values: dict[str, list] = {}
+        self.weights: dict[str, list] = {}
+        self.kl: dict[str, float] = {}
+        self.rows = 0
+
+    def add(self, key: str, value, weight: int | None = None) -> None:
+        self.values.setdefault(key, []).append(value)
+        if weight is not None:
+            self.weights.setdefault(key, []).append(weight)
+
+    def add_counts(self, metrics: dict) -> None:
+        """A micro-batch's KL sums and forwarded rows (popped from `metrics`), counted whether or not its loss is
+        finite."""
+        for k in [k for k in metrics if k.startswith("kl/_")]:
+            self.kl[k] = self.kl.get(k, 0.0) + metrics.pop(k)
+        self.rows += metrics.pop("tokens/_rows")
+
+    def add_micro_batch(self, metrics: dict, mb, per_mini: dict) -> None:
+        """One micro-batch's other metrics (micro_batch_loss's); its loss parts go to `per_mini`, which the caller
+        adds once its mini-batch's update is done."""
+        tokens = {None: sum(len(s.response_ids) for s in mb),
+                  **{r: sum(len(s.response_ids) for s in mb if s.role == r) for r in ROLE_IDS}}
+        for k, v in metrics.items():
+            if k in SUMMED_OVER_MICRO_BATCHES:
+                per_mini[k] = per_mini.get(k, 0.0) + v
+            else:
+                self.add(k, v, tokens[ROLE_KEYS.get(k)])
+
+    def result(self) -> dict:
+        out = {}
+        for k, vs in self.values.items():
+            t = torch.stack([torch.as_tensor(v).float() for v in vs])
+            if k.endswith(("_max", "_min")):
+                out[k] = t.max() if k.endswith("_max") else t.min()
+            elif k in self.weights:
+                w = torch.tensor(self.weights[k], dtype=torch.float32)
+                out[k] = (t * w).sum() / w.sum() if sum(self.weights[k]) else None  # None: no token of the role
+            else:
+                out[k] = t.mean()
+        out.update({k.replace("kl/_sum", "kl/_sum_train").replace("kl/_n", "kl/_n_train"): v
+                    for k, v in self.kl.items()})
+        out.setdefault("kl/_sum_train", 0.0)
+        out.setdefault("kl/_n_train", 0)
+        out["tokens/train_rows"] = self.rows  # RL forwards and backwards (SFT rows not counted)
+        return out
+
+
+def update_on_mini_batch(learner: Learner, step: int, samples, old, ref, advs, idx: list[int], kl_in_loss: bool,
+                         acc: UpdateMetrics) -> bool:
+    """One optimizer step on the mini-batch of samples `idx` (gradient accumulation over its micro-batches);
+    False when it was skipped (a non-finite loss or gradient on any rank)."""
+    optimizer, scaler = learner.optimizer, learner.scaler
+    sharded = sharding.is_sharded(learner.model)
+    mini = [samples[i] for i in idx]
+    # the token mean is over the mini-batch of every rank together (collective.py)
+    n_tokens = int(collective.all_sum([sum(len(s.response_ids) for s in mini)])[0])
+    optimizer.zero_grad(set_to_none=True)
+    acc.add("optim/lr", torch.tensor(optimizer.param_groups[0]["lr"]))
+    finite, per_mini = backward_micro_batches(learner, step, mini, idx, old, ref, advs, n_tokens, kl_in_loss, acc)
+    finite, gn = reduced_and_clipped(learner, finite, sharded)
+    if not finite:
+        optimizer.zero_grad(set_to_none=True)
+        scaler.update()  # fp16: an overflow lowers the scale
+        return False
+    for k, v in per_mini.items():
+        acc.add(k, v)
+    acc.add("optim/grad_norm", gn.detach())
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler_step(learner)
+    faults.hit("update")
+    return True
+
+
+def backward_micro_batches(learner: Learner, step: int, mini, idx, old, ref, advs, n_tokens: int,
+                           kl_in_loss: bool, acc: UpdateMetrics) -> tuple[bool, dict]:
+    """Forward and backward of each micro-batch of one mini-batch (their gradients add up); stops at the first
+    non-finite loss. Returns (all finite, the mini-batch's loss parts)."""
+    o, sharded = learner.cfg.optim, sharding.is_sharded(learner.model)
+    where = {id(s): i for s, i in zip(mini, idx)}  # sample -> its index in the rollout
+    finite, per_mini, passes = True, {}, 0
+    mbs = micro_batches(mini, o.micro_batch_tokens, o.share_prefix)
+    n_passes = collective.all_max(len(mbs)) if sharded else len(mbs)  # FSDP2: as many on every rank
+    for mb in mbs:
+        pos = [where[id(x)] for x in mb]
+        mb_old = [old[i] for i in pos]
+        mb_ref = [ref[i] for i in pos] if ref is not None and (kl_in_loss or mb_old[0] is None) else None
+        loss, metrics = micro_batch_loss(learner, mb, None if mb_old[0] is None else mb_old,
+                                         [advs[i] for i in pos], mb_ref, n_tokens, kl_in_loss)
+        acc.add_counts(metrics)
+        if step == learner.cfg.inject_nan_loss_at_step:
+            loss = loss * float("nan")
+        if not is_finite_loss(loss):  # host sync, once per micro-step, before backward
+            finite = False
+            if sharded:  # FSDP2: its backward's collectives still run (the update is skipped on every rank)
+                loss.backward()
+                passes += 1
+            break
+        learner.scaler.scale(loss).backward()
+        passes += 1
+        acc.add_micro_batch(metrics, mb, per_mini)
+    if sharded:  # FSDP2: as many forward-backward passes on every rank; their backwards summed the gradients
+        matching_passes(learner, n_passes - passes, kl_in_loss)
+    return finite, per_mini
 
 
 def reduced_and_clipped(learner: Learner, finite: bool, sharded: bool) -> tuple[bool, torch.Tensor | None]:
@@ -329,16 +417,14 @@ def reduced_and_clipped(learner: Learner, finite: bool, sharded: bool) -> tuple[
     return bool(torch.isfinite(gn)), gn
 
 
-SUMMED_OVER_MICRO_BATCHES = ("loss/pg", "loss/kl_k3")
-
-
 def micro_batch_loss(learner: Learner, mb, old, advs, ref, n_tokens: int, kl_in_loss: bool | None = None,
                      ) -> tuple[torch.Tensor, dict]:
     """One micro-batch's share of its mini-batch loss (each term a sum over its tokens / n_tokens, the mini-batch's
     response tokens): PPO-clip with TIS, + the k3 KL to `ref` (GRPO/RLOO, when kl_in_loss), + the SFT loss.
+    Its metrics include each role's (role_metrics).
 
     old None: the micro-batch is at the rollout's weights, its old log-probs are its own (detached); with `ref`
-    it then also reports the k1 KL sum ("kl/_sum", "kl/_n") for the step's kl/mean."""
+    it then also reports the k1 KL sums ("kl/_sum", "kl/_n", and per role) for the step's kl/mean."""
     a, model = learner.cfg.algo, learner.model
     kl_in_loss = ref is not None if kl_in_loss is None else kl_in_loss
     batch = pack_for(mb, model.device, learner.cfg.optim.share_prefix)
@@ -349,16 +435,21 @@ def micro_batch_loss(learner: Learner, mb, old, advs, ref, n_tokens: int, kl_in_
         if sft:
             slp, _ = token_logprobs(model, sb, learner.logprob_fn)  # the model's own distribution (T = 1)
     old_t = logp.detach() if old is None else batch.scatter_responses(old)
-    loss, metrics = ppo_clip_loss(logp, old_t, batch.scatter_responses(advs),
-                                  batch.loss_mask, clip_eps=a.clip_eps,
+    adv_t = batch.scatter_responses(advs)
+    loss, metrics = ppo_clip_loss(logp, old_t, adv_t, batch.loss_mask, clip_eps=a.clip_eps,
                                   vllm_logp=batch.vllm_logp if a.importance_correction else None,
                                   tis_cap=a.tis_cap, entropy=ent, num_tokens=n_tokens)
     metrics["tokens/_rows"] = batch.num_tokens
+    masks = role_loss_masks(batch, mb)
+    metrics.update(role_metrics(learner, batch, masks, logp, old_t, adv_t, ent))
     ref_t = batch.scatter_responses(ref) if ref is not None else None
     if old is None and ref_t is not None:
-        # a device tensor (no host sync per micro-step); loss_index, not a boolean mask (whose nonzero syncs)
-        metrics["kl/_sum"] = (logp.detach() - ref_t).index_select(0, batch.loss_index).sum()
+        # device tensors (no host sync per micro-step); loss_index, not a boolean mask (whose nonzero syncs)
+        diff = logp.detach() - ref_t
+        metrics["kl/_sum"] = diff.index_select(0, batch.loss_index).sum()
         metrics["kl/_n"] = batch.num_loss_tokens
+        for role, (mask, n) in masks.items():
+            metrics[f"kl/_sum_{role}"], metrics[f"kl/_n_{role}"] = torch.where(mask, diff, 0.0).sum(), n
     if kl_in_loss and ref_t is not None:
         kl_loss, kl_metrics = kl_k3_loss(logp, ref_t, batch.loss_mask, num_tokens=n_tokens)
         loss = loss + a.kl_coef * kl_loss
@@ -368,6 +459,33 @@ def micro_batch_loss(learner: Learner, mb, old, advs, ref, n_tokens: int, kl_in_
         loss = loss + a.sft_coef * s_loss * (batch.num_loss_tokens / n_tokens)
         metrics.update(s_metrics)
     return loss, metrics
+
+
+def role_loss_masks(batch, mb) -> dict[str, tuple[torch.Tensor, int]]:
+    """Per role: a [T] bool mask of its samples' loss positions (built on the host, moved once) and their count."""
+    out = {}
+    for role in ROLE_IDS:
+        spans = [sp for sp, s in zip(batch.response_spans, mb) if s.role == role]
+        mask = torch.zeros(batch.num_tokens, dtype=torch.bool)
+        for start, end in spans:
+            mask[start:end] = True
+        out[role] = (mask.to(batch.input_ids.device, non_blocking=True), sum(e - b for b, e in spans))
+    return out
+
+
+@torch.no_grad()
+def role_metrics(learner: Learner, batch, masks: dict, logp, old_t, adv_t, ent) -> dict:
+    """The ROLE_SPLIT metrics of ppo_clip_loss (the same formulas) over each role's loss tokens, as role_key
+    names; a role without tokens in the micro-batch has none."""
+    a, out = learner.cfg.algo, {}
+    for role, (mask, n) in masks.items():
+        if not n:
+            continue
+        _, m = ppo_clip_loss(logp.detach(), old_t, adv_t, mask, clip_eps=a.clip_eps,
+                             vllm_logp=batch.vllm_logp if a.importance_correction else None, tis_cap=a.tis_cap,
+                             entropy=ent)
+        out.update({role_key(k, role): v for k, v in m.items() if k in ROLE_SPLIT})
+    return out
 
 
 # ------------------------------------------------------------------------------------------- FSDP2: matching passes

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from fast_srt.errors import UserError
 from fast_srt.learner import collective
+from fast_srt.learner.step import ROLE_KEYS
 
 # metric name prefixes (and names) whose value is a count or a part of a sum over every rank's samples
 SUMMED = ("games/", "samples/", "outcome/", "tokens/", "judge/", "loss/pg", "loss/kl_k3", "perf/gen_tokens_per_s")
@@ -108,9 +109,12 @@ TOKEN_WEIGHT = "tokens/loss"
 
 
 def pooled_weight_key(key: str) -> str | None:
-    """The count a rank's mean `key` is taken over (None: not a pooled mean)."""
+    """The count a rank's mean `key` is taken over (None: not a pooled mean): a role's token mean
+    (`is/attacker_ratio_mean`, fast_srt.learner.step.ROLE_KEYS) weighs that role's loss tokens."""
     if key in POOLED:
         return POOLED[key]
+    if key in ROLE_KEYS:
+        return f"tokens/{ROLE_KEYS[key]}_loss"
     if key.startswith(TOKEN_MEANS) and not key.endswith(("_max", "_min")):
         return TOKEN_WEIGHT
     return None

@@ -132,14 +132,22 @@ class Status:
 
 
 def console_line(m: dict) -> str:
+    """One step: rewards and format per role; KL, clip fraction, importance ratio, log-prob mismatch and entropy,
+    each pooled and then per role (`a/d` attacker/defender; `-` where a role had no token); times; throughput."""
+    from fast_srt.learner.step import role_key
+
     def g(k, fmt="{:+.2f}"):
         v = m.get(k)
         return "-" if v is None else fmt.format(v)
 
+    def split(k, fmt):
+        return f"{g(k, fmt)} a/d {g(role_key(k, 'attacker'), fmt)}/{g(role_key(k, 'defender'), fmt)}"
+
     return (f"step {m['step']:>4} | R_att {g('reward/attacker_mean')} R_def {g('reward/defender_mean')} | "
             f"fmt-viol a {g('format/attacker_violation_rate', '{:.2f}')} d {g('format/defender_violation_rate', '{:.2f}')} | "
-            f"kl {g('kl/mean', '{:.4f}')} clip {g('loss/clip_frac', '{:.3f}')} IS {g('is/ratio_mean', '{:.3f}')} "
-            f"mism {g('is/logp_mismatch_mean_abs', '{:.1e}')} ent {g('policy/entropy', '{:.2f}')} | "
+            f"kl {split('kl/mean', '{:.4f}')} clip {split('loss/clip_frac', '{:.3f}')} "
+            f"IS {split('is/ratio_mean', '{:.3f}')} mism {split('is/logp_mismatch_mean_abs', '{:.1e}')} "
+            f"ent {split('policy/entropy', '{:.2f}')} | "
             f"gen {g('time/generate_s', '{:.1f}')}s judge {g('time/judge_s', '{:.1f}')}s lp {g('time/logprob_s', '{:.1f}')}s "
             f"train {g('time/train_s', '{:.1f}')}s sync {g('time/sync_s', '{:.2f}')}s | "
             f"{g('perf/tokens_per_s', '{:.0f}')} tok/s")
@@ -148,9 +156,10 @@ def console_line(m: dict) -> str:
 def step_perf(timer: PhaseTimer, engine_phases: dict, trained_tokens: int, wall: float, loss_tokens: int = 0,
               ) -> dict:
     """A step's time and token metrics: the trainer's timed phases, the engines' generate and judge seconds (from
-    their per-phase counters: `Engines.since`), tokens generated, prefilled, judged, trained (all tokens of the
-    trained samples) and in the loss (their response tokens), and throughput."""
-    gen = [v for k, v in engine_phases.items() if k not in ("judge", "probe")]
+    their per-phase counters: `Engines.since`), tokens generated and prefilled for the games (not the weight-write
+    canary's), judged, trained (all tokens of the trained samples) and in the loss (their response tokens), and
+    throughput."""
+    gen = [v for k, v in engine_phases.items() if k not in ("judge", "probe", "canary")]  # the games only
     gen_s = sum(v["seconds"] for v in gen)
     gen_tok = sum(v["gen_tokens"] for v in gen)
     judge = engine_phases.get("judge", {})

@@ -142,6 +142,24 @@ def test_metrics_reduce_rule(monkeypatch):
     assert "gen 2.00/3.00" in distributed.rank_times_line(m, distributed.Ranks(rank=0, world=2))
 
 
+def test_per_role_means_pool_over_each_roles_tokens(monkeypatch):
+    """A role's token mean pools over ranks weighted by that role's loss tokens on each rank (a rank without the
+    role's tokens, None, adds nothing); the pooled mean beside it keeps its own weight (all loss tokens)."""
+    per_rank = [{"step": 1, "tokens/loss": 300, "tokens/attacker_loss": 100, "tokens/defender_loss": 200,
+                 "loss/clip_frac": 0.1, "loss/attacker_clip_frac": 0.3, "loss/defender_clip_frac": 0.0,
+                 "kl/attacker_mean": 0.2, "is/defender_logp_mismatch_mean_abs": 0.01},
+                {"step": 1, "tokens/loss": 100, "tokens/attacker_loss": 0, "tokens/defender_loss": 100,
+                 "loss/clip_frac": 0.5, "loss/attacker_clip_frac": None, "loss/defender_clip_frac": 0.5,
+                 "kl/attacker_mean": None, "is/defender_logp_mismatch_mean_abs": 0.04}]
+    monkeypatch.setattr(distributed, "_gather", lambda obj, ranks: per_rank)
+    m = distributed.reduce_metrics(per_rank[0], distributed.Ranks(rank=0, world=2))
+    assert m["loss/clip_frac"] == pytest.approx((0.1 * 300 + 0.5 * 100) / 400)
+    assert m["loss/attacker_clip_frac"] == pytest.approx(0.3) and m["kl/attacker_mean"] == pytest.approx(0.2)
+    assert m["loss/defender_clip_frac"] == pytest.approx((0.0 * 200 + 0.5 * 100) / 300)
+    assert m["is/defender_logp_mismatch_mean_abs"] == pytest.approx((0.01 * 200 + 0.04 * 100) / 300)
+    assert m["tokens/attacker_loss"] == 100 and m["tokens/defender_loss"] == 300
+
+
 def _tiny_train_args(model_dir, run_dir, *extra, games=8, kl=0.0):
     return ["-m", "fast_srt", "train", "defender_only", "--model.model", str(model_dir), "--model.judge-model",
             "rule:vowel_refusal", "--model.dtype", "float32", "--model.max-model-len", "1024", "--model.kv-cache-gib",

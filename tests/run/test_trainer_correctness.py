@@ -322,3 +322,47 @@ def test_free_space_is_checked_before_the_first_step(tiny_model_dir, tmp_path, m
     monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: SimpleNamespace(free=need // 3, total=0, used=0))
     with pytest.raises(UserError, match="a checkpoint needs about .* GiB and its disk has .* GiB free"):
         ck.check_free_space(tmp_path, need)
+
+
+def test_per_role_stability_metrics_pool_to_the_pooled_ones(tiny_model_dir):
+    """Each role's KL, importance ratio, clip fraction, entropy and log-prob mismatch is a mean over that role's
+    loss tokens: weighted by the roles' token counts they give the pooled mean, and the KL per role is what old -
+    ref gives over that role's tokens (the first mini-batch's from its own forward, the rest from the old pass)."""
+    from fast_srt.learner.step import ROLE_SPLIT, kl_sums, mini_batches, pop_kl_means, role_key
+
+    run = learner_run(tiny_model_dir, micro=64, ups=2, lr=3e-2, estimator="grpo", kl=0.5)
+    samples = random_samples(run.model.config.vocab_size, n=10, seed=7, group=lambda i: i // 2)
+    old, advs = rollout(run, samples)
+    g = torch.Generator().manual_seed(3)
+    for s, o in zip(samples, old):  # the sampler's log-probs differ from the trainer's: IS ratios away from 1
+        s.vllm_logprobs = (o + 0.3 * torch.randn(len(o), generator=g)).tolist()
+    ref = [o - 0.4 * torch.rand(len(o), generator=g) for o in old]
+    minis = mini_batches(run.cfg, 1, len(samples))
+    given = [None if i in minis[0] else o for i, o in enumerate(old)]
+    out = update_policy(run, 1, samples, given, ref, advs, minis)
+    out.update(kl_sums(samples, given, ref))
+    out.update(pop_kl_means(out))
+    n = {r: sum(len(s.response_ids) for s in samples if s.role == r) for r in ("attacker", "defender")}
+    assert min(n.values()) > 0 and out["optim/updates"] == 2
+    for k in ROLE_SPLIT:
+        per_role = {r: float(out[role_key(k, r)]) for r in n}
+        pooled = sum(per_role[r] * n[r] for r in n) / sum(n.values())
+        assert pooled == pytest.approx(float(out[k]), rel=1e-5, abs=1e-6), (k, per_role, float(out[k]))
+    assert float(out["loss/clip_frac"]) > 0 and float(out["is/logp_mismatch_mean_abs"]) > 0.1
+    assert out["loss/attacker_clip_frac"] != out["loss/defender_clip_frac"]
+    for r in n:  # against old - ref computed directly
+        want = sum(float((o - rf).sum()) for s, o, rf in zip(samples, old, ref) if s.role == r) / n[r]
+        assert out[role_key("kl/mean", r)] == pytest.approx(want, rel=1e-5)
+
+
+def test_a_role_without_samples_has_no_per_role_metrics(tiny_model_dir):
+    """defender_only: no attacker token, so the attacker's means are None (a gap), not 0."""
+    from fast_srt.learner.step import ROLE_SPLIT, kl_sums, pop_kl_means, role_key
+
+    run = learner_run(tiny_model_dir)
+    samples = [s for s in random_samples(run.model.config.vocab_size, n=8, seed=8) if s.role == "defender"]
+    old, advs = rollout(run, samples)
+    out = update_policy(run, 1, samples, old, None, advs)
+    out.update(pop_kl_means({**out, **kl_sums(samples, old, None)}))
+    assert all(out.get(role_key(k, "attacker")) is None for k in ROLE_SPLIT)
+    assert all(out[role_key(k, "defender")] is not None for k in ROLE_SPLIT)
