@@ -9,6 +9,7 @@ else runs/eval) and prints the table.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -43,7 +44,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--attacker-temperature", type=float, default=1.0, help="attacker sampling (default 1.0)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every checkpoint")
     ap.add_argument("--base-model", help="the frozen base model: judge when the judge is 'policy', and the frozen "
-                                         "defender (default: the run's base model, else the checkpoint itself)")
+                                         "defender (default: the run's base model, a warm-up's own base, else the "
+                                         "checkpoint itself)")
     ap.add_argument("--judge-model", help="'probe' (probes on the base model's hidden states), 'policy' (the base model asked the "
                          "questions), a model, or rule:NAME (default: the run's, else probe)")
     ap.add_argument("--judge-template", choices=("chat", "wildguard"), help="default: the run's, else chat")
@@ -75,6 +77,19 @@ def run_settings(args, run_config: dict | None) -> dict:
             "dtype": args.dtype or model.get("dtype", "bfloat16"),
             "cot": args.cot if args.cot is not None else game.get("cot", True),
             "base_model": args.base_model or model.get("model")}
+
+
+def warmup_base(model_dir: Path) -> Path:
+    """A bare checkpoint's base model: the one a warm-up checkpoint was trained from (its meta file says), else the
+    checkpoint itself."""
+    from fast_srt.learner.warmup import META_FILE
+
+    meta = Path(model_dir) / META_FILE
+    if meta.is_file():
+        base = Path(json.loads(meta.read_text()).get("base", ""))
+        if (base / "config.json").is_file():
+            return base
+    return Path(model_dir)
 
 
 def prompt_sets(args) -> list:
@@ -119,7 +134,7 @@ def eval_main(argv: list[str]) -> None:
     target = resolve_target(args.checkpoint, args.dtype or "bfloat16")
     rs = run_settings(args, target.run_config)
     baseline = resolve_target(args.compare, rs["dtype"]) if args.compare else None
-    base_dir = resolve_model(rs["base_model"], rs["dtype"]) if rs["base_model"] else target.model_dir
+    base_dir = resolve_model(rs["base_model"], rs["dtype"]) if rs["base_model"] else warmup_base(target.model_dir)
     check_judge_family(target, base_dir, rs["judge_model"])
     embedder = None
     if seeds and not args.no_diversity:

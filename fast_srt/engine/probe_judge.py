@@ -304,6 +304,8 @@ def ensure_probe(judge: "ProbeJudge", model_dir: Path, log=print) -> Probe:
     for d in (target, shipped_probe_dir(key)):  # fitted here before, or shipped for this exact model and set
         if (d / META_FILE).is_file() and (d / PROBE_FILE).is_file():
             return Probe.load(d)
+    log(f"[fast_srt] fitting the judge probe on {model_dir} (once: no probe is cached or shipped for this model; "
+        f"a forward pass over every labelled training pair, minutes on a CPU)")
     probe = fit_from_judge_set(judge, model_dir)
     save_probe(probe, target)
     cv = ", ".join(f"{k} {max(v.values()):.3f}" for k, v in probe.meta["cv_auc"].items())

@@ -354,3 +354,17 @@ def test_the_shipped_warmup_is_the_defaults_own():
     assert key in shipped, f"cpu_default's warm-up key {key} is not shipped (shipped: {shipped})"
     meta = json.loads((warmup.SHIPPED_DIR / key / warmup.META_FILE).read_text())
     assert meta["key"] == key and meta["lora_rank"] == cfg.warmup.lora_rank
+
+
+def test_eval_of_a_warmup_checkpoint_judges_with_its_base(tiny_model_dir, tmp_path):
+    """`fast-srt eval WARMUP_DIR` takes the warm-up's own base model as base (its shipped or cached probe, the frozen
+    defender), not the warmed checkpoint, for which no probe exists."""
+    from fast_srt.commands.eval import warmup_base
+
+    warm = tmp_path / "warmup-x"
+    warm.mkdir()
+    assert warmup_base(warm) == warm
+    (warm / warmup.META_FILE).write_text(json.dumps({"base": str(tiny_model_dir)}))
+    assert warmup_base(warm) == tiny_model_dir
+    (warm / warmup.META_FILE).write_text(json.dumps({"base": str(tmp_path / "gone")}))
+    assert warmup_base(warm) == warm
