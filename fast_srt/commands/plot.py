@@ -5,7 +5,11 @@
   outcomes.png   the judge's outcome mix per step (stacked counts: defended, jailbroken, over_refusal, tie, ...)
   policy.png     KL to the reference, entropy, clip fraction, approx KL(old || new), SFT loss when present
   sampler.png    importance weights (mean, min, max) and the vLLM-vs-trainer log-prob mismatch
-  time.png       seconds per phase per step (stacked) and tokens per second
+                 (in both, a metric the learner splits by role has the attacker's and the defender's lines too)
+  time.png       seconds per phase per step (stacked; the eval during training as `eval`) and tokens per second
+  learning.png   the eval during training (`train --eval-every`): held-out refusal, over-refusal (with the
+                 always-refuse alarm's threshold and the evals where it fired), attack success against the frozen
+                 base model and attack diversity per eval step, each rate with its 95% Wilson interval
   eval.png       the newest `fast-srt eval` of the run (RUN_DIR/eval/eval-*.json), when there is one: per prompt
                  set, each metric's rate as a bar with its 95% interval, one bar per checkpoint (A, and B with
                  --compare); attack success, faithfulness and diversity of the attacks
@@ -29,7 +33,19 @@ FIGURES = {
     "sampler": ("vLLM vs trainer", ["is/ratio_mean", "is/ratio_min", "is/ratio_max", "is/logp_mismatch_mean_abs"]),
 }
 PHASES = ["time/generate_s", "time/judge_s", "time/logprob_s", "time/advantage_s", "time/train_s", "time/sync_s",
-          "time/checkpoint_s"]
+          "time/checkpoint_s", "time/eval_s"]
+# metrics the learner also logs per role (fast_srt.learner.step.ROLE_SPLIT), drawn beside the pooled line
+ROLE_SPLIT = ("is/ratio_mean", "is/trunc_frac", "is/logp_mismatch_mean_abs", "loss/clip_frac", "loss/approx_kl",
+              "loss/ratio_mean", "policy/entropy", "kl/mean")
+LEARNING_PANELS = (
+    ("refusal of held-out harmful and jailbreak-wrapped requests",
+     ["eval/harmful/refusal_matcher", "eval/harmful/refusal", "eval/jailbreak/refusal_matcher",
+      "eval/jailbreak/refusal"]),
+    ("over-refusal of held-out benign requests", ["eval/benign/over_refusal_matcher", "eval/benign/over_refusal"]),
+    ("attacks from held-out seeds against the frozen base model",
+     ["eval/attacks/attack_success", "eval/attacks/faithful"]),
+    ("attack diversity", ["eval/attacks/sbert_diversity", "eval/attacks/self_bleu"]),
+)
 
 
 def read_run(run_dir: Path) -> list[dict]:
@@ -71,7 +87,6 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     run_dir = Path(run_dir)
     eval_json = newest_eval(run_dir) if run_dir.exists() else None
@@ -80,73 +95,141 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     rows = read_run(run_dir) if has_metrics or eval_json is None else []
     out = Path(out_dir) if out_dir else (run_dir if run_dir.is_dir() else run_dir.parent) / "plots"
     out.mkdir(parents=True, exist_ok=True)
+    figures = {"eval": eval_figure(plt, read_eval(eval_json), eval_json.name) if eval_json is not None else None}
+    name = run_dir.name
+    for fig_name, (title, keys) in FIGURES.items():
+        figures[fig_name] = series_figure(plt, rows, f"{title} ({name})", keys)
+    figures["outcomes"] = outcomes_figure(plt, rows, name)
+    figures["time"] = time_figure(plt, rows, name)
+    figures["learning"] = learning_figure(plt, rows, name)
     written = []
-
-    def save(fig, name):
-        path = out / f"{name}.png"
+    for fig_name, fig in figures.items():
+        if fig is None:
+            continue
+        path = out / f"{fig_name}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
-
-    if eval_json is not None:
-        save(eval_figure(plt, read_eval(eval_json), eval_json.name), "eval")
-
-    for name, (title, keys) in FIGURES.items():
-        keys = [k for k in keys if _series(rows, k)[0]]
-        if not keys:
-            continue
-        fig, axes = plt.subplots(len(keys), 1, figsize=(7, 1.9 * len(keys) + 0.6), sharex=True, squeeze=False)
-        for ax, k in zip(axes[:, 0], keys):
-            xs, ys = _series(rows, k)
-            ax.plot(xs, ys, marker="o", ms=3)
-            ax.set_ylabel(k.split("/", 1)[1], fontsize=8)
-            ax.grid(alpha=0.3)
-        axes[0, 0].set_title(f"{title} ({run_dir.name})")
-        axes[-1, 0].set_xlabel("step")
-        axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
-        save(fig, name)
-
-    outcomes = sorted({k for r in rows for k in r if k.startswith("outcome/")})
-    if outcomes:
-        fig, ax = plt.subplots(figsize=(7, 3.2))
-        steps = [r["step"] for r in rows]
-        bottom = [0.0] * len(rows)
-        for k in outcomes:
-            vals = [float(r.get(k) or 0) for r in rows]
-            ax.bar(steps, vals, bottom=bottom, label=k.split("/", 1)[1])
-            bottom = [b + v for b, v in zip(bottom, vals)]
-        ax.set_xlabel("step")
-        ax.set_ylabel("games")
-        ax.set_ylim(0, max(bottom) * 1.45)  # headroom for the legend
-        ax.set_title(f"judge outcomes ({run_dir.name})")
-        ax.legend(fontsize=7, ncol=4, loc="upper left")
-        save(fig, "outcomes")
-
-    phases = [k for k in PHASES if _series(rows, k)[0]]
-    if phases:
-        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
-        steps = [r["step"] for r in rows]
-        bottom = [0.0] * len(rows)
-        for k in phases:
-            vals = [float(r.get(k) or 0) for r in rows]
-            ax.bar(steps, vals, bottom=bottom, label=k[5:-2])
-            bottom = [b + v for b, v in zip(bottom, vals)]
-        ax.set_ylabel("seconds")
-        ax.set_ylim(0, max(bottom) * 1.45)  # headroom for the legend
-        ax.set_title(f"where each step's time goes ({run_dir.name})")
-        ax.legend(fontsize=7, ncol=4, loc="upper left")
-        for k in ("perf/tokens_per_s", "perf/gen_tokens_per_s"):
-            xs, ys = _series(rows, k)
-            if xs:
-                ax2.plot(xs, ys, marker="o", ms=3, label=k.split("/", 1)[1])
-        ax2.set_ylabel("tokens / s")
-        ax2.set_xlabel("step")
-        ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax2.legend(fontsize=7)
-        ax2.grid(alpha=0.3)
-        save(fig, "time")
     return written
+
+
+def _step_axis(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def series_figure(plt, rows: list[dict], title: str, keys: list[str]):
+    """One panel per metric that has values; a pooled metric's panel also draws each role's (ROLE_VARIANTS)."""
+    keys = [k for k in keys if _series(rows, k)[0]]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 1.9 * len(keys) + 0.6), sharex=True, squeeze=False)
+    for ax, k in zip(axes[:, 0], keys):
+        variants = [(v, role) for v, role in role_variants(k) if _series(rows, v)[0]]
+        xs, ys = _series(rows, k)
+        ax.plot(xs, ys, marker="o", ms=3, label="all" if variants else None, color="C0")
+        for j, (v, role) in enumerate(variants, 1):
+            ax.plot(*_series(rows, v), marker=".", ms=3, lw=1, ls="--", label=role, color=f"C{j}")
+        if variants:
+            ax.legend(fontsize=6, loc="best")
+        ax.set_ylabel(k.split("/", 1)[1], fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_title(title)
+    _step_axis(axes[-1, 0])
+    return fig
+
+
+def role_variants(key: str) -> list[tuple[str, str]]:
+    """The per-role keys of a pooled metric that the learner splits by role (fast_srt.learner.step.role_key)."""
+    if key not in ROLE_SPLIT:
+        return []
+    ns, name = key.split("/", 1)
+    return [(f"{ns}/{role}_{name}", role) for role in ("attacker", "defender")]
+
+
+def _stacked(ax, rows: list[dict], keys: list[str], label) -> None:
+    steps = [r["step"] for r in rows]
+    bottom = [0.0] * len(rows)
+    for k in keys:
+        vals = [float(r.get(k) or 0) for r in rows]
+        ax.bar(steps, vals, bottom=bottom, label=label(k))
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_ylim(0, max(bottom) * 1.45 or 1)  # headroom for the legend
+    ax.legend(fontsize=7, ncol=4, loc="upper left")
+
+
+def outcomes_figure(plt, rows: list[dict], name: str):
+    rows = [r for r in rows if any(k.startswith("outcome/") for k in r)]  # not the eval-only baseline line
+    outcomes = sorted({k for r in rows for k in r if k.startswith("outcome/")})
+    if not outcomes:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    _stacked(ax, rows, outcomes, lambda k: k.split("/", 1)[1])
+    ax.set_xlabel("step")
+    ax.set_ylabel("games")
+    ax.set_title(f"judge outcomes ({name})")
+    return fig
+
+
+def time_figure(plt, rows: list[dict], name: str):
+    phases = [k for k in PHASES if _series(rows, k)[0]]
+    if not phases:
+        return None
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    _stacked(ax, rows, phases, lambda k: k[5:-2])
+    ax.set_ylabel("seconds")
+    ax.set_title(f"where each step's time goes ({name})")
+    for k in ("perf/tokens_per_s", "perf/gen_tokens_per_s"):
+        xs, ys = _series(rows, k)
+        if xs:
+            ax2.plot(xs, ys, marker="o", ms=3, label=k.split("/", 1)[1])
+    ax2.set_ylabel("tokens / s")
+    _step_axis(ax2)
+    ax2.legend(fontsize=7)
+    ax2.grid(alpha=0.3)
+    return fig
+
+
+def learning_figure(plt, rows: list[dict], name: str):
+    """The eval during training (`--eval-every`) as learning curves: each rate per eval step with its 95% Wilson
+    interval (shaded), the over-refusal alarm's threshold (dashed) and the evals where it fired (red)."""
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    panels = [(t, [k for k in keys if _series(evals, k)[0]]) for t, keys in LEARNING_PANELS]
+    panels = [(t, keys) for t, keys in panels if keys]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.3 * len(panels) + 0.6), sharex=True, squeeze=False)
+    for ax, (title, keys) in zip(axes[:, 0], panels):
+        for j, k in enumerate(keys):
+            xs, ys = _series(evals, k)
+            scale = 0.01 if k.endswith("self_bleu") else 1.0
+            ax.plot(xs, [y * scale for y in ys], marker="o", ms=3, color=f"C{j}",
+                    label=k.split("/", 1)[1].replace("/", " ") + (" / 100" if scale != 1 else ""))
+            lo, hi = _series(evals, k + "_lo")[1], _series(evals, k + "_hi")[1]
+            if len(lo) == len(xs):
+                ax.fill_between(xs, lo, hi, color=f"C{j}", alpha=0.12)
+        if any(k.endswith("over_refusal_matcher") for k in keys):
+            _draw_alarm(ax, evals)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=6, loc="best")
+        ax.grid(alpha=0.3)
+    n = next((r.get("eval/harmful/refusal_n") for r in evals if r.get("eval/harmful/refusal_n")), "?")
+    fig.suptitle(f"held-out eval during training ({name}, n={n} a set): rate and 95% interval", fontsize=10)
+    _step_axis(axes[-1, 0])
+    return fig
+
+
+def _draw_alarm(ax, evals: list[dict]) -> None:
+    at = next((r["eval/alarm_threshold"] for r in evals if r.get("eval/alarm_threshold") is not None), None)
+    if at is not None:
+        ax.axhline(at, color="red", ls=":", lw=1, label="always-refuse alarm")
+    fired = [(r["step"], r["eval/benign/over_refusal_matcher"]) for r in evals if r.get("eval/always_refuse_alarm")]
+    if fired:
+        ax.scatter(*zip(*fired), color="red", zorder=5, s=25)
 
 
 def read_eval(path: Path) -> dict:

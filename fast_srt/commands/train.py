@@ -22,7 +22,8 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
 
 
 def train_main(argv: list[str]) -> None:
+    from fast_srt.eval.training import TrainingEval
     from fast_srt.run.trainer import train
 
-    train(parse_train_args(argv))
+    train(parse_train_args(argv), make_eval=TrainingEval)  # the eval during training (--eval-every)
 

@@ -24,6 +24,10 @@ engines and their KV caches, the activations, the log-prob kernel's buffers and 
 the linear weights, which autograd keeps for the backward of every layer (measured on CPU under bf16 autocast:
 the copies of the whole model's linears are saved, sharded or not).
 
+The eval during training (`--eval-every`, fast_srt/eval/training.py) adds, resident all run, the frozen base
+defender's engine when no engine of the run holds the base model for generation (`eval_defender_placement`): its
+weights and its EVAL_KV_CACHE_GIB KV cache; and the sentence embedder of the attack diversity (fp32).
+
 Activations: `act_per_token_layer` bytes per token and layer without gradient checkpointing (what each layer saves
 for its backward, counted tensor by tensor); with checkpointing, each layer's fp32 input (4H) plus one layer's
 full set while it is recomputed. Checked against measured peaks on CPU: bench/checks/plan_vs_measured.py and
@@ -136,6 +140,24 @@ def act_per_token_layer(s: ModelShape, b: int, lora: bool = False) -> int:
     return out + (b * (6 * h + i) if lora else 0)
 
 
+EVAL_KV_CACHE_GIB = 0.25  # the eval's frozen-defender engine: a few short sequences at a time
+SENTENCE_EMBEDDER_PARAMS = 22_713_216  # all-MiniLM-L6-v2 (fast_srt.eval.diversity), held in fp32
+
+
+def eval_defender_placement(cfg) -> str | None:
+    """Where the eval during training's frozen base defender (the original base model, before any warm-up) runs:
+    None without the eval; "frozen_defender": attacker_only's, which is that model; "policy_base": the policy
+    engine's base weights, when it serves a LoRA adapter on the original base model (no warm-up); else
+    "own_engine", one more engine (the probe judge's engine holds the base model but pools, it cannot generate)."""
+    if not cfg.eval_every:
+        return None
+    if cfg.game.mode == "attacker_only":
+        return "frozen_defender"
+    if cfg.lora_rank and cfg.lora_in_engine and not cfg.warmup.steps:
+        return "policy_base"
+    return "own_engine"
+
+
 @dataclass
 class PlanInput:
     policy: ModelShape
@@ -158,6 +180,8 @@ class PlanInput:
     lora_in_engine: bool = True  # LoRA: the policy engine serves the adapter on the base (the base judge shares it)
     ranks: int = 1  # torchrun ranks: each holds all of the plan on its own device, with games_per_step / ranks games
     shard: str = "none"  # "fsdp2": the trainer's weights, gradients, moments and reference split over the ranks
+    eval_engine: bool = False  # the eval during training's own frozen-defender engine (eval_defender_placement)
+    eval_embedder: bool = False  # the eval's sentence embedder
 
 
 @dataclass
@@ -266,6 +290,11 @@ def plan(p: PlanInput) -> list[Phase]:
         resident["policy engine LoRA adapter (cache + slot)"] = 2 * b * s.lora_params(p.lora_rank) / GIB
     if not shared_engine:
         resident["judge engine weights"] = b * judge.params / GIB
+    if p.eval_engine:  # allocated when the run starts, held to its end
+        resident["eval frozen defender engine weights"] = b * s.params / GIB
+        resident["eval frozen defender KV cache"] = EVAL_KV_CACHE_GIB
+    if p.eval_embedder:
+        resident["eval sentence embedder (fp32)"] = 4 * SENTENCE_EMBEDDER_PARAMS / GIB
     if p.trains:
         resident.update(trainer_weights_gib(p))
         trainable = s.lora_params(p.lora_rank) if p.lora_rank else s.params
@@ -395,7 +424,8 @@ def plan_input_from_config(cfg, *, device: str, budget_gib: float, policy: str |
                      gradient_checkpointing=cfg.gradient_checkpointing, kl=cfg.algo.kl_coef > 0,
                      kv_cache_gib=kv, judge_kv_cache_gib=kv if not m.judge_model.startswith("rule:") else 0.0,
                      device=device, budget_gib=budget_gib, trains=trains, lora_in_engine=cfg.lora_in_engine,
-                     ranks=ranks, shard=cfg.shard if ranks > 1 else "none")
+                     ranks=ranks, shard=cfg.shard if ranks > 1 else "none",
+                     eval_engine=eval_defender_placement(cfg) == "own_engine", eval_embedder=bool(cfg.eval_every))
 
 
 def device_budget_gib(device: str) -> float:

@@ -67,6 +67,7 @@ class Run:
     canary_text: str = ""
     saved_replay: dict | None = None  # the checkpoint's replay conditions (replay_conditions), on resume
     ranks: distributed.Ranks = dataclasses.field(default_factory=distributed.Ranks)  # torchrun: this rank, world
+    base_model_dir: Path | None = None  # the original base model, before any warm-up (the eval's frozen defender)
 
 
 # ------------------------------------------------------------------------------------------------ the step
@@ -163,57 +164,128 @@ def rollout_metrics(games, samples, skipped, judge) -> dict:
 
 # ------------------------------------------------------------------------------------------------ the run
 
-def train(cfg: TrainConfig) -> Path:
-    """Set up once, then per step: train_step, checkpoint (every save_every and at the end), log."""
+def train(cfg: TrainConfig, make_eval=None) -> Path:
+    """Set up once, then per step: train_step, the eval when due, checkpoint (every save_every and at the end), log.
+
+    make_eval(run) -> evaluate: the eval during training, when cfg.eval_every asks for it (`fast-srt train` passes
+    fast_srt.eval.training.TrainingEval; this layer does not import the eval layer): evaluate(step) -> metrics,
+    evaluate.describe() -> its start-up line, evaluate.console_lines(metrics) -> lines after an eval's step line,
+    evaluate.summary_lines(records) -> the end-of-run lines, evaluate.startup_metrics -> the baseline's extras."""
     t_start = time.perf_counter()
     run = setup_run(cfg)
-    run_dir, engines, learner, ranks = run.run_dir, run.engines, run.learner, run.ranks
-    run.canary = engines.policy.tokenizer.apply_chat_template([{"role": "user", "content": CANARY_PROMPT}],
-                                                             tokenize=False, add_generation_prompt=True)
+    run.canary = run.engines.policy.tokenizer.apply_chat_template(
+        [{"role": "user", "content": CANARY_PROMPT}], tokenize=False, add_generation_prompt=True)
     canary_changed(run)
-    resume_step = run.start_step if run.resumed else None
-    warning = replay_warning(run.saved_replay, replay_conditions(run)) if run.resumed else None
-    # a kill between the checkpoint and its metrics line loses no line: the checkpoint carries the step's records
-    if ranks.main:  # torchrun: rank 0 writes the logs and checkpoints (fast_srt.run.distributed)
-        log = MetricsLog(run_dir / "metrics.jsonl", resume_step, restore=run.step_records.get("metrics"))
-        games_log = MetricsLog(run_dir / "games.jsonl", resume_step, restore=run.step_records.get("games"))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    logs = open_logs(run)
     status = Status(cfg.steps)
-    print(run_plan(cfg, engines, ranks.world))
+    evaluate = start_eval(run, make_eval)
+    print_start(run, t_start, evaluate)
+    if evaluate is not None and run.start_step == 0:  # the baseline, before any update
+        record = {"step": 0, **evaluate.startup_metrics, **eval_at(run, evaluate, 0, status)}
+        write_records(*logs, {"metrics": [record], "games": []})
+        for line in evaluate.console_lines(record):
+            status.line(line)
+    for step in range(run.start_step + 1, cfg.steps + 1):
+        train_and_log_step(run, step, status, logs, evaluate)
+    print_end(run, t_start, evaluate)
+    distributed.finish(run.ranks)
+    return run.run_dir
+
+
+def open_logs(run: Run) -> tuple[MetricsLog, MetricsLog] | None:
+    """Rank 0's metrics and games logs (continued on resume; a kill between the checkpoint and its metrics line
+    loses no line: the checkpoint carries the step's records) and the run's config.json; None on other ranks."""
+    if not run.ranks.main:  # torchrun: rank 0 writes the logs and checkpoints (fast_srt.run.distributed)
+        return None
+    resume_step = run.start_step if run.resumed else None
+    log = MetricsLog(run.run_dir / "metrics.jsonl", resume_step, restore=run.step_records.get("metrics"))
+    games_log = MetricsLog(run.run_dir / "games.jsonl", resume_step, restore=run.step_records.get("games"))
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    (run.run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(run.cfg), indent=2))
+    return log, games_log
+
+
+def print_start(run: Run, t_start: float, evaluate) -> None:
+    engines, learner = run.engines, run.learner
+    print(run_plan(run.cfg, engines, run.ranks.world))
     print(engines.describe())
+    if evaluate is not None:
+        print(evaluate.describe())
     print(f"start-up {time.perf_counter() - t_start:.1f} s; torch threads {torch.get_num_threads()}; log-prob "
           f"impl {getattr(learner.logprob_fn, '__name__', learner.logprob_fn)}; from step {run.start_step}",
           flush=True)
+    warning = replay_warning(run.saved_replay, replay_conditions(run)) if run.resumed else None
     if warning:
         print(warning, flush=True)
 
-    for step in range(run.start_step + 1, cfg.steps + 1):
-        faults.enter_step(step)
-        metrics, games = train_step(run, step, status)
-        metrics = distributed.reduce_metrics(metrics, ranks)  # torchrun: one record for all ranks
-        records = {"metrics": [metrics], "games": distributed.gather_games(
-            [game_record(step, g) for g in games[: cfg.log_games]], cfg.log_games, ranks)}
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            status.phase(step, "checkpoint")
-            seconds = save_step_checkpoint(run, step, records, (log, games_log) if ranks.main else None)
-            records["metrics"] = [{**metrics, "time/checkpoint_s": seconds}]
-        if ranks.main:
-            write_records(log, games_log, records)
-        status.line(console_line(records["metrics"][0]))
-        if ranks.world > 1:
-            status.line(distributed.rank_times_line(records["metrics"][0], ranks))
+
+def train_and_log_step(run: Run, step: int, status: Status, logs, evaluate) -> None:
+    """train_step, its metrics reduced over the ranks, the eval when due, the checkpoint when due, the logs."""
+    cfg, ranks = run.cfg, run.ranks
+    faults.enter_step(step)
+    metrics, games = train_step(run, step, status)
+    metrics = distributed.reduce_metrics(metrics, ranks)  # torchrun: one record for all ranks
+    if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+        metrics.update(eval_at(run, evaluate, step, status))  # in the step's records: checkpointed, replayed
+    records = {"metrics": [metrics], "games": distributed.gather_games(
+        [game_record(step, g) for g in games[: cfg.log_games]], cfg.log_games, ranks)}
+    if step % cfg.save_every == 0 or step == cfg.steps:
+        status.phase(step, "checkpoint")
+        seconds = save_step_checkpoint(run, step, records, logs)
+        records["metrics"] = [{**metrics, "time/checkpoint_s": seconds}]
+    if ranks.main:
+        write_records(*logs, records)
+    status.line(console_line(records["metrics"][0]))
+    if ranks.world > 1:
+        status.line(distributed.rank_times_line(records["metrics"][0], ranks))
+    if evaluate is not None and "time/eval_s" in metrics:
+        for line in evaluate.console_lines(metrics):
+            status.line(line)
+
+
+def print_end(run: Run, t_start: float, evaluate) -> None:
+    engines, ranks, run_dir = run.engines, run.ranks, run.run_dir
     for line in throughput_lines(engines):
         print(line)
-    for line in trend_lines(read_metrics(run_dir / "metrics.jsonl")):  # did it learn? slopes with 95% intervals
+    records = read_metrics(run_dir / "metrics.jsonl") if ranks.main else []
+    for line in trend_lines(records):  # did it learn? slopes with 95% intervals
+        print(line)
+    for line in evaluate.summary_lines(records) if evaluate is not None else []:  # held out: last eval vs first
         print(line)
     print(f"one process: pid {os.getpid()}, child processes {child_processes()}; judge parse failures "
           f"{engines.judge.parse_failures}/{engines.judge.calls}")
-    print(f"done: {cfg.steps - run.start_step} steps in {time.perf_counter() - t_start:.1f} s; metrics in "
+    print(f"done: {run.cfg.steps - run.start_step} steps in {time.perf_counter() - t_start:.1f} s; metrics in "
           f"{run_dir / 'metrics.jsonl'}, games in {run_dir / 'games.jsonl'}, checkpoints in {run_dir / 'checkpoints'}"
           + (f"; {ranks.world} ranks" if ranks.world > 1 else ""))
-    distributed.finish(ranks)
-    return run_dir
+
+
+# ------------------------------------------------------------------------------------------ eval during training
+
+def start_eval(run: Run, make_eval):
+    """The eval during training (make_eval(run)), on rank 0 only; None when off, or when the caller gave no
+    make_eval (then one line says so)."""
+    if not run.cfg.eval_every or not run.ranks.main:
+        return None
+    if make_eval is None:
+        print("eval during training: off (eval_every is set, but this caller runs the trainer without the eval; "
+              "`fast-srt train` runs it)")
+        return None
+    return make_eval(run)
+
+
+def eval_at(run: Run, evaluate, step: int, status: Status) -> dict:
+    """One eval during training: its metrics and time/eval_s (its wall seconds). The training's random state and
+    the policy engine's prefix cache are left as the step's weight write left them (emptied, then the canary), so
+    a run resumed from this step's checkpoint, which never ran this eval, replays the run."""
+    status.phase(step, "eval")
+    t0 = time.perf_counter()
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        metrics = to_floats(evaluate(step))
+    run.engines.policy.llm.reset_prefix_cache()
+    canary_changed(run)
+    metrics["time/eval_s"] = time.perf_counter() - t0
+    return metrics
 
 
 def save_step_checkpoint(run: Run, step: int, records: dict, logs: tuple | None) -> float:
@@ -282,7 +354,10 @@ def check_run_dir(run_dir: Path, resume: bool = False) -> None:
 # Fields a resumed run may change: they decide where and how often things are written, not what is trained.
 RESUME_MAY_CHANGE = ("resume", "run_dir", "save_every", "keep_checkpoints", "log_games", "inject_nan_loss_at_step",
                      "wandb_project",  # where metrics are also sent, not what the run computes
-                     "shard")  # how the ranks hold the model, not what it computes (the checkpoint is the same)
+                     "shard",  # how the ranks hold the model, not what it computes (the checkpoint is the same)
+                     # what is measured on held-out prompts, not what is trained (the eval leaves the run's random
+                     # state and the policy engine's prefix cache as it found them: eval_at)
+                     "eval_every", "eval_prompts", "eval_over_refusal_alarm")
 
 
 def check_resume_config(ckpt_dir: Path, cfg: TrainConfig) -> None:
@@ -355,31 +430,11 @@ def warmed_base(cfg: TrainConfig, base_dir: Path, judge_dir: Path | None):
 
 def setup_run(cfg: TrainConfig) -> Run:
     """Resume point, seeds, trainer model (+ LoRA), engines, reference, optimizer, kernels; all chosen once."""
-    from fast_srt.kernels import select_advantages_impl
-
-    faults.target()  # a malformed FAST_SRT_KILL_AT is refused before anything starts
-    check_trainable_sampling(cfg)
-    ranks = distributed.init_from_env()  # torchrun: the process group, before any engine (fast_srt.run.distributed)
-    if cfg.shard != "none" and ranks.world == 1:
-        raise UserError(f"--shard {cfg.shard} shards the model across torchrun ranks; launch with `torchrun "
-                        f"--nproc_per_node N -m fast_srt train ...` (N >= 2), or drop --shard")
-    distributed.check_split(cfg.sampling.games_per_step, cfg.algo.samples_per_prompt, ranks)
+    ranks, sft_records = check_before_start(cfg)
     run_dir = Path(cfg.run_dir)
-    check_run_dir(run_dir, cfg.resume)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the one place the device is chosen
     torch.manual_seed(cfg.seed)
     compute_dtype = getattr(torch, cfg.model.dtype)
-    # fp32 master weights; matmuls in the compute dtype under autocast (bf16 updates at lr 5e-7 would vanish)
-    autocast = lambda: torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)  # noqa
-    if cfg.warmup.steps:  # bad warm-up data is refused before any model is resolved or converted
-        from fast_srt.learner.warmup import load_warmup_data
-
-        load_warmup_data(cfg.warmup)
-    sft_records = None
-    if cfg.algo.sft_coef > 0:  # so is bad auxiliary SFT data
-        from fast_srt.learner.sft import load_sft_records
-
-        sft_records = load_sft_records(cfg.algo.sft_data)
     base_dir, judge_dir = distributed.main_first(ranks, lambda: resolve_engine_dirs(cfg.model))
     ckpt_dir = resume_point(cfg, run_dir)
     mcfg, warm_key, original_base = cfg.model, None, base_dir
@@ -387,6 +442,59 @@ def setup_run(cfg: TrainConfig) -> Run:
         base_dir, judge_dir, mcfg, warm_key = distributed.main_first(
             ranks, lambda: warmed_base(cfg, base_dir, judge_dir))
     pool = SeedPool(cfg.game, rng_seed=cfg.seed)
+    model, ckpt_dir, state, attn = placed_trainer_model(cfg, base_dir, run_dir, ckpt_dir, warm_key, device,
+                                                        compute_dtype)
+    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
+    check_free_space(run_dir, checkpoint_bytes(model))
+    adapter_rank = cfg.lora_rank if cfg.lora_in_engine else 0  # the engine serves the adapter (LoRA requests)
+    engines = build_engines(mcfg, cfg.game, trains=True, seed=cfg.seed, base_dir=base_dir,
+                            policy_dir=Path(ckpt_dir) if ckpt_dir is not None else base_dir, judge_dir=judge_dir,
+                            judge_max_tokens=cfg.sampling.judge_max_tokens, lora_rank=adapter_rank,
+                            defender_dir=original_base)  # attacker_only: the base model, not the warm-up
+    if adapter_rank:
+        attach_policy_adapter(engines.policy, model, base_dir)
+    ref = kl_reference(cfg, base_dir, compute_dtype, device, attn)
+    learner, restored = build_learner(cfg, model, ref, optimizer, state, pool, engines.policy.tokenizer, sft_records,
+                                      device, ranks)
+    start_step, step_records, saved_replay = restored
+    return Run(cfg=cfg, run_dir=run_dir, pool=pool, options=GameOptions(mode=cfg.game.mode, cot=cfg.game.cot),
+               reward_fn=reward_function(cfg.game.reward), engines=engines, learner=learner,
+               start_step=start_step, resumed=state is not None, step_records=step_records, warmup_key=warm_key,
+               ranks=ranks, saved_replay=saved_replay, base_model_dir=original_base,
+               sampling=SamplingSpec(max_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
+                                     top_p=cfg.sampling.top_p, fixed_length=cfg.sampling.fixed_length))
+
+
+def check_before_start(cfg: TrainConfig) -> tuple[distributed.Ranks, list | None]:
+    """What is refused before any model is resolved or engine started: a malformed FAST_SRT_KILL_AT, untrainable
+    sampling, a shard without ranks, a batch that does not split over them, a run directory that cannot be one,
+    bad warm-up or auxiliary SFT data.
+    Starts the torchrun process group (before any engine: fast_srt.run.distributed). Returns (the ranks, the
+    auxiliary SFT records or None)."""
+    faults.target()
+    check_trainable_sampling(cfg)
+    ranks = distributed.init_from_env()
+    if cfg.shard != "none" and ranks.world == 1:
+        raise UserError(f"--shard {cfg.shard} shards the model across torchrun ranks; launch with `torchrun "
+                        f"--nproc_per_node N -m fast_srt train ...` (N >= 2), or drop --shard")
+    distributed.check_split(cfg.sampling.games_per_step, cfg.algo.samples_per_prompt, ranks)
+    check_run_dir(Path(cfg.run_dir), cfg.resume)
+    if cfg.warmup.steps:
+        from fast_srt.learner.warmup import load_warmup_data
+
+        load_warmup_data(cfg.warmup)
+    if cfg.algo.sft_coef <= 0:
+        return ranks, None
+    from fast_srt.learner.sft import load_sft_records
+
+    return ranks, load_sft_records(cfg.algo.sft_data)
+
+
+def placed_trainer_model(cfg: TrainConfig, base_dir: Path, run_dir: Path, ckpt_dir: Path | None,
+                         warm_key: str | None, device, compute_dtype):
+    """trainer_model on its device with the attention it needs: under --shard fsdp2 loaded on the host and sharded
+    a layer at a time onto the device, else moved there and every torchrun rank given rank 0's weights. Returns
+    (model, checkpoint directory or None, checkpoint state or None, the attention for the KL reference)."""
     # shared-prefix batches need the project's attention (flash-attn varlen inside it on CUDA when installed)
     attn = VARLEN_SDPA if cfg.optim.share_prefix else None
     sharded = cfg.shard == "fsdp2"
@@ -398,20 +506,30 @@ def setup_run(cfg: TrainConfig) -> Run:
         model = sharding.shard_model(model, device.type)
     else:
         collective.broadcast_parameters(model)  # torchrun: every rank starts from rank 0's weights
-    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
-    check_free_space(run_dir, checkpoint_bytes(model))
-    adapter_rank = cfg.lora_rank if cfg.lora_in_engine else 0  # the engine serves the adapter (LoRA requests)
-    engines = build_engines(mcfg, cfg.game, trains=True, seed=cfg.seed, base_dir=base_dir,
-                            policy_dir=Path(ckpt_dir) if ckpt_dir is not None else base_dir, judge_dir=judge_dir,
-                            judge_max_tokens=cfg.sampling.judge_max_tokens, lora_rank=adapter_rank,
-                            defender_dir=original_base)  # attacker_only: the base model, not the warm-up
-    if adapter_rank:
-        attach_policy_adapter(engines.policy, model, base_dir)
-    ref = None
-    if cfg.algo.kl_coef > 0 and not cfg.lora_rank:  # with LoRA the reference is the model with adapters off
-        ref = load_reference(str(base_dir), compute_dtype, "cpu" if sharded else device, attn=attn)
-        if sharded:  # as the model: 1/N of the reference on each rank, gathered layer by layer in its forwards
-            ref = sharding.shard_model(ref, device.type)
+    return model, ckpt_dir, state, attn
+
+
+def kl_reference(cfg: TrainConfig, base_dir: Path, compute_dtype, device, attn):
+    """The frozen KL reference (fast_srt.learner.policy.load_reference; sharded as the model under --shard fsdp2),
+    or None: no KL, or LoRA, whose reference is the model with adapters off."""
+    if cfg.algo.kl_coef <= 0 or cfg.lora_rank:
+        return None
+    sharded = cfg.shard == "fsdp2"
+    ref = load_reference(str(base_dir), compute_dtype, "cpu" if sharded else device, attn=attn)
+    # as the model: 1/N of the reference on each rank, gathered layer by layer in its forwards
+    return sharding.shard_model(ref, device.type) if sharded else ref
+
+
+def build_learner(cfg: TrainConfig, model, ref, optimizer, state, pool, tokenizer, sft_records, device,
+                  ranks: distributed.Ranks) -> tuple[Learner, tuple[int, dict, dict | None]]:
+    """The Learner (schedule, grad scaler, this rank's SFT stream, the kernels for `device`) and, on resume, the
+    checkpoint's trainer state restored into it and the seed pool. Returns (learner, (start step, the checkpointed
+    step's records, its replay conditions))."""
+    from fast_srt.kernels import select_advantages_impl
+
+    compute_dtype = getattr(torch, cfg.model.dtype)
+    # fp32 master weights; matmuls in the compute dtype under autocast (bf16 updates at lr 5e-7 would vanish)
+    autocast = lambda: torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)  # noqa
     n_updates = total_updates(cfg)
     scheduler = build_scheduler(optimizer, n_updates, int(cfg.optim.warmup_ratio * n_updates), cfg.optim.min_lr_ratio)
     scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
@@ -419,24 +537,18 @@ def setup_run(cfg: TrainConfig) -> Run:
     if sft_records is not None:
         from fast_srt.learner.sft import SFTStream, build_sft_samples
 
-        samples = build_sft_samples(sft_records, engines.policy.tokenizer)
-        sft_stream = SFTStream(samples, seed=sft_seed(cfg.seed, ranks.rank))  # torchrun: one stream per rank
-    start_step, step_records, saved_replay = 0, {}, None
+        sft_stream = SFTStream(build_sft_samples(sft_records, tokenizer),
+                               seed=sft_seed(cfg.seed, ranks.rank))  # torchrun: one stream per rank
+    restored = (0, {}, None)
     if state is not None:
-        if sharded:  # the checkpoint's full optimizer state, this rank's shard of it
+        if cfg.shard == "fsdp2":  # the checkpoint's full optimizer state, this rank's shard of it
             state["optimizer"] = sharding.shard_optimizer_state(optimizer, state["optimizer"])
-        start_step, step_records, saved_replay = restore_run_state(state, optimizer, scheduler, pool, sft_stream,
-                                                                   scaler, ranks)
+        restored = restore_run_state(state, optimizer, scheduler, pool, sft_stream, scaler, ranks)
     learner = Learner(cfg=cfg, model=model, ref=ref, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                       autocast=autocast, logprob_fn=pick_logprob_impl(cfg.logprob_impl, device),  # chosen once
                       adv_fns=select_advantages_impl(device), device=device, temperature=cfg.sampling.temperature,
                       sft_stream=sft_stream, total_updates=n_updates)
-    return Run(cfg=cfg, run_dir=run_dir, pool=pool, options=GameOptions(mode=cfg.game.mode, cot=cfg.game.cot),
-               reward_fn=reward_function(cfg.game.reward), engines=engines, learner=learner,
-               start_step=start_step, resumed=state is not None, step_records=step_records, warmup_key=warm_key,
-               ranks=ranks, saved_replay=saved_replay,
-               sampling=SamplingSpec(max_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
-                                     top_p=cfg.sampling.top_p, fixed_length=cfg.sampling.fixed_length))
+    return learner, restored
 
 
 def resume_point(cfg: TrainConfig, run_dir: Path) -> Path | None:

@@ -141,3 +141,30 @@ def test_lora_in_one_engine_drops_the_judge_engine():
             2 * s.params / 2**30)
         assert a.parts["policy engine LoRA adapter (cache + slot)"] == pytest.approx(4 * s.lora_params(16) / 2**30)
     assert max(p.total for p in one) < max(p.total for p in two) - 13
+
+
+def test_the_eval_during_training_is_counted():
+    """--eval-every adds its frozen base defender's engine (weights and KV cache) where no engine of the run can
+    generate with the base model, and the sentence embedder; nothing where the run has one."""
+    import dataclasses
+
+    from fast_srt.commands.train import parse_train_args
+    from fast_srt.run.plan import EVAL_KV_CACHE_GIB, eval_defender_placement, plan, plan_input_from_config
+
+    def parts(argv):
+        cfg = parse_train_args(argv)
+        p = plan_input_from_config(cfg, device="cpu", budget_gib=64)
+        return eval_defender_placement(cfg), plan(p)[0].parts
+
+    where, on = parts(["cpu_default", "--eval-every", "4"])
+    _, off = parts(["cpu_default", "--eval-every", "0"])
+    assert where == "own_engine"
+    added = {k: v for k, v in on.items() if k not in off}
+    assert set(added) == {"eval frozen defender engine weights", "eval frozen defender KV cache",
+                          "eval sentence embedder (fp32)"}
+    assert added["eval frozen defender KV cache"] == EVAL_KV_CACHE_GIB
+    assert added["eval frozen defender engine weights"] == pytest.approx(off["policy engine weights"])
+    for argv, want in ((["attacker_only", "--eval-every", "4"], "frozen_defender"),
+                       (["rl_only", "--lora-rank", "8", "--eval-every", "4"], "policy_base")):
+        where, got = parts(argv)
+        assert where == want and "eval frozen defender engine weights" not in got

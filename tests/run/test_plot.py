@@ -55,3 +55,56 @@ def test_bad_input_is_one_clear_error(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(UserError, match="metrics.jsonl:2 is not JSON"):
         plot_run(tmp_path)
+
+
+def _eval_record(step, over, alarm):
+    m = {"step": step, "time/eval_s": 20.0, "eval/alarm_threshold": 0.5, "eval/always_refuse_alarm": alarm}
+    for key, rate in (("harmful/refusal", 0.5), ("harmful/refusal_matcher", 0.25), ("jailbreak/refusal", 0.1),
+                      ("jailbreak/refusal_matcher", 0.0), ("benign/over_refusal", 0.2),
+                      ("benign/over_refusal_matcher", over), ("attacks/attack_success", 0.6),
+                      ("attacks/faithful", 0.9)):
+        m.update({f"eval/{key}": rate, f"eval/{key}_lo": max(rate - 0.2, 0), f"eval/{key}_hi": min(rate + 0.2, 1),
+                  f"eval/{key}_n": 8})
+    m.update({"eval/attacks/sbert_diversity": 0.6, "eval/attacks/self_bleu": 12.0})
+    return m
+
+
+def test_learning_curves_and_per_role_lines(tmp_path):
+    """The eval during training becomes learning.png (four panels, each rate with its interval, the alarm's
+    threshold and the eval where it fired); a metric split by role has the attacker's and defender's lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fast_srt.commands.plot import learning_figure, series_figure
+
+    run = tmp_path / "run"
+    run.mkdir()
+    _metrics(run / "metrics.jsonl")
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.update({"loss/attacker_clip_frac": 0.1, "loss/defender_clip_frac": 0.3})
+    rows = [_eval_record(0, 0.0, 0)] + rows
+    rows[3].update(_eval_record(3, 0.25, 0))
+    rows[6].update(_eval_record(6, 0.75, 1))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert sorted(p.stem for p in plot_run(run)) == ["format", "learning", "outcomes", "policy", "rewards",
+                                                     "sampler", "time"]
+    fig = learning_figure(plt, rows, "run")
+    axes = fig.axes
+    assert len(axes) == 4 and [len(ax.lines) for ax in axes] == [4, 3, 2, 2]  # over-refusal: + the threshold
+    assert len(axes[0].collections) == 4  # an interval band per rate
+    assert [len(c.get_offsets()) for c in axes[1].collections if hasattr(c, "get_offsets")][-1] == 1  # fired once
+    xs = list(axes[1].lines[0].get_xdata())
+    assert xs == [0, 3, 6]
+    fig = series_figure(plt, rows, "policy", ["loss/clip_frac", "kl/mean"])
+    assert [len(ax.lines) for ax in fig.axes] == [3, 1]  # kl/mean has no per-role values here: its line alone
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["all", "attacker", "defender"]
+
+
+def test_plot_splits_the_metrics_the_learner_splits():
+    from fast_srt.commands.plot import ROLE_SPLIT
+    from fast_srt.learner import step
+
+    assert ROLE_SPLIT == step.ROLE_SPLIT

@@ -315,3 +315,40 @@ def test_phase_timer_syncs_the_device_at_each_phase_edge():
     with plain("gen"):
         pass
     assert set(plain.seconds) == {"gen"}
+
+
+def test_eval_during_training_is_logged_and_replays_after_a_kill(tiny_model_dir, tmp_path):
+    """--eval-every 2 on 3 steps evaluates before step 1 (step 0's line), after step 2 and after the last; killed
+    right after step 2's checkpoint (its eval done, its lines not yet written) and resumed, the run replays the
+    never-killed run: its eval metrics (from the checkpoint), then step 3's games token for token (the eval left the
+    policy engine's prefix cache and the random state as a fresh engine has them), metrics and weights."""
+    import torch
+
+    def args(run):
+        return _kill_args(tiny_model_dir, run) + ["--eval-every", "2", "--eval-prompts", "3"]
+
+    want = tmp_path / "unkilled"
+    p = _train(args(want), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "eval during training: before step 1, every 2 steps" in p.stdout
+    assert sum(ln.startswith("eval step") for ln in p.stdout.splitlines()) == 3
+    metrics = read_metrics(want / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    evals = [m["step"] for m in metrics if "time/eval_s" in m]
+    assert evals == [0, 2, 3]
+    for m in metrics:
+        if m["step"] in evals:
+            assert m["eval/harmful/refusal_n"] == 3 and 0 <= m["eval/harmful/refusal_lo"] <= m["eval/harmful/refusal_hi"] <= 1
+            assert m["eval/always_refuse_alarm"] in (0, 1) and m["eval/attacks/self_bleu"] is not None
+
+    run = tmp_path / "run"
+    p = _train(args(run), timeout=600, extra_env={"FAST_SRT_KILL_AT": "after_checkpoint:2"})
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr[-3000:])
+    assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [0, 1]
+    p = _train(args(run) + ["--resume"], timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "from step 2" in p.stdout and "not an exact replay" not in p.stdout
+    assert read_metrics(run / "games.jsonl") == read_metrics(want / "games.jsonl")
+    assert _replayed(read_metrics(run / "metrics.jsonl")) == _replayed(metrics)
+    got, ref = _weights(run), _weights(want)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
