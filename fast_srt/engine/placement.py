@@ -91,6 +91,8 @@ def build_engines(mcfg: ModelConfig, game: GameConfig, *, trains: bool, seed: in
     defender_dir = Path(defender_dir or base_dir)
     policy_dir = base_dir if lora_rank else Path(policy_dir or base_dir)
     mml = max_model_len or mcfg.max_model_len
+    if trains:
+        print(f"[fast_srt] starting the in-process engines (vLLM; judge {mcfg.judge_model})", flush=True)
     policy = Engine(policy_dir, dtype=mcfg.dtype, max_model_len=mml, kv_cache_gib=mcfg.kv_cache_gib, seed=seed,
                     name="policy", enable_lora=lora_rank > 0, max_lora_rank=max(lora_rank, 1))
     base_view = policy.base_model() if lora_rank else None
