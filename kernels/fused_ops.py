@@ -2,15 +2,13 @@
 where the torch path dispatches several small ops.
 
 Each is a torch custom op (`fast_srt::...`), so a dispatch counter (fast_srt.learner.op_count) sees one op, as a
-GPU sees one launch. The op runs its Triton kernel on CUDA, or on CPU under TRITON_INTERPRET=1 (tests); otherwise
+GPU sees one launch. The op runs its Triton kernel on CUDA, or on CPU when triton runs in its interpreter (tests); otherwise
 its torch twin, the same math in fp32 (ops_cpu: the op-count bench forces the fused path on CPU with it).
 Semantics are those of the transformers modules they replace (LlamaRMSNorm, LlamaMLP's act_fn(gate) * up,
 apply_rotary_pos_emb), output dtypes included; each computes in fp32 and rounds once.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -22,8 +20,16 @@ except ImportError:  # pragma: no cover
 
 
 def uses_triton(x: torch.Tensor) -> bool:
-    """Triton on CUDA, and on CPU under the interpreter; the torch twin otherwise."""
-    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    """Triton on CUDA, and on CPU when triton was imported under its interpreter; the torch twin otherwise."""
+    return triton is not None and (x.is_cuda or _interpreted())
+
+
+def _interpreted() -> bool:
+    """Whether this process's @triton.jit functions run in the interpreter (TRITON_INTERPRET=1 at triton's import:
+    setting it later does not)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_silu_mul_kernel, InterpretedFunction)
 
 
 def _block(n: int) -> int:
