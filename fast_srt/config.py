@@ -317,14 +317,15 @@ def cpu_default() -> TrainConfig:
     roles the <think>/<answer> format and the auxiliary SFT loss (1 sample per micro-step) keeps it; 128 new tokens
     leave room for it; temperature 0.6 (bench/results/warmup_temperature_cpu_2026-11-30.md). Then 12 self-play
     steps at lr 5e-5 (bench/results/learning_rate_cpu_2026-11-30.md: at 1e-5 the policy hardly moves), every game
-    of a step logged (`fast-srt games RUN_DIR`), a checkpoint at the end."""
+    of a step logged (`fast-srt games RUN_DIR`), a checkpoint at the end; the held-out eval during training before
+    the first step, at step 6 and at the last, 4 prompts a set (docs/evaluation.md: its cost)."""
     base = cpu_base()
     return dataclasses.replace(
         base, sampling=dataclasses.replace(base.sampling, max_new_tokens=128, temperature=0.6),
         algo=dataclasses.replace(base.algo, sft_coef=1.0, sft_samples_per_micro_step=1),
         optim=dataclasses.replace(base.optim, lr=5e-5),
         warmup=WarmupConfig(steps=24, lr=3e-3, batch_size=8, seed=0, lora_rank=8), steps=12, save_every=12,
-        log_games=8)
+        log_games=8, eval_every=6, eval_prompts=4)
 
 
 def llama8b_reference() -> TrainConfig:
