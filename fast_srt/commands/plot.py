@@ -131,8 +131,9 @@ def series_figure(plt, rows: list[dict], title: str, keys: list[str]):
         variants = [(v, role) for v, role in role_variants(k) if _series(rows, v)[0]]
         xs, ys = _series(rows, k)
         ax.plot(xs, ys, marker="o", ms=3, label="all" if variants else None, color="C0")
-        for j, (v, role) in enumerate(variants, 1):
-            ax.plot(*_series(rows, v), marker=".", ms=3, lw=1, ls="--", label=role, color=f"C{j}")
+        for v, role in variants:  # one colour per role in every panel
+            ax.plot(*_series(rows, v), marker=".", ms=3, lw=1, ls="--", label=role,
+                    color="C1" if role == "attacker" else "C2")
         if variants:
             ax.legend(fontsize=6, loc="best")
         ax.set_ylabel(k.split("/", 1)[1], fontsize=8)
