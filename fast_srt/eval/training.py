@@ -56,7 +56,7 @@ class TrainingEval:
             embedder = SentenceEmbedder()
         settings = EvalSettings(cot=cfg.game.cot, max_new_tokens=cfg.sampling.max_new_tokens, temperature=0.0,
                                 attacker_temperature=cfg.sampling.temperature, seed=cfg.seed,
-                                batch=max(len(s.prompts) for s in self.sets))
+                                batch=sum(len(s.prompts) for s in self.sets))  # every set in one engine call
         self.evaluator = Evaluator(run.engines.judge, self.frozen, settings, embedder)
         self.startup_metrics = {"time/eval_engine_startup_s": startup}
 
@@ -171,8 +171,8 @@ def eval_line(m: dict) -> str:
 
 
 def eval_summary_lines(records: list[dict]) -> list[str]:
-    """The end of a run: each headline rate at the first eval and at the last, and whether the last lies outside
-    the first's 95% interval (a change that eval's own sample size does not explain)."""
+    """The end of a run: each headline rate at the first eval and at the last, and whether their 95% intervals are
+    apart (a change that the evals' own sample size does not explain)."""
     evals = [r for r in records if "time/eval_s" in r]
     if len(evals) < 2:
         return []
@@ -181,8 +181,8 @@ def eval_summary_lines(records: list[dict]) -> list[str]:
     for key, name in HEADLINES:
         if first.get(key) is None or last.get(key) is None:
             continue
-        outside = not first[key + "_lo"] <= last[key] <= first[key + "_hi"]
+        apart = last[key + "_lo"] > first[key + "_hi"] or last[key + "_hi"] < first[key + "_lo"]
         lines.append(f"eval {name:<30} step {first['step']} {_rate(first, key)} -> step {last['step']} "
                      f"{_rate(last, key)} (n={last[key + '_n']}): "
-                     + ("outside the first eval's interval" if outside else "within the first eval's interval"))
+                     + ("intervals apart, beyond noise" if apart else "intervals overlap, within noise"))
     return lines
