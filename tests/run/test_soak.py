@@ -24,7 +24,7 @@ def test_soak_200_steps_memory_fds_and_disk_stay_bounded(tiny_model_dir, tmp_pat
             "--model.dtype", "float32", "--model.max-model-len", "1024", "--model.kv-cache-gib", "1",
             "--game.no-cot", "--sampling.games-per-step", "8", "--sampling.max-new-tokens", "4", "--optim.lr", "5e-3",
             "--optim.updates-per-step", "4", "--optim.warmup-ratio", "0", "--algo.kl-coef", "0",
-            "--logprob-impl", "twin", "--steps", str(STEPS), "--save-every", str(SAVE_EVERY),
+            "--logprob-impl", "chunked", "--steps", str(STEPS), "--save-every", str(SAVE_EVERY),
             "--keep-checkpoints", str(KEEP), "--log-games", "2", "--run-dir", str(run)]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FAST_SRT_KILL", "FAST_SRT_DISK"))}
     p = subprocess.run([sys.executable, "-m", "fast_srt.cli", "train", *args], capture_output=True, text=True,
