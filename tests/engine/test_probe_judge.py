@@ -201,7 +201,7 @@ def test_probe_is_fitted_once_then_cached(tiny_pooling_engine, tiny_model_dir, t
     monkeypatch.setattr(jd, "probe_training_pairs", lambda: subset)
     lines = []
     judge = ProbeJudge(tiny_pooling_engine, model_dir=tiny_model_dir, log=lines.append)
-    assert len(lines) == 1 and "fitted on" in lines[0]
+    assert len(lines) == 2 and "fitting the judge probe" in lines[0] and "fitted on" in lines[1]  # before and after
     assert judge.probe.meta["n_train"] == len(subset)
     assert judge.probe.meta["pooling"] == P.POOLING and judge.probe.mean.shape == (5 * 64,)
     assert set(judge.probe.meta["prior_shift"]) == set(P.PRIOR_SHIFTED)
@@ -217,7 +217,7 @@ def test_probe_is_fitted_once_then_cached(tiny_pooling_engine, tiny_model_dir, t
 
     monkeypatch.setattr(P, "fit_from_judge_set", no_fit)
     again = ProbeJudge(tiny_pooling_engine, model_dir=tiny_model_dir, log=lines.append)
-    assert torch.equal(again.probe.w, judge.probe.w) and len(lines) == 1
+    assert torch.equal(again.probe.w, judge.probe.w) and len(lines) == 2
     assert P.probe_key(tiny_model_dir, tiny_pooling_engine.dtype) == cached[0].name.removeprefix("judge-probe-")
     assert not P.shipped_probe_dir(P.probe_key(tiny_model_dir, tiny_pooling_engine.dtype)).exists()
 
