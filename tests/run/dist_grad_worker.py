@@ -82,7 +82,7 @@ def step_gradient(model_dir: str, estimator: str, samples: list[Sample], shard: 
     assert out["optim/updates"] == 1, out
     whole = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()  # noqa: E731
     return {"grads": [whole(p.grad) for p in model.parameters()], "params": [whole(p) for p in model.parameters()],
-            "metrics": {k: float(v) for k, v in out.items()}}
+            "metrics": {k: float(v) for k, v in out.items() if v is not None}}  # a role without tokens: None
 
 
 def main(model_dir: str, out_path: str, estimator: str, split: str, shard: str = "none", clip: str = "1e9",
