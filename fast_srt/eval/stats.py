@@ -4,6 +4,10 @@ Wilson (1927): for k successes in n trials, p = k/n and z = 1.959964 (the 97.5% 
   centre = (p + z^2 / 2n) / (1 + z^2 / n),  half-width = z / (1 + z^2 / n) * sqrt(p (1 - p) / n + z^2 / 4n^2).
 Unlike p +- z sqrt(p(1-p)/n) it stays inside [0, 1] and is not zero-width at k = 0 or k = n, which matters for the
 small samples a CPU evaluation can afford.
+
+Two checkpoints answering the same prompts are compared pairwise with McNemar's exact test: of the b prompts where
+only A has the property and the c where only B has it, under "no difference" each discordant prompt falls either
+way with probability 1/2, so the two-sided p-value is min(1, 2 P[X <= min(b, c)]) for X ~ Binomial(b + c, 1/2).
 """
 
 from __future__ import annotations
@@ -24,6 +28,17 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for b and c discordant pairs (module docstring); 1.0 when there are none."""
+    if b < 0 or c < 0:
+        raise ValueError(f"need b, c >= 0, got b={b}, c={c}")
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
 
 
 @dataclass(frozen=True)

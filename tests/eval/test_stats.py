@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from fast_srt.eval.stats import Rate, wilson_interval
+from fast_srt.eval.stats import Rate, mcnemar_exact, wilson_interval
 
 Z = 1.959963984540054
 
@@ -42,3 +42,20 @@ def test_rate_leaves_out_unknown_labels():
     assert r.cell() == f"0.667 [{r.lo:.3f}, {r.hi:.3f}] n=3"
     empty = Rate.of([None, None])
     assert (empty.n, empty.rate, empty.cell()) == (0, None, "- (n=0)")
+
+
+@pytest.mark.parametrize("b, c, p", [
+    (0, 0, 1.0),  # no discordant pair: nothing to tell apart
+    (3, 3, 1.0),  # 2 * P[X <= 3], X ~ Bin(6, 1/2) = 2 * 42/64 > 1
+    (0, 6, 0.03125),  # 2 * (1/2)^6
+    (1, 9, 0.021484375),  # 2 * (1 + 10) / 1024
+    (9, 1, 0.021484375),  # symmetric in b and c
+    (2, 8, 0.109375),  # 2 * (1 + 10 + 45) / 1024
+])
+def test_mcnemar_exact_values(b, c, p):
+    assert mcnemar_exact(b, c) == pytest.approx(p, rel=1e-12)
+
+
+def test_mcnemar_rejects_negative_counts():
+    with pytest.raises(ValueError, match="b, c >= 0"):
+        mcnemar_exact(-1, 2)
