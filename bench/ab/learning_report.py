@@ -1,16 +1,17 @@
 """The learning report: self-play against its two static ablations, from the same warm start.
 
-Arms, each `fast-srt train cpu_default --game.mode MODE --seed SEED --steps N` (the same format warm-up start, steps,
+Arms, each `fast-srt train cpu_default ARM_OPTIONS --seed SEED --steps N` (the same format warm-up start, steps,
 games per step, learning rate and auxiliary SFT loss):
   selfplay       both roles train against each other (the method)
   defender_only  a static attacker: every seed goes verbatim to the defender, only the defender trains
   attacker_only  a static defender: the frozen base model answers, only the attacker trains
+  selfplay_no_sft  (optional) self-play without the auxiliary SFT loss (--algo.sft-coef 0): what that loss does
 Then `fast-srt eval` evaluates each arm's final checkpoint, the warm start and the base model on the same held-out
 prompts (`--max-prompts`, 0: every held-out prompt) with the same sampling seed: the defender answers greedily, so
 two checkpoints differ only by their weights. Differences against the warm start are paired (the same prompts):
 McNemar's exact test on the discordant prompts (fast_srt/eval/stats.py); "beyond noise" means p < 0.05.
 
-    .venv/bin/python bench/ab/learning_report.py [--steps 12] [--seeds 8888] [--max-prompts 0] [--keep DIR]
+    .venv/bin/python bench/ab/learning_report.py [--steps 12] [--seeds 8888] [--arms ...] [--max-prompts 0] [--keep DIR]
 
 Writes bench/results/learning_cpu_<date>.md (the table, the per-arm run times and the commands) and prints it; the
 run directories live in a temporary folder removed at the end, unless --keep DIR names where to keep them.
@@ -30,6 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 FAST_SRT = str(ROOT / ".venv" / "bin" / "fast-srt")
+ARMS = {"selfplay": ["--game.mode", "selfplay"], "defender_only": ["--game.mode", "defender_only"],
+        "attacker_only": ["--game.mode", "attacker_only"],
+        "selfplay_no_sft": ["--game.mode", "selfplay", "--algo.sft-coef", "0"]}
 MODES = ("selfplay", "defender_only", "attacker_only")
 
 # (label, where, metric, per-record flag for the paired test; None: no pairing)
@@ -132,7 +136,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=12, help="RL steps of every arm (the default's 12)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[8888], help="training seeds; one run per arm and seed")
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--arms", nargs="+", default=list(MODES), choices=list(ARMS))
     ap.add_argument("--max-prompts", type=int, default=0, help="prompts per held-out set (0: every one)")
     ap.add_argument("--attack-prompts", type=int, default=64, help="held-out harmful seeds each attacker rewrites")
     ap.add_argument("--keep", metavar="DIR", help="keep the run directories and evals here")
@@ -144,12 +148,13 @@ def main() -> None:
     warm = warm_start_dir()
     evals = {"base model": evaluate("default", work / "eval_base", a),
              "warm start": evaluate(str(warm), work / "eval_warm", a)}
+    print(f"base model and warm start evaluated ({work})", flush=True)
     times = {}
     for seed in a.seeds:
-        for mode in a.modes:
+        for mode in a.arms:
             arm = f"{mode} s{seed}" if len(a.seeds) > 1 else mode
             run = work / f"{mode}-{seed}"
-            times[arm] = sh([FAST_SRT, "train", "cpu_default", "--game.mode", mode, "--seed", str(seed),
+            times[arm] = sh([FAST_SRT, "train", "cpu_default", *ARMS[mode], "--seed", str(seed),
                              "--steps", str(a.steps), "--save-every", str(a.steps), "--run-dir", str(run)],
                             work / f"train-{mode}-{seed}.log")
             evals[arm] = evaluate(str(run), run / "eval_report", a)
@@ -159,7 +164,7 @@ def main() -> None:
     cmd = " ".join(["bench/ab/learning_report.py", *sys.argv[1:]])
     head = (f"commit {sha.strip() or 'unknown'}: `.venv/bin/python {cmd}` on the 2-core CPU, "
             f"{(time.perf_counter() - t_all) / 60:.0f} min in all.")
-    how = (f"Each arm: `fast-srt train cpu_default --game.mode MODE --seed SEED --steps {a.steps}` from the warm "
+    how = (f"Each arm: `fast-srt train cpu_default ARM_OPTIONS --seed SEED --steps {a.steps}` from the warm "
            f"start `{warm.name}`; each checkpoint: `fast-srt eval CHECKPOINT --max-prompts {a.max_prompts} "
            f"--attack-prompts {a.attack_prompts}` (greedy defender, seed 0). Cells: rate [95% Wilson]; against "
            "the warm start, (prompts where only the arm has it + / only the warm start -, McNemar exact p); "
