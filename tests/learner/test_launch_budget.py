@@ -37,8 +37,12 @@ def tree(groups: int, seed: int = 0) -> list[Sample]:
 
 @pytest.fixture
 def cuda_path(monkeypatch):
-    """The CUDA path forced on CPU: the varlen kernel (its twin) and the fused ops (theirs)."""
+    """The CUDA path forced on CPU: the varlen kernel (its twin) and the fused ops (theirs: one custom op each, as
+    the Triton kernel is, without the minutes of triton's interpreter that the kernel tests may have turned on)."""
+    from fast_srt.kernels import fused_ops
+
     monkeypatch.setattr(attention, "FORCED_KERNEL", attention.VARLEN)
+    monkeypatch.setattr(fused_ops, "uses_triton", lambda x: False)
     yield lambda model: apply_fused_ops(model, FUSED_TRITON)
     policy._FUSED_ROPE_DEVICES.discard("cpu")
 
