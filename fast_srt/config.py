@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from fast_srt.errors import UserError
 
 
-def cache_dir() -> "Path":
+def cache_dir() -> Path:
     """Where converted models, the format warm-up and fitted judge probes live: $FAST_SRT_CACHE, else
     ~/.cache/fast_srt."""
     import os

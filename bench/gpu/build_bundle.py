@@ -21,7 +21,6 @@ import argparse
 import csv
 import datetime
 import io
-import json
 import re
 import shutil
 import subprocess

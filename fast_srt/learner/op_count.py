@@ -9,7 +9,6 @@ import contextlib
 from collections import Counter
 from collections.abc import Iterator
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # ops that move no data and launch nothing: views, shape queries, metadata

@@ -13,8 +13,7 @@ from fast_srt.game.rules import (ATTACKER_INSTRUCTION_BENIGN, ATTACKER_INSTRUCTI
                                  check_format)
 from fast_srt.game.seeds import load_heldout, load_seeds
 from fast_srt.learner import warmup
-from fast_srt.learner.sft import (build_attacker_sft_samples, format_sft_target, load_attacker_sft_records,
-                                  load_sft_records)
+from fast_srt.learner.sft import (build_attacker_sft_samples, format_sft_target, load_attacker_sft_records)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import types
 import pytest
 import torch
 
-from fast_srt.errors import UserError
 
 
 @pytest.fixture

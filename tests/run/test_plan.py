@@ -146,7 +146,6 @@ def test_lora_in_one_engine_drops_the_judge_engine():
 def test_the_eval_during_training_is_counted():
     """--eval-every adds its frozen base defender's engine (weights and KV cache) where no engine of the run can
     generate with the base model, and the sentence embedder; nothing where the run has one."""
-    import dataclasses
 
     from fast_srt.commands.train import parse_train_args
     from fast_srt.run.plan import EVAL_KV_CACHE_GIB, eval_defender_placement, plan, plan_input_from_config
