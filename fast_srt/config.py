@@ -302,7 +302,7 @@ class TrainConfig:
 def cpu_base() -> TrainConfig:
     """The ablation presets' base: SmolLM2-135M-Instruct on CPU without the format warm-up and the auxiliary SFT
     loss (48 new tokens, temperature 1). To give an ablation the default's warm start, add
-    `--warmup.steps 24 --sampling.max-new-tokens 128` (and `--algo.sft-coef 1` to keep the format)."""
+    `--warmup.steps 48 --warmup.lora-rank 8 --warmup.lr 3e-3 --sampling.max-new-tokens 128` (and `--algo.sft-coef 1` to keep the format)."""
     return TrainConfig(
         model=ModelConfig(model="default", dtype="bfloat16", max_model_len=1024, kv_cache_gib=1.0),
         sampling=SamplingConfig(games_per_step=8, max_new_tokens=48, judge_max_tokens=24),
@@ -314,7 +314,7 @@ def cpu_base() -> TrainConfig:
 
 def cpu_default() -> TrainConfig:
     """The offline default: SmolLM2-135M-Instruct on CPU, a few minutes for a handful of steps. A format warm-up
-    (24 SFT steps of a rank-8 LoRA, merged; its adapter ships, so a fresh machine does not train it) teaches both
+    (48 SFT steps of a rank-8 LoRA, merged; its adapter ships, so a fresh machine does not train it) teaches both
     roles the <think>/<answer> format and the auxiliary SFT loss (1 sample per micro-step) keeps it; 128 new tokens
     leave room for it; temperature 0.6 (bench/results/warmup_temperature_cpu_2026-11-30.md). Then 12 self-play
     steps at lr 5e-5 (bench/results/learning_rate_cpu_2026-11-30.md: at 1e-5 the policy hardly moves), every game
@@ -325,7 +325,7 @@ def cpu_default() -> TrainConfig:
         base, sampling=dataclasses.replace(base.sampling, max_new_tokens=128, temperature=0.6),
         algo=dataclasses.replace(base.algo, sft_coef=1.0, sft_samples_per_micro_step=1),
         optim=dataclasses.replace(base.optim, lr=5e-5),
-        warmup=WarmupConfig(steps=24, lr=3e-3, batch_size=8, seed=0, lora_rank=8), steps=12, save_every=12,
+        warmup=WarmupConfig(steps=48, lr=3e-3, batch_size=8, seed=0, lora_rank=8), steps=12, save_every=12,
         log_games=8, eval_every=6, eval_prompts=4)
 
 
