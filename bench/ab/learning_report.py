@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 FAST_SRT = str(ROOT / ".venv" / "bin" / "fast-srt")
 ARMS = {"selfplay": ["--game.mode", "selfplay"], "defender_only": ["--game.mode", "defender_only"],
         "attacker_only": ["--game.mode", "attacker_only"],
