@@ -13,6 +13,8 @@ Errors say what was looked for and what to do.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -107,19 +109,26 @@ def ensure_default_model(dtype: str = "bfloat16") -> Path:
 
 def _convert_gguf(gguf: Path, out: Path, dtype: str) -> None:
     """Dequantize with transformers' GGUF loader, rebuild the same architecture without its quantization config,
-    and save as safetensors (save_pretrained refuses a GGUF-quantized model)."""
+    and save as safetensors (save_pretrained refuses a GGUF-quantized model). The files written are the loader's
+    own, byte for byte: the probe judge's key depends on their digests."""
+    import copy
+
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
 
     d, f = str(gguf.parent), gguf.name
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    src = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(d, gguf_file=f)
+    with _gguf_parsed_once():
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+        src = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    config = copy.deepcopy(src.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.torch_dtype = getattr(torch, dtype)
-    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = clean.load_state_dict(src.state_dict(), strict=False)
+    config.dtype = getattr(torch, dtype)
+    with no_init_weights():  # every weight is replaced below
+        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = clean.load_state_dict(src.state_dict(), strict=False, assign=True)
+    clean.tie_weights()
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to embed_tokens
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -128,6 +137,29 @@ def _convert_gguf(gguf: Path, out: Path, dtype: str) -> None:
         raise RuntimeError("the GGUF tokenizer carries no chat template")
     tok.save_pretrained(out)
     (out / "fast_srt_source.json").write_text(json.dumps({"gguf": str(gguf), "dtype": dtype}) + "\n")
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """Within the block, a GGUF file is parsed once and llama.cpp's tensor-name table is built once per
+    (architecture, layers). transformers' loader reopens the file for the tokenizer, the config and the weights and
+    rebuilds the table for every module of the model; both are read-only to it, so sharing them changes no byte."""
+    import gguf as gguf_lib
+
+    real_reader, real_map = gguf_lib.GGUFReader, gguf_lib.get_tensor_name_map
+    readers: dict = {}
+
+    def reader(path, *args, **kwargs):
+        key = (os.path.realpath(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = real_reader(path, *args, **kwargs)
+        return readers[key]
+
+    gguf_lib.GGUFReader, gguf_lib.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(real_map)
+    try:
+        yield
+    finally:
+        gguf_lib.GGUFReader, gguf_lib.get_tensor_name_map = real_reader, real_map
 
 
 def resolve_engine_dirs(mcfg) -> tuple[Path, Path | None]:
