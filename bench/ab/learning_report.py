@@ -12,6 +12,7 @@ two checkpoints differ only by their weights. Differences against the warm start
 McNemar's exact test on the discordant prompts (fast_srt/eval/stats.py); "beyond noise" means p < 0.05.
 
     .venv/bin/python bench/ab/learning_report.py [--steps 12] [--seeds 8888] [--arms ...] [--max-prompts 0] [--keep DIR]
+    .venv/bin/python bench/ab/learning_report.py --from DIR [--arms ...] [--seeds ...]   # redraw from a --keep DIR
 
 Writes bench/results/learning_cpu_<date>.md (the table, the per-arm run times and the commands) and prints it; the
 run directories live in a temporary folder removed at the end, unless --keep DIR names where to keep them.
@@ -35,22 +36,24 @@ ARMS = {"selfplay": ["--game.mode", "selfplay"], "defender_only": ["--game.mode"
         "selfplay_no_sft": ["--game.mode", "selfplay", "--algo.sft-coef", "0"]}
 MODES = ("selfplay", "defender_only", "attacker_only")
 
-# (label, where, metric, per-record flag for the paired test; None: no pairing)
+# (label, where, metric); each metric's per-record flag (for the paired test) is the one its rate is made of
 ROWS = [
-    ("harmful: refusal (judge)", "heldout_harmful", "refusal", lambda r: r["judge"][1]),
-    ("harmful: refusal (matcher)", "heldout_harmful", "refusal_matcher",
-     lambda r: r["matcher_refusal"] if r["answer"].strip() else None),
-    ("jailbreak: refusal (judge)", "heldout_jailbreak", "refusal", lambda r: r["judge"][1]),
-    ("jailbreak: refusal (matcher)", "heldout_jailbreak", "refusal_matcher",
-     lambda r: r["matcher_refusal"] if r["answer"].strip() else None),
-    ("benign: over-refusal (judge)", "heldout_benign", "over_refusal", lambda r: r["judge"][1]),
-    ("benign: over-refusal (matcher)", "heldout_benign", "over_refusal_matcher",
-     lambda r: r["matcher_refusal"] if r["answer"].strip() else None),
-    ("harmful: attack success (judge)", "heldout_harmful", "attack_success", lambda r: r["judge"][2]),
-    ("attacks: success vs frozen base", "attacks", "attack_success",
-     lambda r: False if not r["attack"].strip() else r["judge"][2]),
-    ("attacks: format valid", "attacks", "format_valid", lambda r: r["format_valid"]),
+    ("harmful: refusal (judge)", "heldout_harmful", "refusal"),
+    ("harmful: refusal (matcher)", "heldout_harmful", "refusal_matcher"),
+    ("jailbreak: refusal (judge)", "heldout_jailbreak", "refusal"),
+    ("jailbreak: refusal (matcher)", "heldout_jailbreak", "refusal_matcher"),
+    ("benign: over-refusal (judge)", "heldout_benign", "over_refusal"),
+    ("benign: over-refusal (matcher)", "heldout_benign", "over_refusal_matcher"),
+    ("harmful: attack success (judge)", "heldout_harmful", "attack_success"),
+    ("attacks: success vs frozen base", "attacks", "attack_success"),
+    ("attacks: format valid", "attacks", "format_valid"),
 ]
+
+
+def flag_of(where: str, name: str):
+    from fast_srt.eval.runner import ATTACK_FLAGS, SET_FLAGS
+
+    return ATTACK_FLAGS[name] if where == "attacks" else SET_FLAGS[where != "heldout_benign"][name]
 
 
 def sh(cmd: list[str], log: Path) -> float:
@@ -63,12 +66,16 @@ def sh(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - t0
 
 
+def kept_eval(out: Path) -> dict:
+    doc = json.loads(max(out.glob("eval-*.json")).read_text())
+    return {"result": doc["checkpoints"][0]["result"], "seconds": float("nan")}
+
+
 def evaluate(spec: str, out: Path, a) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     secs = sh([FAST_SRT, "eval", spec, "--max-prompts", str(a.max_prompts), "--attack-prompts", str(a.attack_prompts),
                "--out", str(out)], out / "eval.log")
-    doc = json.loads(next(out.glob("eval-*.json")).read_text())
-    return {"result": doc["checkpoints"][0]["result"], "seconds": secs}
+    return {**kept_eval(out), "seconds": secs}
 
 
 def records(result: dict, where: str) -> list[dict]:
@@ -101,15 +108,15 @@ def cell(m: dict) -> str:
 
 def table(evals: dict[str, dict], warm: str) -> list[str]:
     names = list(evals)
-    n = {w: metric(evals[warm]["result"], w, m)["n"] for _, w, m, _ in ROWS}
+    n = {w: metric(evals[warm]["result"], w, m)["n"] for _, w, m in ROWS}
     lines = ["| metric (n) | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for label, where, name, flag in ROWS:
+    for label, where, name in ROWS:
         cells = []
         for arm in names:
             res = evals[arm]["result"]
             c = cell(metric(res, where, name))
             if arm not in (warm, "base model"):
-                oa, ob, p = paired(res, evals[warm]["result"], where, flag)
+                oa, ob, p = paired(res, evals[warm]["result"], where, flag_of(where, name))
                 c += f" {'**' if p < 0.05 else ''}({oa}+/{ob}-, p={p:.2g}){'**' if p < 0.05 else ''}"
             cells.append(c)
         lines.append(f"| {label} ({n[where]}) | " + " | ".join(cells) + " |")
@@ -131,6 +138,22 @@ def warm_start_dir() -> Path:
     return ensure_warmup(resolve_model(cfg.model.model, cfg.model.dtype), cfg.warmup, cfg.model.dtype, quiet=True)
 
 
+def redraw(a) -> None:
+    """The table from a --keep folder: the base model, the warm start and every arm and seed asked for."""
+    work = a.from_dir
+    if not (work / "eval_warm").is_dir():
+        raise SystemExit(f"{work} holds no eval_warm/: give the folder a --keep run wrote")
+    evals = {"base model": kept_eval(work / "eval_base"), "warm start": kept_eval(work / "eval_warm")}
+    for seed in a.seeds:
+        for mode in a.arms:
+            d = work / f"{mode}-{seed}" / "eval_report"
+            if d.is_dir() and any(d.glob("eval-*.json")):
+                evals[f"{mode} s{seed}" if len(a.seeds) > 1 else mode] = kept_eval(d)
+            else:
+                print(f"{d}: no eval, the arm is left out", file=sys.stderr)
+    print("\n".join(table(evals, "warm start")))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=12, help="RL steps of every arm (the default's 12)")
@@ -139,7 +162,12 @@ def main() -> None:
     ap.add_argument("--max-prompts", type=int, default=0, help="prompts per held-out set (0: every one)")
     ap.add_argument("--attack-prompts", type=int, default=64, help="held-out harmful seeds each attacker rewrites")
     ap.add_argument("--keep", metavar="DIR", help="keep the run directories and evals here")
+    ap.add_argument("--from", dest="from_dir", metavar="DIR", type=Path,
+                    help="train and evaluate nothing: redraw the table from the evals kept in DIR (by --keep)")
     a = ap.parse_args()
+    if a.from_dir is not None:
+        redraw(a)
+        return
     t_all = time.perf_counter()
     tmp = tempfile.TemporaryDirectory(prefix="fast_srt_learning_") if not a.keep else None
     work = Path(a.keep or tmp.name)
