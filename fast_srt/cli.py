@@ -1,5 +1,5 @@
 """`fast-srt` command line: dispatches to one module of `fast_srt.commands` per command (train, play, eval,
-judge-eval, plot, plan, bench); nothing imports this module.
+judge-eval, plot, plan, bench, crossplay); nothing imports this module.
 
 Bad input (UserError) is printed as one line and exits with code 2, without a traceback.
 """
@@ -12,8 +12,9 @@ import sys
 from fast_srt.engine.engine import QUIET_ENV
 from fast_srt.errors import UserError
 
-COMMANDS = ("train", "sft", "play", "games", "eval", "judge-eval", "plot", "plan", "bench")
-USAGE = """usage: fast-srt {train,sft,play,games,eval,judge-eval,plot,plan,bench} [--help] [--verbose] [options]
+COMMANDS = ("train", "sft", "play", "games", "eval", "judge-eval", "plot", "plan", "bench", "crossplay")
+USAGE = """usage: fast-srt {train,sft,play,games,eval,judge-eval,plot,plan,bench,crossplay} [--help] [--verbose]
+                [options]
 
   train [PRESET] [--options]   self-play RL training (the main job); `fast-srt train --help` lists presets
   sft [PRESET] [--format-prompts N] [--format-temperatures T,...] [--warmup.* options]
@@ -30,6 +31,9 @@ USAGE = """usage: fast-srt {train,sft,play,games,eval,judge-eval,plot,plan,bench
   plot RUN_DIR [--out DIR]     a run's metrics as PNG curves (rewards, format, outcomes, policy, sampler, time)
   bench [PRESET] [--bench-steps N] [--out PATH] [train options]
                                time whole steps of a fixed workload: seconds, tokens, FLOPs per phase
+  crossplay RUN_DIR [--checkpoints SPEC ...] [--seeds N]
+                               attack success of each checkpoint's attacker against each checkpoint's defender
+                               (judge and refusal matcher), as tables and a heat map
   --verbose                    let vLLM, transformers and torch log at their own levels (quiet by default)
 """
 
@@ -100,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             from fast_srt.commands.sft import sft_main
 
             sft_main(rest)
+        elif cmd == "crossplay":
+            from fast_srt.commands.crossplay import crossplay_main
+
+            crossplay_main(rest)
         elif cmd == "train":
             from fast_srt.commands.train import train_main
 
