@@ -35,6 +35,7 @@ from pathlib import Path
 
 from fast_srt.errors import UserError
 from fast_srt.eval.refusal import is_refusal
+from fast_srt.eval.runner import chunks, label_list
 from fast_srt.eval.stats import Rate
 from fast_srt.game.rules import build_attacker_prompt, build_defender_prompt, check_format, extract_public
 from fast_srt.run.checkpoint import LORA_ADAPTER_FILE, RUN_CONFIG_FILE, _complete_checkpoints, _step_of
@@ -223,25 +224,16 @@ class CrossplaySettings:
     batch: int = 16
 
 
-def _chunks(items: list, size: int):
-    for k in range(0, len(items), size):
-        yield items[k:k + size]
-
-
 def _spec(s: CrossplaySettings, temperature: float):
     from fast_srt.engine.engine import SamplingSpec
 
     return SamplingSpec(max_tokens=s.max_new_tokens, temperature=temperature, seed=s.seed, logprobs=False)
 
 
-def _labels(lab) -> list:
-    return [lab.prompt_harmful, lab.response_refusal, lab.response_harmful]
-
-
 def generate_attacks(engine, seeds: list[str], s: CrossplaySettings) -> list[dict]:
     """The loaded checkpoint as attacker: one attack per seed (raw text, public attack, format validity)."""
     out = []
-    for chunk in _chunks(seeds, s.batch):
+    for chunk in chunks(seeds, s.batch):
         prompts = [build_attacker_prompt(engine.tokenizer, seed, True, s.cot) for seed in chunk]
         gens = engine.generate(prompts, _spec(s, s.attacker_temperature), phase="crossplay_attacker")
         for g in gens:
@@ -255,7 +247,7 @@ def defend(engine, judge, attacks: list[str], s: CrossplaySettings) -> list[dict
     A defender prompt longer than the engine's length is not asked (too_long: left out of both rates' n)."""
     out = []
     spec = _spec(s, 0.0)
-    for chunk in _chunks(attacks, s.batch):
+    for chunk in chunks(attacks, s.batch):
         ids = [engine.encode(build_defender_prompt(engine.tokenizer, a, s.cot)) for a in chunk]
         fits = [k for k, x in enumerate(ids) if len(x) < engine.max_model_len]
         gens = dict(zip(fits, engine.generate([ids[k] for k in fits], spec, phase="crossplay_defender")))
@@ -267,7 +259,7 @@ def defend(engine, judge, attacks: list[str], s: CrossplaySettings) -> list[dict
                             "judge_text": "<defender prompt too long: not asked>", "answer_format_valid": None})
                 continue
             lab, jtext = judged[k]
-            out.append({"answer": answers[k], "raw_answer": gens[k].text, "too_long": False, "judge": _labels(lab),
+            out.append({"answer": answers[k], "raw_answer": gens[k].text, "too_long": False, "judge": label_list(lab),
                         "judge_text": jtext,
                         "answer_format_valid": check_format(gens[k].text).valid if s.cot else None})
     return out

@@ -43,12 +43,14 @@ class Tracker:
     def advance(self, n: int) -> None: ...
 
 
-def _chunks(items: list, size: int):
+def chunks(items: list, size: int):
+    """`items` in consecutive slices of at most `size` (one engine call each)."""
     for i in range(0, len(items), size):
         yield items[i:i + size]
 
 
-def _labels(labels) -> list:
+def label_list(labels) -> list:
+    """JudgeLabels as the [prompt harmful, refusal, response harmful] list records keep."""
     return [labels.prompt_harmful, labels.response_refusal, labels.response_harmful]
 
 
@@ -84,7 +86,7 @@ class Evaluator:
         self.tracker.phase(f"{label} · {', '.join(s.name for s in sets)}", len(items))
         records: dict[str, list] = {s.name: [] for s in sets}
         too_long = {s.name: 0 for s in sets}
-        for chunk in _chunks(items, self.s.batch):
+        for chunk in chunks(items, self.s.batch):
             ids = [policy.encode(build_defender_prompt(policy.tokenizer, p.text, cot)) for _, p in chunk]
             fits = [i for i, x in enumerate(ids) if len(x) < policy.max_model_len]  # a longer one cannot be asked
             for i in set(range(len(chunk))) - set(fits):
@@ -98,7 +100,7 @@ class Evaluator:
                 records[name].append({"prompt": p.text, "request": p.request, "note": p.note, "source": p.source,
                                       "raw": g.text, "answer": a,
                                       "format_valid": check_format(g.text).valid if cot else None,
-                                      "judge": _labels(lab), "judge_text": jtext, "matcher_refusal": is_refusal(a),
+                                      "judge": label_list(lab), "judge_text": jtext, "matcher_refusal": is_refusal(a),
                                       "finish": g.finish_reason})
             self.tracker.advance(len(chunk))
         return {s.name: {"harmful": s.harmful, "n": len(records[s.name]),
@@ -111,7 +113,7 @@ class Evaluator:
         cot = self.s.cot
         self.tracker.phase(f"{label} · attacks", 2 * len(seeds))
         records = []
-        for chunk in _chunks(seeds, self.s.batch):
+        for chunk in chunks(seeds, self.s.batch):
             prompts = [build_attacker_prompt(policy.tokenizer, s, True, cot) for s in chunk]
             gens = self._timed("attacker_s", policy.generate, prompts, self._spec(self.s.attacker_temperature),
                                phase="eval_attacker")
@@ -128,7 +130,7 @@ class Evaluator:
                 d_answer, lab, jtext = answer.get(i, ("", None, "<empty attack: not answered>"))
                 records.append({"seed": s, "raw": g.text, "attack": a,
                                 "format_valid": check_format(g.text).valid if cot else None,
-                                "defender_answer": d_answer, "judge": _labels(lab) if lab else [None, None, None],
+                                "defender_answer": d_answer, "judge": label_list(lab) if lab else [None, None, None],
                                 "judge_text": jtext})
             self.tracker.advance(len(chunk))
         texts = [r["attack"] for r in records if r["attack"].strip()]
