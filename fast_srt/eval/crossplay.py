@@ -85,9 +85,13 @@ def run_checkpoints(run_dir: Path) -> list[Path]:
     return list(reversed(list(_complete_checkpoints(Path(run_dir)))))
 
 
-def _step_label(path: Path) -> tuple[str, int | None]:
+def _step_label(path: Path, run_dir: Path) -> tuple[str, int | None]:
+    """"step N" for the run's own checkpoints; another run's checkpoint is named by its run too ("RUN step N")."""
     step = _step_of(path)
-    return (f"step {step}", step) if step is not None else (path.name, None)
+    if step is None:
+        return path.name, None
+    own = path.parent.parent.resolve() == run_dir.resolve()
+    return (f"step {step}" if own else f"{path.parent.parent.name} step {step}"), step
 
 
 def select_checkpoints(run_dir: Path, specs: list[str] | None = None) -> list[Checkpoint]:
@@ -122,7 +126,7 @@ def select_checkpoints(run_dir: Path, specs: list[str] | None = None) -> list[Ch
                 raise UserError(f"--checkpoints: {spec} is not 'start', a step number or a checkpoint directory "
                                 f"(a directory with config.json and *.safetensors); the run's complete checkpoints "
                                 f"are steps {steps_known}")
-            label, step = _step_label(path.resolve())
+            label, step = _step_label(path.resolve(), run_dir)
             out.append(Checkpoint(label, path.resolve(), step))
     if not out:
         raise UserError("--checkpoints names no checkpoint; pass 'start', step numbers or checkpoint directories")

@@ -67,7 +67,7 @@ def test_players_of_a_run_and_bad_checkpoints_input(tmp_path, capsys):
     other = _fake_checkpoint(tmp_path / "other", 5)
     with pytest.warns(RuntimeWarning):
         chosen = X.select_checkpoints(run, ["20,start", str(other)])
-    assert [c.label for c in chosen] == ["step 20", "start", "step 5"]
+    assert [c.label for c in chosen] == ["step 20", "start", "other step 5"]  # another run: named by it
     assert X.run_config(run)["game"] == {"cot": False}
 
     with pytest.warns(RuntimeWarning):
@@ -86,7 +86,7 @@ def test_players_of_a_run_and_bad_checkpoints_input(tmp_path, capsys):
     for c, hidden in ((step10, 64), (step20, 32), (step5, 64)):
         (c.model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": hidden}))
     X.check_one_model([step10, step5])
-    with pytest.raises(UserError, match=r"step 5 \(.*\) is another model than step 20 \(.*hidden_size 64 vs 32"):
+    with pytest.raises(UserError, match=r"other step 5 \(.*\) is another model than step 20 \(.*hidden_size 64 vs 32"):
         X.check_one_model([step20, step5])
 
     from fast_srt.cli import main  # the command line: one line, exit code 2, before any model loads
