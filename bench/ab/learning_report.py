@@ -106,6 +106,24 @@ def cell(m: dict) -> str:
     return "-" if m["rate"] is None else f"{m['rate']:.2f} [{m['lo']:.2f}, {m['hi']:.2f}]"
 
 
+def against(evals: dict[str, dict], ref: str) -> list[str]:
+    """Each other trained arm against `ref`, pairwise on the same prompts: the rates' difference and McNemar's p."""
+    others = [k for k in evals if k not in (ref, "warm start", "base model")]
+    if ref not in evals or not others:
+        return []
+    lines = ["| metric | " + " | ".join(f"{o} - {ref}" for o in others) + " |", "|---|" + "---|" * len(others)]
+    for label, where, name in ROWS:
+        cells = []
+        for o in others:
+            a, b = metric(evals[o]["result"], where, name), metric(evals[ref]["result"], where, name)
+            oa, ob, p = paired(evals[o]["result"], evals[ref]["result"], where, flag_of(where, name))
+            d = "-" if a["rate"] is None or b["rate"] is None else f"{a['rate'] - b['rate']:+.2f}"
+            bold = "**" if p < 0.05 else ""
+            cells.append(f"{bold}{d} ({oa}+/{ob}-, p={p:.2g}){bold}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def table(evals: dict[str, dict], warm: str) -> list[str]:
     names = list(evals)
     n = {w: metric(evals[warm]["result"], w, m)["n"] for _, w, m in ROWS}
@@ -151,7 +169,7 @@ def redraw(a) -> None:
                 evals[f"{mode} s{seed}" if len(a.seeds) > 1 else mode] = kept_eval(d)
             else:
                 print(f"{d}: no eval, the arm is left out", file=sys.stderr)
-    print("\n".join(table(evals, "warm start")))
+    print("\n".join(table(evals, "warm start") + ["", *against(evals, "selfplay")]))
 
 
 def main() -> None:
@@ -198,7 +216,10 @@ def main() -> None:
            "bold: p < 0.05.")
     took = ("Run times (train, including its warm-up build, engines and eval during training; then eval): "
             + "; ".join(f"{k} {v:.0f} s + {evals[k]['seconds']:.0f} s" for k, v in times.items()) + ".")
-    lines = [head, "", how, "", *table(evals, "warm start"), "", took]
+    vs = against(evals, "selfplay")
+    lines = [head, "", how, "", *table(evals, "warm start"), "",
+             *(["Each ablation against self-play, pairwise (the same prompts; bold: p < 0.05):", "", *vs, ""]
+               if vs else []), took]
     text = "\n".join(lines)
     print(text)
     out = ROOT / "bench" / "results" / f"learning_cpu_{datetime.date.today().isoformat()}.md"
