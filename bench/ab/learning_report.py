@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -169,7 +170,48 @@ def redraw(a) -> None:
                 evals[f"{mode} s{seed}" if len(a.seeds) > 1 else mode] = kept_eval(d)
             else:
                 print(f"{d}: no eval, the arm is left out", file=sys.stderr)
-    print("\n".join(table(evals, "warm start") + ["", *against(evals, "selfplay")]))
+    if not a.write:
+        print("\n".join(table(evals, "warm start") + ["", *against(evals, "selfplay")]))
+        return
+    times = {}
+    for arm in [k for k in evals if k not in ("base model", "warm start")]:
+        mode, _, seed = arm.partition(" s")
+        log = work / f"train-{mode}-{seed or a.seeds[0]}.log"
+        done = re.search(r"done: \d+ steps in ([\d.]+) s", log.read_text()) if log.is_file() else None
+        times[arm] = float(done.group(1)) if done else float("nan")
+        evals[arm]["seconds"] = kept_eval_seconds(work / f"{mode}-{seed or a.seeds[0]}" / "eval_report")
+    write_report(evals, times, a, warm_start_dir().name, work,
+                 "the arms' steps (their `done:` line) + their eval's wall time, from the kept logs")
+
+
+def kept_eval_seconds(out: Path) -> float:
+    doc = json.loads(max(out.glob("eval-*.json")).read_text())
+    return float(doc["meta"].get("wall_s", float("nan")))
+
+
+def write_report(evals: dict, times: dict, a, warm_name: str, work: Path, times_are: str,
+                 minutes: float | None = None) -> None:
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                         check=False).stdout
+    cmd = " ".join(["bench/ab/learning_report.py", *sys.argv[1:]])
+    head = (f"commit {sha.strip() or 'unknown'}: `.venv/bin/python {cmd}` on the 2-core CPU"
+            + (f", {minutes:.0f} min in all." if minutes is not None else "."))
+    how = (f"Each arm: `fast-srt train cpu_default ARM_OPTIONS --seed SEED --steps {a.steps}` from the warm "
+           f"start `{warm_name}`; each checkpoint: `fast-srt eval CHECKPOINT --max-prompts {a.max_prompts} "
+           f"--attack-prompts {a.attack_prompts}` (greedy defender, seed 0). Cells: rate [95% Wilson]; against "
+           "the warm start, (prompts where only the arm has it + / only the warm start -, McNemar exact p); "
+           "bold: p < 0.05.")
+    took = (f"Run times ({times_are}): "
+            + "; ".join(f"{k} {v:.0f} s + {evals[k]['seconds']:.0f} s" for k, v in times.items()) + ".")
+    vs = against(evals, "selfplay")
+    lines = [head, "", how, "", *table(evals, "warm start"), "",
+             *(["Each ablation against self-play, pairwise (the same prompts; bold: p < 0.05):", "", *vs, ""]
+               if vs else []), took]
+    text = "\n".join(lines)
+    print(text)
+    out = ROOT / "bench" / "results" / f"learning_cpu_{datetime.date.today().isoformat()}.md"
+    out.write_text("# Self-play against its static ablations (CPU)\n\n" + text + "\n")
+    print(f"report: {out}; runs in {work}", file=sys.stderr)
 
 
 def main() -> None:
@@ -182,6 +224,8 @@ def main() -> None:
     ap.add_argument("--keep", metavar="DIR", help="keep the run directories and evals here")
     ap.add_argument("--from", dest="from_dir", metavar="DIR", type=Path,
                     help="train and evaluate nothing: redraw the table from the evals kept in DIR (by --keep)")
+    ap.add_argument("--write", action="store_true",
+                    help="with --from: write bench/results/learning_cpu_<date>.md from the kept runs too")
     a = ap.parse_args()
     if a.from_dir is not None:
         redraw(a)
@@ -204,27 +248,8 @@ def main() -> None:
                             work / f"train-{mode}-{seed}.log")
             evals[arm] = evaluate(str(run), run / "eval_report", a)
             print(f"{arm}: trained in {times[arm]:.0f} s, evaluated in {evals[arm]['seconds']:.0f} s", flush=True)
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                         check=False).stdout
-    cmd = " ".join(["bench/ab/learning_report.py", *sys.argv[1:]])
-    head = (f"commit {sha.strip() or 'unknown'}: `.venv/bin/python {cmd}` on the 2-core CPU, "
-            f"{(time.perf_counter() - t_all) / 60:.0f} min in all.")
-    how = (f"Each arm: `fast-srt train cpu_default ARM_OPTIONS --seed SEED --steps {a.steps}` from the warm "
-           f"start `{warm.name}`; each checkpoint: `fast-srt eval CHECKPOINT --max-prompts {a.max_prompts} "
-           f"--attack-prompts {a.attack_prompts}` (greedy defender, seed 0). Cells: rate [95% Wilson]; against "
-           "the warm start, (prompts where only the arm has it + / only the warm start -, McNemar exact p); "
-           "bold: p < 0.05.")
-    took = ("Run times (train, including its warm-up build, engines and eval during training; then eval): "
-            + "; ".join(f"{k} {v:.0f} s + {evals[k]['seconds']:.0f} s" for k, v in times.items()) + ".")
-    vs = against(evals, "selfplay")
-    lines = [head, "", how, "", *table(evals, "warm start"), "",
-             *(["Each ablation against self-play, pairwise (the same prompts; bold: p < 0.05):", "", *vs, ""]
-               if vs else []), took]
-    text = "\n".join(lines)
-    print(text)
-    out = ROOT / "bench" / "results" / f"learning_cpu_{datetime.date.today().isoformat()}.md"
-    out.write_text("# Self-play against its static ablations (CPU)\n\n" + text + "\n")
-    print(f"report: {out}" + (f"; runs kept in {work}" if a.keep else ""), file=sys.stderr)
+    write_report(evals, times, a, warm.name, work, "train, including its warm-up build, engines and eval during "
+                 "training; then eval", (time.perf_counter() - t_all) / 60)
     if tmp is not None:
         tmp.cleanup()
 
