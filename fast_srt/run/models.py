@@ -91,7 +91,7 @@ def ensure_default_model(dtype: str = "bfloat16") -> Path:
     gguf = default_gguf_path()
     target.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    print(f"[fast_srt] converting {gguf.name} into a {dtype} safetensors checkpoint (once; about half a minute)",
+    print(f"[fast_srt] converting {gguf.name} into a {dtype} safetensors checkpoint (once; about ten seconds)",
           flush=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
