@@ -74,6 +74,24 @@ def build_crossplay_judge(rs: dict, engine, base_dir: Path, max_model_len: int, 
                        rs["dtype"]), pool
 
 
+def start_model(cfg: dict) -> Path:
+    """The model the run started from: its warm start when the config has warmup.steps > 0, else the base model
+    (as fast_srt.run.trainer.setup_run builds it). Here, not in fast_srt.eval: the eval layer does not import the
+    learner."""
+    from fast_srt.config import WarmupConfig
+    from fast_srt.run.models import resolve_model
+
+    model = cfg.get("model", {})
+    dtype = model.get("dtype", "bfloat16")
+    base = resolve_model(model.get("model", "default"), dtype)
+    warm = cfg.get("warmup") or {}
+    if warm.get("steps", 0) > 0:
+        from fast_srt.learner.warmup import ensure_warmup
+
+        return ensure_warmup(base, WarmupConfig(**warm), dtype)
+    return base
+
+
 def crossplay_main(argv: list[str]) -> None:
     from fast_srt.commands.eval import judge_description, run_settings
     from fast_srt.eval import crossplay as X
@@ -88,7 +106,7 @@ def crossplay_main(argv: list[str]) -> None:
     rs = run_settings(argparse.Namespace(judge_model=args.judge_model, judge_template=None, dtype=None, cot=None,
                                          base_model=None), cfg)
     if any(c.model_dir is None for c in checkpoints):
-        start = X.start_model(cfg)
+        start = start_model(cfg)
         checkpoints = [dataclasses.replace(c, model_dir=start) if c.model_dir is None else c for c in checkpoints]
     X.check_one_model(checkpoints)
     base_dir = resolve_model(rs["base_model"] or "default", rs["dtype"])

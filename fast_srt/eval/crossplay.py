@@ -50,7 +50,7 @@ MATRICES = ("judge", "matcher")
 @dataclass(frozen=True)
 class Checkpoint:
     """One player of the matrix. model_dir is None for `start` until the command resolves it (it may need the
-    warm-up: fast_srt.learner.warmup.ensure_warmup)."""
+    warm-up: fast_srt.commands.crossplay.start_model)."""
 
     label: str
     model_dir: Path | None
@@ -131,23 +131,6 @@ def select_checkpoints(run_dir: Path, specs: list[str] | None = None) -> list[Ch
     if not out:
         raise UserError("--checkpoints names no checkpoint; pass 'start', step numbers or checkpoint directories")
     return out
-
-
-def start_model(cfg: dict) -> Path:
-    """The model the run started from: its warm start when the config has warmup.steps > 0, else the base model
-    (as fast_srt.run.trainer.setup_run builds it)."""
-    from fast_srt.config import WarmupConfig
-    from fast_srt.run.models import resolve_model
-
-    model = cfg.get("model", {})
-    dtype = model.get("dtype", "bfloat16")
-    base = resolve_model(model.get("model", "default"), dtype)
-    warm = cfg.get("warmup") or {}
-    if warm.get("steps", 0) > 0:
-        from fast_srt.learner.warmup import ensure_warmup
-
-        return ensure_warmup(base, WarmupConfig(**warm), dtype)
-    return base
 
 
 def check_one_model(checkpoints: list[Checkpoint]) -> None:

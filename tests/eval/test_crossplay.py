@@ -217,6 +217,7 @@ def test_crossplay_on_the_tiny_model(cli, tiny_model_dir, tmp_path):
 def test_start_is_the_warm_start_when_the_run_had_one(monkeypatch, tmp_path):
     import fast_srt.learner.warmup as W
     import fast_srt.run.models as M
+    from fast_srt.commands.crossplay import start_model
     from fast_srt.config import WarmupConfig
 
     calls = []
@@ -224,7 +225,7 @@ def test_start_is_the_warm_start_when_the_run_had_one(monkeypatch, tmp_path):
     monkeypatch.setattr(W, "ensure_warmup", lambda base, wcfg, dtype: calls.append((base, wcfg, dtype)) or
                         tmp_path / "warm")
     cfg = {"model": {"model": "m", "dtype": "float32"}, "warmup": {"steps": 0, "lr": 1e-4}}
-    assert X.start_model(cfg) == tmp_path / "base-m-float32" and not calls
+    assert start_model(cfg) == tmp_path / "base-m-float32" and not calls
     cfg["warmup"] = {"steps": 30, "lr": 2e-4, "seed": 3}
-    assert X.start_model(cfg) == tmp_path / "warm"
+    assert start_model(cfg) == tmp_path / "warm"
     assert calls == [(tmp_path / "base-m-float32", WarmupConfig(steps=30, lr=2e-4, seed=3), "float32")]
