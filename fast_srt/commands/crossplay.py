@@ -130,7 +130,7 @@ def crossplay_main(argv: list[str]) -> None:
                          "defender_temperature": 0.0},
             "judge": judge_description(rs, judge), "judge_parse_failures": getattr(judge, "parse_failures", 0),
             "judge_truncated": getattr(judge, "truncated", 0),
-            "seconds": {**seconds, "startup_s": startup, "wall_s": time.time() - t0}, "cpus": os.cpu_count()}
+            "seconds": {**seconds, "startup_s": startup}, "cpus": os.cpu_count()}
     doc = {"meta": meta, "labels": labels, "matrices": X.matrices_to_dict(ms), "attacks": attacks,
            "records": records}
     out_dir = Path(args.out) if args.out else run_dir / "crossplay"
