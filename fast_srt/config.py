@@ -251,6 +251,9 @@ class TrainConfig:
     writes only the adapter's tensors in place, and the policy's base model as judge (`--model.judge-model policy`)
     and attacker_only's frozen defender read the same engine without the adapter: one copy of the base weights.
     False: the merged weights are written into the policy engine and a base-model judge gets its own engine."""
+    roles: Literal["shared", "per-role"] = "shared"
+    """shared: one policy plays both roles; per-role (LoRA in the engine): one adapter per role over the one frozen
+    base, each role's turns generated with its own and each trained only on its role's samples."""
     shard: Literal["none", "fsdp2"] = "none"
     """Under torchrun: none = every rank holds the whole model, gradients summed by an all-reduce; fsdp2 = the
     model, its gradients and AdamW's moments sharded across the ranks (torch FSDP2; the KL reference too), for a
@@ -282,6 +285,12 @@ class TrainConfig:
         _require(self.shard == "none" or not self.lora_rank,
                  f"--shard {self.shard} with --lora-rank {self.lora_rank} is not supported: LoRA keeps the trained "
                  f"and optimizer state rank-sized already; drop --shard, or --lora-rank for full fine-tuning")
+        _require(self.roles == "shared" or self.lora_rank > 0,
+                 "--roles per-role gives each role its own LoRA adapter over the frozen base: pass --lora-rank N "
+                 "(e.g. 16), or --roles shared to train one policy for both roles")
+        _require(self.roles == "shared" or self.lora_in_engine,
+                 "--roles per-role serves both adapters side by side in the policy engine: drop --no-lora-in-engine, "
+                 "or pass --roles shared")
         _require(self.game.cot or self.algo.sft_coef == 0,
                  "the no-CoT ablation (game.cot False) needs algo.sft_coef 0: the SFT targets are CoT-formatted")
         _require(self.game.cot or self.warmup.steps == 0,
