@@ -93,3 +93,41 @@ def test_one_update_moves_each_adapter_by_its_own_roles_samples_only(tiny_model_
             after = adapter_state_dict(run.model, role)
             same = all(torch.equal(after[k], v) for k, v in before[role].items())
             assert same == (role == still), (still, role)
+
+
+def test_checkpoint_holds_both_adapters_and_refuses_the_other_kind(tiny_model_dir, tmp_path):
+    """A per-role checkpoint: the defender's merged model and role_adapters/{attacker,defender}.safetensors; both
+    load back exactly, and neither kind of checkpoint loads into a run of the other kind."""
+    import pytest
+    from safetensors.torch import load_file
+
+    from fast_srt.errors import UserError
+    from fast_srt.run.checkpoint import LORA_ADAPTER_FILE, ROLE_ADAPTER_DIR, save_checkpoint
+    from fast_srt.run.trainer import load_lora_adapter
+
+    def fresh(roles=ROLES):
+        m = load_policy(str(tiny_model_dir), dtype=torch.float32)
+        apply_lora(m, rank=4, alpha=8.0, targets=TARGETS, roles=roles)
+        return m
+
+    model = _per_role(load_policy(str(tiny_model_dir), dtype=torch.float32))
+    opt = build_optimizer(model, 1e-3)
+    ckpt = save_checkpoint(tmp_path / "per_role", 1, model, None, opt, None, {}, {})
+    assert sorted(p.name for p in (ckpt / ROLE_ADAPTER_DIR).iterdir()) == ["attacker.safetensors",
+                                                                         "defender.safetensors"]
+    assert not (ckpt / LORA_ADAPTER_FILE).exists()
+    merged = load_file(str(ckpt / "model.safetensors"))
+    want = merged_state_dict(model, "defender")
+    assert all(torch.equal(merged[k], want[k].to(merged[k].dtype)) for k in merged)
+    back = fresh()
+    load_lora_adapter(back, ckpt)
+    for role in ROLES:
+        got, exp = adapter_state_dict(back, role), adapter_state_dict(model, role)
+        assert all(torch.equal(got[k], exp[k]) for k in exp)
+    with pytest.raises(UserError, match="holds one LoRA adapter per role"):
+        load_lora_adapter(fresh(()), ckpt)
+    shared = fresh(())
+    shared_ckpt = save_checkpoint(tmp_path / "shared", 1, shared, None, build_optimizer(shared, 1e-3), None, {}, {})
+    assert (shared_ckpt / LORA_ADAPTER_FILE).is_file() and not (shared_ckpt / ROLE_ADAPTER_DIR).exists()
+    with pytest.raises(UserError, match="holds one shared LoRA adapter, not one per role"):
+        load_lora_adapter(fresh(), shared_ckpt)
