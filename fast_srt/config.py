@@ -212,6 +212,23 @@ class WarmupConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LeagueConfig:
+    every: int = 0
+    """Opponent league (with --roles per-role): every K steps a frozen snapshot of each role's adapter is kept in
+    the policy engine, and a game may be played against one (fast_srt/run/league.py). 0 turns it off."""
+    size: int = 2
+    """Snapshots kept per role (the oldest is dropped)."""
+    p_past: float = 0.5
+    """Share of the games with an attacker turn played against a snapshot (the side drawn 50/50, the snapshot
+    uniformly from that role's); the snapshot's turn is not trained."""
+
+    def __post_init__(self):
+        _require(self.every >= 0, f"league.every must be >= 0 (0 turns the league off), got {self.every}")
+        _require(self.size >= 1, f"league.size must be >= 1, got {self.size}")
+        _require(0 <= self.p_past <= 1, f"league.p_past must be a share in [0, 1], got {self.p_past}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Self-play RL training (Self-RedTeam) in one process."""
 
@@ -221,6 +238,7 @@ class TrainConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    league: LeagueConfig = field(default_factory=LeagueConfig)
     steps: int = 200
     """Self-play steps (rollout + update + weight sync each)."""
     run_dir: str = "runs/default"
@@ -291,6 +309,11 @@ class TrainConfig:
         _require(self.roles == "shared" or self.lora_in_engine,
                  "--roles per-role serves both adapters side by side in the policy engine: drop --no-lora-in-engine, "
                  "or pass --roles shared")
+        _require(not self.league.every or self.roles == "per-role",
+                 "--league.every keeps snapshots of each role's LoRA adapter: pass --roles per-role --lora-rank N, "
+                 "or --league.every 0")
+        _require(not self.league.every or self.game.mode == "selfplay",
+                 f"--league.every needs both roles to play and train (--game.mode selfplay), not {self.game.mode}")
         _require(self.game.cot or self.algo.sft_coef == 0,
                  "the no-CoT ablation (game.cot False) needs algo.sft_coef 0: the SFT targets are CoT-formatted")
         _require(self.game.cot or self.warmup.steps == 0,

@@ -191,11 +191,11 @@ class Engine:
         self.role_adapters: dict = {}  # role -> its LoRARequest, with per-role adapters (attach_adapter(role=))
 
     def attach_adapter(self, adapter_dir: str | Path, name: str = "policy", lora_int_id: int = 1,
-                       role: str | None = None, default: bool = True) -> None:
+                       role: str | None = None, default: bool = True):
         """Serve the PEFT LoRA adapter in `adapter_dir` on this engine's base weights: with `default`, every
         `generate` uses it unless it passes `lora=None` (the judge and the frozen defender read the base through
         `base_model()`); with `role`, `for_role(role)` generates with it. weight_sync.push_adapter rewrites its
-        tensors in place afterwards."""
+        tensors in place afterwards. Returns its LoRARequest."""
         from vllm.lora.request import LoRARequest
 
         request = LoRARequest(name, lora_int_id, str(adapter_dir))
@@ -208,6 +208,7 @@ class Engine:
             self.role_adapters[role] = request
         if default:
             self.adapter = request
+        return request
 
     def detach_adapter(self, lora_int_id: int) -> None:
         """Stop serving the LoRA adapter `lora_int_id` (its engine memory is freed; its role, if any, has none)."""

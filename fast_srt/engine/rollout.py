@@ -39,6 +39,7 @@ class Game:
     judge_text: str
     rewards: GameRewards
     notes: list[str] = field(default_factory=list)
+    opponent: str | None = None  # with an opponent league: "current", or the snapshot that played a side
 
     @property
     def shown_prompt(self) -> str:

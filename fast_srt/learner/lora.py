@@ -204,25 +204,30 @@ def adapter_for_engine(model: nn.Module, role: str | None = None) -> dict[str, t
 def save_peft_adapter(model: nn.Module, out_dir, base_model: str = "", role: str | None = None) -> None:
     """The adapters as a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors): what vLLM loads for a
     LoRA request, and what `peft.PeftModel.from_pretrained` reads. Per-role adapters: `role`'s (default: active)."""
+    mods = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if not mods:
+        raise ValueError("the model has no LoRA adapters to save")
+    write_peft_adapter({name: m.pair(role) for name, m in mods.items()}, next(iter(mods.values())).scale, out_dir,
+                       base_model)
+
+
+def write_peft_adapter(pairs: dict, scale: float, out_dir, base_model: str = "") -> None:
+    """A PEFT LoRA directory from (A [r, in], B [out, r]) pairs by module name and the scale alpha / r (unscaled
+    B, as the trainer holds it): save_peft_adapter's files, from tensors alone (a league snapshot's)."""
     import json
     from pathlib import Path
 
     from safetensors.torch import save_file
 
-    mods = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-    if not mods:
-        raise ValueError("the model has no LoRA adapters to save")
-    first = next(iter(mods.values()))
-    rank = first.pair(role)[0].shape[0]
+    rank = next(iter(pairs.values()))[0].shape[0]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for name, m in mods.items():
-        a, b = m.pair(role)
+    for name, (a, b) in pairs.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().float().contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().float().contiguous()
     save_file(tensors, str(out / "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": first.scale * rank,
-              "target_modules": sorted({n.rsplit(".", 1)[-1] for n in mods}), "lora_dropout": 0.0, "bias": "none",
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": scale * rank,
+              "target_modules": sorted({n.rsplit(".", 1)[-1] for n in pairs}), "lora_dropout": 0.0, "bias": "none",
               "base_model_name_or_path": str(base_model)}
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))

@@ -435,8 +435,15 @@ def plan_input_from_config(cfg, *, device: str, budget_gib: float, policy: str |
                      kv_cache_gib=kv, judge_kv_cache_gib=kv if not m.judge_model.startswith("rule:") else 0.0,
                      device=device, budget_gib=budget_gib, trains=trains, lora_in_engine=cfg.lora_in_engine,
                      ranks=ranks, shard=cfg.shard if ranks > 1 else "none",
-                     adapters=2 if cfg.roles == "per-role" else 1, engine_adapters=2 if cfg.roles == "per-role" else 1,
+                     adapters=2 if cfg.roles == "per-role" else 1, engine_adapters=engine_adapters(cfg),
                      eval_engine=eval_defender_placement(cfg) == "own_engine", eval_embedder=bool(cfg.eval_every))
+
+
+def engine_adapters(cfg) -> int:
+    """LoRA adapters the policy engine serves side by side: the policy's (one per role with --roles per-role), and
+    with the opponent league its snapshots (league.size per role)."""
+    current = 2 if cfg.roles == "per-role" else 1
+    return current + (2 * cfg.league.size if cfg.league.every else 0)
 
 
 def device_budget_gib(device: str) -> float:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from fast_srt import faults
-from fast_srt.config import TrainConfig, WarmupConfig
+from fast_srt.config import LeagueConfig, TrainConfig, WarmupConfig
 from fast_srt.engine.engine import SamplingSpec, derive_seed, vllm_version
 from fast_srt.engine.placement import Engines, build_engines
 from fast_srt.engine.rollout import play_games
@@ -41,8 +41,10 @@ from fast_srt.run import distributed
 from fast_srt.run.checkpoint import (LORA_ADAPTER_FILE, ROLE_ADAPTER_DIR, RUN_CONFIG_FILE, check_free_space,
                                      checkpoint_bytes, find_latest, load_checkpoint, restore_trainer_state,
                                      save_checkpoint)
+from fast_srt.run.league import League
 from fast_srt.run.metrics import MetricsLog, PhaseTimer, Status, console_line, read_metrics, step_perf, to_floats
 from fast_srt.run.models import resolve_engine_dirs
+from fast_srt.run.plan import engine_adapters
 from fast_srt.run.report import child_processes, process_metrics, throughput_lines
 from fast_srt.run.trend import trend_lines
 
@@ -71,6 +73,7 @@ class Run:
     saved_replay: dict | None = None  # the checkpoint's replay conditions (replay_conditions), on resume
     ranks: distributed.Ranks = dataclasses.field(default_factory=distributed.Ranks)  # torchrun: this rank, world
     base_model_dir: Path | None = None  # the original base model, before any warm-up (the eval's frozen defender)
+    league: League | None = None  # the opponent league's snapshots (--league.every), if on
 
 
 # ------------------------------------------------------------------------------------------------ the step
@@ -84,12 +87,19 @@ def train_step(run: Run, step: int, status: Status) -> tuple[dict, list]:
     status.phase(step, "play + judge")
     seeds, group_of = run.pool.group_batch(cfg.sampling.games_per_step, cfg.algo.samples_per_prompt)
     seeds, group_of = distributed.my_share(seeds, group_of, run.ranks)  # torchrun: this rank's share of the batch
+    lora = engines.policy.role_adapters or None  # per-role: each role's turns with its adapter
+    if run.league is not None:  # each game's opponent: current, or a snapshot playing one side
+        draws = run.league.draw(seeds, cfg.seed, step, run.ranks.rank)
+        lora = run.league.loras(draws, engines.policy.role_adapters)
     games = play_games(engines.policy, engines.judge, seeds, run.options, run.sampling, run.reward_fn,
-                       engines.frozen_defender, rng_seed=derive_seed(cfg.seed, step, run.ranks.rank),
-                       lora=engines.policy.role_adapters or None)  # per-role: each role's turns, its adapter
+                       engines.frozen_defender, rng_seed=derive_seed(cfg.seed, step, run.ranks.rank), lora=lora)
+    if run.league is not None:  # a snapshot's turn is not trained
+        run.league.mark(games, draws)
     # 3) samples of both roles, ties and parse failures dropped
     samples, skipped = games_to_samples(games, run.options, cfg.algo.remove_ties, group_of)
     metrics = {"step": step, **rollout_metrics(games, samples, skipped, engines.judge)}
+    if run.league is not None:
+        metrics.update(run.league.metrics(games, draws))
     if distributed.global_count(len(samples)):  # torchrun: a rank with none still joins the reductions
         # 4-6) old and reference log-probs, advantages, PPO-clip updates
         status.phase(step, "learn")
@@ -104,6 +114,8 @@ def train_step(run: Run, step: int, status: Status) -> tuple[dict, list]:
         metrics["optim/skipped_updates"] = cfg.optim.updates_per_step
         for _ in range(cfg.optim.updates_per_step):
             scheduler_step(learner)
+    if run.league is not None and run.league.due(step):  # this step's adapters join the league
+        run.league.take(sharding.unwrap(learner.model), step)
     if metrics.get("optim/skipped_updates"):
         status.line(f"step {step}: {metrics['optim/skipped_updates']} update(s) skipped (non-finite loss or "
                     f"gradient; no sample survived filtering if all); training continues")
@@ -142,9 +154,9 @@ def sync_weights(engine, model) -> float:
 
 
 def attach_policy_adapter(engine, model, base_dir: Path) -> None:
-    """Serve the trainer's adapter (fresh, or the checkpoint's on resume) on the policy engine's base weights; per-role
-    adapters side by side, as LoRA requests `attacker` (id 1) and `defender` (id 2), the defender's the engine's
-    default (the canary, the eval's answers)."""
+    """Serve the trainer's adapter (fresh, or the checkpoint's on resume) on the policy engine's base weights;
+    per-role adapters side by side, as LoRA requests `attacker` (id 1) and `defender` (id 2), the defender's the
+    engine's default (the canary, the eval's answers)."""
     import tempfile
 
     for lora_id, role in enumerate(lora_roles(model) or [None], start=1):
@@ -383,8 +395,10 @@ def check_resume_config(ckpt_dir: Path, cfg: TrainConfig) -> None:
     saved_path = Path(ckpt_dir) / RUN_CONFIG_FILE
     if not saved_path.is_file():
         raise UserError(f"checkpoint {ckpt_dir} has no {RUN_CONFIG_FILE}; it was not written by `fast-srt train`")
-    # a run written before a setting existed ran with its default (the warm-up: steps 0; the roles: shared)
-    saved = {**_flatten({"warmup": dataclasses.asdict(WarmupConfig()), "roles": "shared"}),
+    # a run written before a setting existed ran with its default (the warm-up: steps 0; the roles: shared; no
+    # league)
+    saved = {**_flatten({"warmup": dataclasses.asdict(WarmupConfig()), "roles": "shared",
+                         "league": dataclasses.asdict(LeagueConfig())}),
              **_flatten(json.loads(saved_path.read_text()))}
     now = _flatten(json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
     diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
@@ -491,9 +505,13 @@ def setup_run(cfg: TrainConfig) -> Run:
                             policy_dir=Path(ckpt_dir) if ckpt_dir is not None else base_dir, judge_dir=judge_dir,
                             judge_max_tokens=cfg.sampling.judge_max_tokens, lora_rank=adapter_rank,
                             defender_dir=original_base,  # attacker_only: the base model, not the warm-up
-                            max_loras=len(adapter_roles(cfg)) or 1)
+                            max_loras=engine_adapters(cfg))  # the league's snapshots too
     if adapter_rank:
         attach_policy_adapter(engines.policy, model, base_dir)
+    league = None
+    if cfg.league.every:  # on resume: the checkpoint's snapshots, served again
+        league = League(cfg.league, engines.policy, cfg.lora_alpha / cfg.lora_rank, base_dir)
+        league.restore((state or {}).get("extra", {}).get("league") or [])
     ref = kl_reference(cfg, base_dir, compute_dtype, device, attn)
     learner, restored = build_learner(cfg, model, ref, optimizer, state, pool, engines.policy.tokenizer, sft_records,
                                       device, ranks)
@@ -501,7 +519,7 @@ def setup_run(cfg: TrainConfig) -> Run:
     return Run(cfg=cfg, run_dir=run_dir, pool=pool, options=GameOptions(mode=cfg.game.mode, cot=cfg.game.cot),
                reward_fn=reward_function(cfg.game.reward), engines=engines, learner=learner,
                start_step=start_step, resumed=state is not None, step_records=step_records, warmup_key=warm_key,
-               ranks=ranks, saved_replay=saved_replay, base_model_dir=original_base,
+               ranks=ranks, saved_replay=saved_replay, base_model_dir=original_base, league=league,
                sampling=SamplingSpec(max_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
                                      top_p=cfg.sampling.top_p, fixed_length=cfg.sampling.fixed_length))
 
@@ -687,6 +705,8 @@ def checkpoint_extra(run: Run, records: dict, sft_streams: list | None = None) -
              "warmup_key": run.warmup_key, "replay": replay_conditions(run)}
     if sft_streams is not None:
         extra["sft_streams"] = sft_streams
+    if run.league is not None:
+        extra["league"] = run.league.state()
     if run.learner.scaler.is_enabled():
         extra["grad_scaler"] = run.learner.scaler.state_dict()
     return extra
@@ -698,7 +718,8 @@ def game_record(step: int, g) -> dict:
             "attacker_public": g.attacker.public if g.attacker else None,
             "defender_raw": g.defender.gen.text, "defender_public": g.defender.public,
             "judge": g.judge_text, "outcome": g.rewards.outcome,
-            "reward_attacker": g.rewards.attacker, "reward_defender": g.rewards.defender}
+            "reward_attacker": g.rewards.attacker, "reward_defender": g.rewards.defender,
+            **({"opponent": g.opponent} if g.opponent is not None else {})}
 
 
 def _list_state(s):  # random.getstate() as lists (trainer_state.pt is read with weights_only=True)
