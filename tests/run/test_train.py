@@ -60,9 +60,12 @@ KILL_STEP = 2
 VOLATILE = ("time/", "perf/", "prefix_cache/", "rank", "mem/", "proc/")  # times, throughput, cache, memory
 
 
-# the kill matrix's runs: one shared policy (defender_only, full fine-tuning), and one LoRA adapter per role
-# (self-play: both adapters play, train and are written into the engine every step)
-ROLES = {"shared": (), "per-role": ("--lora-rank", "4", "--roles", "per-role")}
+# the kill matrix's runs: one shared policy (defender_only, full fine-tuning), one LoRA adapter per role (self-play:
+# both adapters play, train and are written into the engine every step), and the same with an opponent league (a
+# snapshot of each adapter every step, most games against one: the resume must serve the checkpoint's again)
+ROLES = {"shared": (), "per-role": ("--lora-rank", "4", "--roles", "per-role"),
+         "league": ("--lora-rank", "4", "--roles", "per-role", "--league.every", "1", "--league.size", "1",
+                    "--league.p-past", "0.8")}
 
 
 def _kill_args(model_dir, run, roles="shared"):
@@ -115,7 +118,8 @@ def _weights(run):
 # the shared run at every point; per-role at the weight write (two adapters written in place) by default, at every
 # point with -m slow
 KILL_CASES = [("shared", p) for p in KILL_POINTS] + [
-    pytest.param("per-role", p, marks=() if p == "weight_sync" else pytest.mark.slow) for p in KILL_POINTS]
+    pytest.param("per-role", p, marks=() if p == "weight_sync" else pytest.mark.slow) for p in KILL_POINTS] + [
+    ("league", "generate")]
 
 
 @pytest.mark.parametrize("roles,point", KILL_CASES)
@@ -166,6 +170,10 @@ def test_sigkill_at_each_point_then_resume_replays_the_run(tiny_model_dir, tmp_p
     print(f"kill point {point} ({roles}): killed in step {KILL_STEP}, resumed from step {ckpt_step}, steps lost "
           f"{KILL_STEP - ckpt_step}; games, metrics and {len(want)} weight tensors equal to the unkilled run's")
     assert_loads_in_transformers_and_vllm(final)
+    if roles == "league":  # the resumed run met the checkpoint's snapshots (the replay above: the same opponents)
+        assert all("opponent" in g for g in games)
+        assert any(g["opponent"] != "current" for g in games if g["step"] == 2)
+        assert metrics[1]["league/past_games"] > 0 and metrics[1]["league/snapshots"] == 1
     if roles == "per-role":  # both adapters were trained and saved; the checkpoint resumes per-role only
         assert {k.split("/")[0] for k in want if "/" in k} == {"attacker", "defender"}
         assert metrics[-1]["samples/attacker"] > 0 and metrics[-1]["samples/defender"] > 0
