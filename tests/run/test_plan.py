@@ -162,6 +162,11 @@ def test_per_role_adapters_count_twice_the_adapter_its_gradients_and_moments():
     cfg = TrainConfig(lora_rank=16, roles="per-role")
     p = plan_input_from_config(cfg, device="cuda", budget_gib=80, policy="7b", judge="7b")
     assert (p.adapters, p.engine_adapters) == (2, 2)
+    from fast_srt.config import LeagueConfig
+
+    league = TrainConfig(lora_rank=16, roles="per-role", league=LeagueConfig(every=4, size=3))
+    p = plan_input_from_config(league, device="cuda", budget_gib=80, policy="7b", judge="7b")
+    assert (p.adapters, p.engine_adapters) == (2, 8)  # + 3 snapshots per role in the engine
 
 
 def test_the_eval_during_training_is_counted():
