@@ -212,6 +212,23 @@ class WarmupConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LeagueConfig:
+    every: int = 0
+    """Opponent league (with --roles per-role): every K steps a frozen snapshot of each role's adapter is kept in
+    the policy engine, and a game may be played against one (fast_srt/run/league.py). 0 turns it off."""
+    size: int = 2
+    """Snapshots kept per role (the oldest is dropped)."""
+    p_past: float = 0.5
+    """Share of the games with an attacker turn played against a snapshot (the side drawn 50/50, the snapshot
+    uniformly from that role's); the snapshot's turn is not trained."""
+
+    def __post_init__(self):
+        _require(self.every >= 0, f"league.every must be >= 0 (0 turns the league off), got {self.every}")
+        _require(self.size >= 1, f"league.size must be >= 1, got {self.size}")
+        _require(0 <= self.p_past <= 1, f"league.p_past must be a share in [0, 1], got {self.p_past}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Self-play RL training (Self-RedTeam) in one process."""
 
@@ -221,6 +238,7 @@ class TrainConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    league: LeagueConfig = field(default_factory=LeagueConfig)
     steps: int = 200
     """Self-play steps (rollout + update + weight sync each)."""
     run_dir: str = "runs/default"
@@ -251,6 +269,9 @@ class TrainConfig:
     writes only the adapter's tensors in place, and the policy's base model as judge (`--model.judge-model policy`)
     and attacker_only's frozen defender read the same engine without the adapter: one copy of the base weights.
     False: the merged weights are written into the policy engine and a base-model judge gets its own engine."""
+    roles: Literal["shared", "per-role"] = "shared"
+    """shared: one policy plays both roles; per-role (LoRA in the engine): one adapter per role over the one frozen
+    base, each role's turns generated with its own and each trained only on its role's samples."""
     shard: Literal["none", "fsdp2"] = "none"
     """Under torchrun: none = every rank holds the whole model, gradients summed by an all-reduce; fsdp2 = the
     model, its gradients and AdamW's moments sharded across the ranks (torch FSDP2; the KL reference too), for a
@@ -282,6 +303,17 @@ class TrainConfig:
         _require(self.shard == "none" or not self.lora_rank,
                  f"--shard {self.shard} with --lora-rank {self.lora_rank} is not supported: LoRA keeps the trained "
                  f"and optimizer state rank-sized already; drop --shard, or --lora-rank for full fine-tuning")
+        _require(self.roles == "shared" or self.lora_rank > 0,
+                 "--roles per-role gives each role its own LoRA adapter over the frozen base: pass --lora-rank N "
+                 "(e.g. 16), or --roles shared to train one policy for both roles")
+        _require(self.roles == "shared" or self.lora_in_engine,
+                 "--roles per-role serves both adapters side by side in the policy engine: drop --no-lora-in-engine, "
+                 "or pass --roles shared")
+        _require(not self.league.every or self.roles == "per-role",
+                 "--league.every keeps snapshots of each role's LoRA adapter: pass --roles per-role --lora-rank N, "
+                 "or --league.every 0")
+        _require(not self.league.every or self.game.mode == "selfplay",
+                 f"--league.every needs both roles to play and train (--game.mode selfplay), not {self.game.mode}")
         _require(self.game.cot or self.algo.sft_coef == 0,
                  "the no-CoT ablation (game.cot False) needs algo.sft_coef 0: the SFT targets are CoT-formatted")
         _require(self.game.cot or self.warmup.steps == 0,

@@ -57,9 +57,9 @@ def tiny_pooling_engine(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def tiny_lora_engine(tiny_model_dir):
-    """A generating engine on the tiny model that serves LoRA adapters (rank up to 8). Session-scoped like the
-    others."""
+    """A generating engine on the tiny model that serves LoRA adapters (rank up to 8, up to 4 side by side: the
+    policy's, and per-role ones). Session-scoped like the others."""
     from fast_srt.engine.engine import Engine
 
     return Engine(tiny_model_dir, dtype="float32", max_model_len=256, kv_cache_gib=1, seed=0, name="lora",
-                  enable_lora=True, max_lora_rank=8)
+                  enable_lora=True, max_lora_rank=8, max_loras=4)

@@ -142,7 +142,7 @@ class Engine:
 
     def __init__(self, model_dir: str | Path, *, dtype: str = "bfloat16", max_model_len: int = 2048,
                  kv_cache_gib: float = 2.0, seed: int = 0, enable_lora: bool = False, max_lora_rank: int = 16,
-                 enforce_eager: bool = True, name: str = "policy", runner: str = "generate"):
+                 enforce_eager: bool = True, name: str = "policy", runner: str = "generate", max_loras: int = 1):
         on_cpu = not cuda_available()
         configure_vllm_env(kv_cache_gib, on_cpu)
         from vllm import LLM
@@ -163,7 +163,8 @@ class Engine:
             fit = [r for r in VLLM_LORA_RANKS if r >= max_lora_rank]
             if not fit:
                 raise UserError(f"LoRA rank {max_lora_rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]})")
-            kwargs.update(enable_lora=True, max_lora_rank=fit[0], max_loras=1)
+            # max_loras: adapters served side by side (the policy's; one per role with --roles per-role)
+            kwargs.update(enable_lora=True, max_lora_rank=fit[0], max_loras=max_loras)
             if on_cpu:  # vLLM's CPU LoRA ops copy the adapter per token; one matmul per adapter instead
                 from fast_srt.engine.weight_sync import use_grouped_cpu_lora_ops
 
@@ -187,11 +188,14 @@ class Engine:
         self.stats = EngineStats()
         self._kv_sleeping = False
         self.adapter = None  # a LoRARequest every generate call uses unless told otherwise (attach_adapter)
+        self.role_adapters: dict = {}  # role -> its LoRARequest, with per-role adapters (attach_adapter(role=))
 
-    def attach_adapter(self, adapter_dir: str | Path, name: str = "policy", lora_int_id: int = 1) -> None:
-        """Serve the PEFT LoRA adapter in `adapter_dir` on this engine's base weights: every `generate` uses it
-        unless it passes `lora=None` (the judge and the frozen defender read the base through `base_model()`).
-        weight_sync.push_adapter rewrites its tensors in place afterwards."""
+    def attach_adapter(self, adapter_dir: str | Path, name: str = "policy", lora_int_id: int = 1,
+                       role: str | None = None, default: bool = True):
+        """Serve the PEFT LoRA adapter in `adapter_dir` on this engine's base weights: with `default`, every
+        `generate` uses it unless it passes `lora=None` (the judge and the frozen defender read the base through
+        `base_model()`); with `role`, `for_role(role)` generates with it. weight_sync.push_adapter rewrites its
+        tensors in place afterwards. Returns its LoRARequest."""
         from vllm.lora.request import LoRARequest
 
         request = LoRARequest(name, lora_int_id, str(adapter_dir))
@@ -200,7 +204,22 @@ class Engine:
         except (OSError, ValueError) as e:
             raise UserError(f"vLLM could not load the LoRA adapter in {adapter_dir}: {str(e).splitlines()[0][:300]}"
                             ) from None
-        self.adapter = request
+        if role is not None:
+            self.role_adapters[role] = request
+        if default:
+            self.adapter = request
+        return request
+
+    def detach_adapter(self, lora_int_id: int) -> None:
+        """Stop serving the LoRA adapter `lora_int_id` (its engine memory is freed; its role, if any, has none)."""
+        self.llm.llm_engine.remove_lora(lora_int_id)
+        self.role_adapters = {r: a for r, a in self.role_adapters.items() if a.lora_int_id != lora_int_id}
+        if self.adapter is not None and self.adapter.lora_int_id == lora_int_id:
+            self.adapter = None
+
+    def for_role(self, role: str):
+        """The engine as `role` plays: with per-role adapters a view generating with that role's, else itself."""
+        return RoleView(self, self.role_adapters[role]) if role in self.role_adapters else self
 
     def base_model(self) -> "BaseModelView":
         """This engine without its adapter: what the base-model judge and the frozen defender use on it."""
@@ -209,7 +228,8 @@ class Engine:
     def generate(self, prompts: list[str] | list[list[int]], spec: SamplingSpec, lora=ADAPTER,
                  phase: str = "generate", rng_seed: int | None = None) -> list[Generation]:
         """Generate one completion per prompt (templated text, or its token ids from `encode`), in one batched
-        vLLM call; with the attached adapter (if any) unless `lora` says otherwise (None: the base weights).
+        vLLM call; with the attached adapter (if any) unless `lora` says otherwise (None: the base weights; a list:
+        one LoRA request, or None, per prompt).
 
         rng_seed: the call samples from torch's generators seeded with it (`sampling_rng`), so the same call on the
         same weights draws the same tokens (a resumed run replays its games); the caller's own random state is
@@ -336,3 +356,17 @@ class BaseModelView:
 
     def __getattr__(self, name):
         return getattr(self.shared, name)
+
+
+class RoleView(BaseModelView):
+    """An engine serving per-role adapters, generating with one role's (Engine.for_role): the same engine (weights,
+    KV cache, counters)."""
+
+    def __init__(self, engine: Engine, lora):
+        super().__init__(engine)
+        self.adapter = lora
+
+    def generate(self, prompts, spec: SamplingSpec, phase: str = "generate", rng_seed: int | None = None,
+                 lora=ADAPTER) -> list[Generation]:
+        return self.shared.generate(prompts, spec, lora=self.adapter if lora is ADAPTER else lora, phase=phase,
+                                    rng_seed=rng_seed)

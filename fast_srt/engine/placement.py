@@ -48,7 +48,9 @@ class Engines:
     def describe(self) -> str:
         """Which engine serves what, e.g. `1 engine: policy engine (policy: base + LoRA adapter; judge: base)`."""
         roles: dict[int, list[str]] = {id(e): [] for e in self.unique()}
-        roles[id(self.policy)].append("policy" + (": base + LoRA adapter" if self.policy.adapter else ""))
+        served = (f": base + {' and '.join(self.policy.role_adapters)} LoRA adapters" if self.policy.role_adapters
+                  else ": base + LoRA adapter" if self.policy.adapter else "")
+        roles[id(self.policy)].append("policy" + served)
         if isinstance(self.judge, RuleJudge):
             roles[id(self.policy)].append("judge: a rule, no model")
         for role, user in (("judge", None if isinstance(self.judge, RuleJudge) else self.judge.engine),
@@ -79,12 +81,14 @@ class Engines:
 
 def build_engines(mcfg: ModelConfig, game: GameConfig, *, trains: bool, seed: int, base_dir: Path,
                   policy_dir: Path | None = None, judge_dir: Path | None = None, max_model_len: int | None = None,
-                  judge_max_tokens: int = 24, lora_rank: int = 0, defender_dir: Path | None = None) -> Engines:
+                  judge_max_tokens: int = 24, lora_rank: int = 0, defender_dir: Path | None = None,
+                  max_loras: int = 1) -> Engines:
     """base_dir: the policy's base model (resolved), which the base-model judge and attacker_only's frozen defender
     always hold (never a checkpoint); policy_dir: the weights the policy engine starts from (a checkpoint on
     resume; default base_dir); judge_dir: the resolved judge model when it is not the policy's base model.
     lora_rank > 0: the policy engine holds base_dir and serves the policy as a LoRA adapter of up to that rank
-    (the caller attaches it: Engine.attach_adapter); the base-model judge and the frozen defender share it.
+    (the caller attaches it: Engine.attach_adapter; max_loras of them side by side, e.g. one per role); the
+    base-model judge and the frozen defender share it.
     defender_dir: the frozen defender's model when it is not base_dir (the original base model under a format
     warm-up, whose checkpoint is then base_dir)."""
     base_dir = Path(base_dir)
@@ -94,7 +98,7 @@ def build_engines(mcfg: ModelConfig, game: GameConfig, *, trains: bool, seed: in
     if trains:
         print(f"[fast_srt] starting the in-process engines (vLLM; judge {mcfg.judge_model})", flush=True)
     policy = Engine(policy_dir, dtype=mcfg.dtype, max_model_len=mml, kv_cache_gib=mcfg.kv_cache_gib, seed=seed,
-                    name="policy", enable_lora=lora_rank > 0, max_lora_rank=max(lora_rank, 1))
+                    name="policy", enable_lora=lora_rank > 0, max_lora_rank=max(lora_rank, 1), max_loras=max_loras)
     base_view = policy.base_model() if lora_rank else None
     if mcfg.judge_model.startswith("rule:"):
         frozen = frozen_defender_engine(mcfg, game, base_dir, mml, seed, base_view, defender_dir)

@@ -39,6 +39,7 @@ class Game:
     judge_text: str
     rewards: GameRewards
     notes: list[str] = field(default_factory=list)
+    opponent: str | None = None  # with an opponent league: "current", or the snapshot that played a side
 
     @property
     def shown_prompt(self) -> str:
@@ -54,9 +55,11 @@ def _turn(role: str, prompt: str, gen: Generation, cot: bool, trainable: bool = 
 
 def play_games(policy: Engine, judge: Judge, seeds: list[tuple[Seed, DataType]], options: GameOptions,
                sampling: SamplingSpec, reward_fn: RewardFn, frozen_defender: Engine | None = None,
-               rng_seed: int | None = None) -> list[Game]:
+               rng_seed: int | None = None, lora: dict | None = None) -> list[Game]:
     """Play one batch of games: attacker turns, defender turns, judge, rewards. rng_seed: each turn's sampling
-    draws from generators seeded with (rng_seed, role), so a replayed batch plays the same games."""
+    draws from generators seeded with (rng_seed, role), so a replayed batch plays the same games. lora: per role,
+    the LoRA request its turns use on `policy` (one for every game, or a list with one per seed); a role not in it
+    (or None) plays with the engine's own adapter. The frozen defender never gets one."""
     if not seeds:
         raise UserError("no seeds to play: the seed batch is empty")
     tok = policy.tokenizer
@@ -64,7 +67,8 @@ def play_games(policy: Engine, judge: Judge, seeds: list[tuple[Seed, DataType]],
     # 1) attacker turns (revised seeds only), one engine call
     att_idx = [i for i, (_, dt) in enumerate(seeds) if is_generated(dt)]
     att_prompts = [build_attacker_prompt(tok, seeds[i][0].prompt, seeds[i][0].harmful, cot) for i in att_idx]
-    att_gens = policy.generate(att_prompts, sampling, phase="attacker", rng_seed=_role_seed(rng_seed, "attacker"))
+    att_gens = policy.generate(att_prompts, sampling, phase="attacker", rng_seed=_role_seed(rng_seed, "attacker"),
+                               **_role_lora(lora, "attacker", att_idx))
     attackers: dict[int, Turn] = {i: _turn("attacker", p, g, cot) for i, p, g in zip(att_idx, att_prompts, att_gens)}
     # 2) defender turns on the attacker's public text (or the verbatim seed), one engine call
     queries = [attackers[i].public if i in attackers else s.prompt for i, (s, _) in enumerate(seeds)]
@@ -73,8 +77,9 @@ def play_games(policy: Engine, judge: Judge, seeds: list[tuple[Seed, DataType]],
         raise UserError("attacker_only mode needs a frozen defender engine")
     d_cot = options.defender_cot
     def_prompts = [build_defender_prompt(defender_engine.tokenizer, q, d_cot) for q in queries]
+    def_lora = _role_lora(lora, "defender", range(len(seeds))) if defender_engine is policy else {}
     def_gens = defender_engine.generate(def_prompts, sampling, phase="defender",
-                                        rng_seed=_role_seed(rng_seed, "defender"))
+                                        rng_seed=_role_seed(rng_seed, "defender"), **def_lora)
     defenders = [_turn("defender", p, g, d_cot, trainable=options.trains_defender)
                  for p, g in zip(def_prompts, def_gens)]
     # 3) judge: (shown prompt, defender's public answer), one engine call
@@ -99,3 +104,11 @@ def play_games(policy: Engine, judge: Judge, seeds: list[tuple[Seed, DataType]],
 
 def _role_seed(rng_seed: int | None, role: str) -> int | None:
     return None if rng_seed is None else derive_seed(rng_seed, role)
+
+
+def _role_lora(lora: dict | None, role: str, idx) -> dict:
+    """generate's `lora` argument for `role`'s turns at the seeds `idx` ({}: the engine's own adapter)."""
+    if not lora or role not in lora:
+        return {}
+    x = lora[role]
+    return {"lora": [x[i] for i in idx] if isinstance(x, list) else x}

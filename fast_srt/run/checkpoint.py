@@ -7,6 +7,10 @@ Layout under a run directory:
                                          fast_srt_config.json (the run config), COMPLETE (written last)
     run_dir/checkpoints/latest           "step_00000100": the newest complete checkpoint, replaced atomically
 
+With LoRA, model.safetensors is the merged model and lora_adapter.safetensors the adapter (what a resume loads);
+with per-role adapters (--roles per-role), model.safetensors is the defender's merged model and
+role_adapters/{attacker,defender}.safetensors are the two adapters.
+
 A save is atomic: everything is written into `.tmp-step_...` beside the final directory, fsynced, then renamed
 into place; the `latest` pointer is replaced after that, and only then are checkpoints beyond `keep_last`
 deleted. A crash at any point leaves the previous checkpoint intact. Loading takes the newest step directory
@@ -40,6 +44,9 @@ STATE_FILE = "trainer_state.pt"
 RUN_CONFIG_FILE = "fast_srt_config.json"
 LATEST = "latest"
 LORA_ADAPTER_FILE = "lora_adapter.safetensors"
+# per-role adapters (--roles per-role): role_adapters/attacker.safetensors and role_adapters/defender.safetensors,
+# each in LORA_ADAPTER_FILE's names; a sub-directory, so that `*.safetensors` in the checkpoint is the model alone
+ROLE_ADAPTER_DIR = "role_adapters"
 FORMAT_VERSION = 1
 # config.json fields that must agree for a checkpoint to be "the same model" as the one being trained
 IDENTITY_FIELDS = ("model_type", "architectures", "vocab_size", "hidden_size", "num_hidden_layers",
@@ -113,13 +120,20 @@ def _save_model(model, out: Path, state_dict: dict | None = None) -> None:
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = True
     try:
-        from fast_srt.learner.lora import adapter_state_dict, has_lora, merged_state_dict
+        from fast_srt.learner.lora import adapter_state_dict, has_lora, lora_roles, merged_state_dict
 
         if has_lora(model):  # the merged model loads anywhere; the adapter alone resumes training
             from safetensors.torch import save_file
 
-            model.save_pretrained(out, state_dict=merged_state_dict(model))
-            save_file(adapter_state_dict(model), str(out / LORA_ADAPTER_FILE))
+            roles = lora_roles(model)
+            # per-role adapters: the defender's merged (the model that answers), each role's adapter as a file
+            model.save_pretrained(out, state_dict=merged_state_dict(model, "defender" if roles else None))
+            if roles:
+                (out / ROLE_ADAPTER_DIR).mkdir()
+                for role in roles:
+                    save_file(adapter_state_dict(model, role), str(out / ROLE_ADAPTER_DIR / f"{role}.safetensors"))
+            else:
+                save_file(adapter_state_dict(model), str(out / LORA_ADAPTER_FILE))
         elif state_dict is not None:  # gathered from a sharded model (fast_srt.learner.sharding.full_state)
             model.save_pretrained(out, state_dict=state_dict)
         else:

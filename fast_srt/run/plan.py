@@ -8,7 +8,8 @@ compute dtype, T = tokens of one micro-batch):
 - resident all step: the engines' weights (P x b each; the policy's base model as judge shares the policy engine
   in `play`, and with a LoRA adapter served by the engine, whose two copies of the adapter count too), the
   trainer's weights (full fine-tuning: fp32 master copy, 4P; LoRA: the frozen base as the trainer holds it, see
-  `trainer_weights`, plus fp32 adapters), AdamW's two fp32 moments (8 x trainable), and the frozen KL reference
+  `trainer_weights`, plus fp32 adapters: one per role with --roles per-role, `adapters`), AdamW's two fp32
+  moments (8 x trainable), and the frozen KL reference
   (full fine-tuning with kl_coef > 0: linears in the compute dtype, the rest fp32, as `load_reference` builds it).
 - generation: + the policy engine's KV cache (its budget, `kv_cache_gib`) and its prefill workspace.
 - judging: + the judge engine's KV cache and workspace.
@@ -178,6 +179,8 @@ class PlanInput:
     trains: bool = True
     lora_base_in_compute_dtype: bool = True  # what the trainer does (learner/lora.py: base_to_compute_dtype)
     lora_in_engine: bool = True  # LoRA: the policy engine serves the adapter on the base (the base judge shares it)
+    adapters: int = 1  # LoRA adapters trained (2: one per role, --roles per-role), each with gradients and moments
+    engine_adapters: int = 1  # LoRA adapters the policy engine serves side by side
     ranks: int = 1  # torchrun ranks: each holds all of the plan on its own device, with games_per_step / ranks games
     shard: str = "none"  # "fsdp2": the trainer's weights, gradients, moments and reference split over the ranks
     eval_engine: bool = False  # the eval during training's own frozen-defender engine (eval_defender_placement)
@@ -235,7 +238,13 @@ def trainer_weights_gib(p: PlanInput) -> dict[str, float]:
     base_b = b if p.lora_base_in_compute_dtype else 4
     return {f"trainer base weights ({'compute dtype' if base_b == b else 'fp32'} linears, frozen)":
             (base_b * s.linear_params + 4 * (s.params - s.linear_params)) / GIB,
-            "LoRA adapters (fp32)": 4 * s.lora_params(p.lora_rank) / GIB}
+            "LoRA adapters (fp32" + (f", {p.adapters}: one per role)" if p.adapters > 1 else ")"):
+            4 * trainable_params(p) / GIB}
+
+
+def trainable_params(p: PlanInput) -> int:
+    """Parameters with gradients and AdamW moments: every adapter's (LoRA), else the whole model's."""
+    return p.adapters * p.policy.lora_params(p.lora_rank) if p.lora_rank else p.policy.params
 
 
 def activations_gib(p: PlanInput) -> float:
@@ -287,7 +296,9 @@ def plan(p: PlanInput) -> list[Phase]:
     resident = {"policy engine weights": b * s.params / GIB,
                 "runtime overhead": RUNTIME_OVERHEAD_GIB.get(p.device, 0.75)}
     if adapter_in_engine:  # vLLM holds the adapter twice: its adapter cache and the active slot's stacked buffers
-        resident["policy engine LoRA adapter (cache + slot)"] = 2 * b * s.lora_params(p.lora_rank) / GIB
+        n = p.engine_adapters
+        resident["policy engine LoRA adapter" + (f"s ({n}, cache + slot each)" if n > 1 else " (cache + slot)")] = \
+            2 * n * b * s.lora_params(p.lora_rank) / GIB
     if not shared_engine:
         resident["judge engine weights"] = b * judge.params / GIB
     if p.eval_engine:  # allocated when the run starts, held to its end
@@ -297,8 +308,7 @@ def plan(p: PlanInput) -> list[Phase]:
         resident["eval sentence embedder (fp32)"] = 4 * SENTENCE_EMBEDDER_PARAMS / GIB
     if p.trains:
         resident.update(trainer_weights_gib(p))
-        trainable = s.lora_params(p.lora_rank) if p.lora_rank else s.params
-        resident[_sharded("AdamW moments (fp32)", p)] = 8 * trainable / shards(p) / GIB
+        resident[_sharded("AdamW moments (fp32)", p)] = 8 * trainable_params(p) / shards(p) / GIB
     gen = Phase("generation", dict(resident))
     gen.parts["policy KV cache"] = kv_policy
     gen.parts["policy engine workspace"] = engine_workspace_gib(s, b)
@@ -319,8 +329,7 @@ def plan(p: PlanInput) -> list[Phase]:
             else:
                 tr.parts["policy KV cache"] = kv_policy
                 tr.parts["judge KV cache"] = kv_judge
-        trainable = s.lora_params(p.lora_rank) if p.lora_rank else s.params
-        tr.parts[_sharded("gradients (fp32)", p)] = 4 * trainable / shards(p) / GIB
+        tr.parts[_sharded("gradients (fp32)", p)] = 4 * trainable_params(p) / shards(p) / GIB
         if shards(p) > 1:
             tr.parts["FSDP2 gathered root + 2 layers, and gradients (fp32)"] = fsdp2_gathered_gib(p)
         if not (p.lora_rank and p.lora_base_in_compute_dtype):  # frozen fp32 weights are cast every forward
@@ -388,6 +397,7 @@ def render(p: PlanInput, phases: list[Phase], detail: bool = True) -> str:
                          + ["  " + t for t in advice(p, phases)])
     head = (f"memory plan: policy {p.policy.name} ({p.policy.params / 1e9:.2f}B params), judge "
             f"{(p.judge or p.policy).name}, {'LoRA rank ' + str(p.lora_rank) if p.lora_rank else 'full fine-tuning'}"
+            f"{f' x {p.adapters} adapters (one per role)' if p.lora_rank and p.adapters > 1 else ''}"
             f", {p.games_per_step} games x ({p.prompt_tokens} prompt + {p.max_new_tokens} new) tokens, micro-batch "
             f"{p.micro_batch_tokens} tokens, {p.device}, budget {p.budget_gib:.0f} GiB")
     lines = [head]
@@ -425,7 +435,15 @@ def plan_input_from_config(cfg, *, device: str, budget_gib: float, policy: str |
                      kv_cache_gib=kv, judge_kv_cache_gib=kv if not m.judge_model.startswith("rule:") else 0.0,
                      device=device, budget_gib=budget_gib, trains=trains, lora_in_engine=cfg.lora_in_engine,
                      ranks=ranks, shard=cfg.shard if ranks > 1 else "none",
+                     adapters=2 if cfg.roles == "per-role" else 1, engine_adapters=engine_adapters(cfg),
                      eval_engine=eval_defender_placement(cfg) == "own_engine", eval_embedder=bool(cfg.eval_every))
+
+
+def engine_adapters(cfg) -> int:
+    """LoRA adapters the policy engine serves side by side: the policy's (one per role with --roles per-role), and
+    with the opponent league its snapshots (league.size per role)."""
+    current = 2 if cfg.roles == "per-role" else 1
+    return current + (2 * cfg.league.size if cfg.league.every else 0)
 
 
 def device_budget_gib(device: str) -> float:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from fast_srt import faults
-from fast_srt.config import TrainConfig, WarmupConfig
+from fast_srt.config import LeagueConfig, TrainConfig, WarmupConfig
 from fast_srt.engine.engine import SamplingSpec, derive_seed, vllm_version
 from fast_srt.engine.placement import Engines, build_engines
 from fast_srt.engine.rollout import play_games
@@ -30,16 +30,21 @@ from fast_srt.game.rewards import reward_function
 from fast_srt.game.rules import GameOptions
 from fast_srt.game.seeds import SeedPool
 from fast_srt.learner import collective, sharding
-from fast_srt.learner.lora import adapter_for_engine, apply_lora, base_to_compute_dtype, save_peft_adapter
+from fast_srt.learner.batch import ROLE_IDS
+from fast_srt.learner.lora import (adapter_for_engine, apply_lora, base_to_compute_dtype, lora_roles,
+                                   save_peft_adapter)
 from fast_srt.learner.policy import (VARLEN_SDPA, build_optimizer, build_scheduler, load_policy, load_reference,
                                      pick_attention, weights_for_engine)
 from fast_srt.learner.step import (Learner, games_to_samples, learner_step, pick_logprob_impl, scheduler_step,
                                    total_updates)
 from fast_srt.run import distributed
-from fast_srt.run.checkpoint import (LORA_ADAPTER_FILE, RUN_CONFIG_FILE, check_free_space, checkpoint_bytes,
-                                     find_latest, load_checkpoint, restore_trainer_state, save_checkpoint)
+from fast_srt.run.checkpoint import (LORA_ADAPTER_FILE, ROLE_ADAPTER_DIR, RUN_CONFIG_FILE, check_free_space,
+                                     checkpoint_bytes, find_latest, load_checkpoint, restore_trainer_state,
+                                     save_checkpoint)
+from fast_srt.run.league import League
 from fast_srt.run.metrics import MetricsLog, PhaseTimer, Status, console_line, read_metrics, step_perf, to_floats
 from fast_srt.run.models import resolve_engine_dirs
+from fast_srt.run.plan import engine_adapters
 from fast_srt.run.report import child_processes, process_metrics, throughput_lines
 from fast_srt.run.trend import trend_lines
 
@@ -68,6 +73,7 @@ class Run:
     saved_replay: dict | None = None  # the checkpoint's replay conditions (replay_conditions), on resume
     ranks: distributed.Ranks = dataclasses.field(default_factory=distributed.Ranks)  # torchrun: this rank, world
     base_model_dir: Path | None = None  # the original base model, before any warm-up (the eval's frozen defender)
+    league: League | None = None  # the opponent league's snapshots (--league.every), if on
 
 
 # ------------------------------------------------------------------------------------------------ the step
@@ -81,11 +87,19 @@ def train_step(run: Run, step: int, status: Status) -> tuple[dict, list]:
     status.phase(step, "play + judge")
     seeds, group_of = run.pool.group_batch(cfg.sampling.games_per_step, cfg.algo.samples_per_prompt)
     seeds, group_of = distributed.my_share(seeds, group_of, run.ranks)  # torchrun: this rank's share of the batch
+    lora = engines.policy.role_adapters or None  # per-role: each role's turns with its adapter
+    if run.league is not None:  # each game's opponent: current, or a snapshot playing one side
+        draws = run.league.draw(seeds, cfg.seed, step, run.ranks.rank)
+        lora = run.league.loras(draws, engines.policy.role_adapters)
     games = play_games(engines.policy, engines.judge, seeds, run.options, run.sampling, run.reward_fn,
-                       engines.frozen_defender, rng_seed=derive_seed(cfg.seed, step, run.ranks.rank))
+                       engines.frozen_defender, rng_seed=derive_seed(cfg.seed, step, run.ranks.rank), lora=lora)
+    if run.league is not None:  # a snapshot's turn is not trained
+        run.league.mark(games, draws)
     # 3) samples of both roles, ties and parse failures dropped
     samples, skipped = games_to_samples(games, run.options, cfg.algo.remove_ties, group_of)
     metrics = {"step": step, **rollout_metrics(games, samples, skipped, engines.judge)}
+    if run.league is not None:
+        metrics.update(run.league.metrics(games, draws))
     if distributed.global_count(len(samples)):  # torchrun: a rank with none still joins the reductions
         # 4-6) old and reference log-probs, advantages, PPO-clip updates
         status.phase(step, "learn")
@@ -100,6 +114,8 @@ def train_step(run: Run, step: int, status: Status) -> tuple[dict, list]:
         metrics["optim/skipped_updates"] = cfg.optim.updates_per_step
         for _ in range(cfg.optim.updates_per_step):
             scheduler_step(learner)
+    if run.league is not None and run.league.due(step):  # this step's adapters join the league
+        run.league.take(sharding.unwrap(learner.model), step)
     if metrics.get("optim/skipped_updates"):
         status.line(f"step {step}: {metrics['optim/skipped_updates']} update(s) skipped (non-finite loss or "
                     f"gradient; no sample survived filtering if all); training continues")
@@ -115,8 +131,15 @@ def train_step(run: Run, step: int, status: Status) -> tuple[dict, list]:
 
 def sync_weights(engine, model) -> float:
     """Write the trainer's weights into the live engine, in place, in its dtype (see weight_sync.py): with an
-    adapter served by the engine only the adapter's tensors, else every weight (LoRA merged)."""
-    if engine.adapter is not None:
+    adapter served by the engine only the adapter's tensors (per-role: each role's into its own), else every weight
+    (LoRA merged)."""
+    if engine.role_adapters:
+        dt = 0.0
+        for role, request in engine.role_adapters.items():
+            adapters = adapter_for_engine(model, role)
+            dt += push_adapter(engine.llm, request.lora_int_id,
+                               faults.hit_halfway("weight_sync", adapters.items(), len(adapters)))
+    elif engine.adapter is not None:
         adapters = adapter_for_engine(model)
         dt = push_adapter(engine.llm, engine.adapter.lora_int_id,
                           faults.hit_halfway("weight_sync", adapters.items(), len(adapters)))
@@ -131,12 +154,18 @@ def sync_weights(engine, model) -> float:
 
 
 def attach_policy_adapter(engine, model, base_dir: Path) -> None:
-    """Serve the trainer's adapter (fresh, or the checkpoint's on resume) on the policy engine's base weights."""
+    """Serve the trainer's adapter (fresh, or the checkpoint's on resume) on the policy engine's base weights;
+    per-role adapters side by side, as LoRA requests `attacker` (id 1) and `defender` (id 2), the defender's the
+    engine's default (the canary, the eval's answers)."""
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="fast_srt-adapter-") as d:  # read once: later writes go in place
-        save_peft_adapter(model, d, base_model=str(base_dir))
-        engine.attach_adapter(d)
+    for lora_id, role in enumerate(lora_roles(model) or [None], start=1):
+        with tempfile.TemporaryDirectory(prefix="fast_srt-adapter-") as d:  # read once: later writes go in place
+            save_peft_adapter(model, d, base_model=str(base_dir), role=role)
+            if role is None:
+                engine.attach_adapter(d)
+            else:
+                engine.attach_adapter(d, name=role, lora_int_id=lora_id, role=role, default=role == "defender")
 
 
 def canary_changed(run: Run) -> bool:
@@ -366,8 +395,10 @@ def check_resume_config(ckpt_dir: Path, cfg: TrainConfig) -> None:
     saved_path = Path(ckpt_dir) / RUN_CONFIG_FILE
     if not saved_path.is_file():
         raise UserError(f"checkpoint {ckpt_dir} has no {RUN_CONFIG_FILE}; it was not written by `fast-srt train`")
-    # a run written before the warm-up existed had none (its defaults: steps 0)
-    saved = {**_flatten({"warmup": dataclasses.asdict(WarmupConfig())}),
+    # a run written before a setting existed ran with its default (the warm-up: steps 0; the roles: shared; no
+    # league)
+    saved = {**_flatten({"warmup": dataclasses.asdict(WarmupConfig()), "roles": "shared",
+                         "league": dataclasses.asdict(LeagueConfig())}),
              **_flatten(json.loads(saved_path.read_text()))}
     now = _flatten(json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
     diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
@@ -388,20 +419,43 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def adapter_roles(cfg: TrainConfig) -> tuple[str, ...]:
+    """The roles that get an adapter of their own: both with --roles per-role, none (one shared adapter) else."""
+    return tuple(ROLE_IDS) if cfg.roles == "per-role" else ()
+
+
 def load_lora_adapter(model, ckpt_dir: Path) -> None:
+    """The checkpoint's adapters into the model: `lora_adapter.safetensors` (one shared adapter), or one file per
+    role under `role_adapters/` (per-role); a checkpoint of the other kind, or of another rank or targets, is a
+    UserError."""
     from safetensors.torch import load_file
 
-    from fast_srt.learner.lora import adapter_state_dict
+    from fast_srt.learner.lora import adapter_state_dict, load_role_adapter
 
-    saved = load_file(str(Path(ckpt_dir) / LORA_ADAPTER_FILE))
-    want = adapter_state_dict(model)
-    missing, unexpected = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
-    bad = [k for k in set(want) & set(saved) if want[k].shape != saved[k].shape]
-    if missing or unexpected or bad:
-        raise UserError(f"LoRA adapter in {ckpt_dir} does not match this run's adapters (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}, other shape {bad[:3]}); resume with the run's lora_rank and "
-                        f"lora_targets")
-    model.load_state_dict(saved, strict=False)  # the adapters only; the base weights came from the base model
+    ckpt_dir, roles = Path(ckpt_dir), lora_roles(model)
+    shared_file, role_dir = ckpt_dir / LORA_ADAPTER_FILE, ckpt_dir / ROLE_ADAPTER_DIR
+    if roles and not role_dir.is_dir():
+        raise UserError(f"--roles per-role: checkpoint {ckpt_dir} holds one shared LoRA adapter, not one per role; "
+                        f"resume it with --roles shared, or start a new --run-dir")
+    if not roles and role_dir.is_dir():
+        raise UserError(f"--roles shared: checkpoint {ckpt_dir} holds one LoRA adapter per role; resume it with "
+                        f"--roles per-role, or start a new --run-dir")
+    for role in roles or [None]:
+        path = role_dir / f"{role}.safetensors" if role else shared_file
+        if not path.is_file():
+            raise UserError(f"checkpoint {ckpt_dir} has no {path.relative_to(ckpt_dir)}; it is incomplete or of "
+                            f"another run")
+        saved, want = load_file(str(path)), adapter_state_dict(model, role)
+        missing, unexpected = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
+        bad = [k for k in set(want) & set(saved) if want[k].shape != saved[k].shape]
+        if missing or unexpected or bad:
+            raise UserError(f"LoRA adapter {path.relative_to(ckpt_dir)} in {ckpt_dir} does not match this run's "
+                            f"adapters (missing {missing[:3]}, unexpected {unexpected[:3]}, other shape {bad[:3]}); "
+                            f"resume with the run's lora_rank and lora_targets")
+        if role is None:
+            model.load_state_dict(saved, strict=False)  # the adapters only; the base came from the base model
+        else:
+            load_role_adapter(model, saved, role)
 
 
 def run_plan(cfg: TrainConfig, engines, ranks: int = 1) -> str:
@@ -450,9 +504,14 @@ def setup_run(cfg: TrainConfig) -> Run:
     engines = build_engines(mcfg, cfg.game, trains=True, seed=cfg.seed, base_dir=base_dir,
                             policy_dir=Path(ckpt_dir) if ckpt_dir is not None else base_dir, judge_dir=judge_dir,
                             judge_max_tokens=cfg.sampling.judge_max_tokens, lora_rank=adapter_rank,
-                            defender_dir=original_base)  # attacker_only: the base model, not the warm-up
+                            defender_dir=original_base,  # attacker_only: the base model, not the warm-up
+                            max_loras=engine_adapters(cfg))  # the league's snapshots too
     if adapter_rank:
         attach_policy_adapter(engines.policy, model, base_dir)
+    league = None
+    if cfg.league.every:  # on resume: the checkpoint's snapshots, served again
+        league = League(cfg.league, engines.policy, cfg.lora_alpha / cfg.lora_rank, base_dir)
+        league.restore((state or {}).get("extra", {}).get("league") or [])
     ref = kl_reference(cfg, base_dir, compute_dtype, device, attn)
     learner, restored = build_learner(cfg, model, ref, optimizer, state, pool, engines.policy.tokenizer, sft_records,
                                       device, ranks)
@@ -460,7 +519,7 @@ def setup_run(cfg: TrainConfig) -> Run:
     return Run(cfg=cfg, run_dir=run_dir, pool=pool, options=GameOptions(mode=cfg.game.mode, cot=cfg.game.cot),
                reward_fn=reward_function(cfg.game.reward), engines=engines, learner=learner,
                start_step=start_step, resumed=state is not None, step_records=step_records, warmup_key=warm_key,
-               ranks=ranks, saved_replay=saved_replay, base_model_dir=original_base,
+               ranks=ranks, saved_replay=saved_replay, base_model_dir=original_base, league=league,
                sampling=SamplingSpec(max_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
                                      top_p=cfg.sampling.top_p, fixed_length=cfg.sampling.fixed_length))
 
@@ -586,7 +645,7 @@ def trainer_model(cfg: TrainConfig, base_dir: Path, run_dir: Path, ckpt_dir: Pat
             model = load_policy(str(ckpt_dir), dtype=torch.float32, device=device, attn=attn,
                                 gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.lora_rank:
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, roles=adapter_roles(cfg))
         base_to_compute_dtype(model, compute_dtype)  # frozen: no fp32 master needed (fast_srt.run.plan)
         if ckpt_dir is not None:
             load_lora_adapter(model, ckpt_dir)
@@ -646,6 +705,8 @@ def checkpoint_extra(run: Run, records: dict, sft_streams: list | None = None) -
              "warmup_key": run.warmup_key, "replay": replay_conditions(run)}
     if sft_streams is not None:
         extra["sft_streams"] = sft_streams
+    if run.league is not None:
+        extra["league"] = run.league.state()
     if run.learner.scaler.is_enabled():
         extra["grad_scaler"] = run.learner.scaler.state_dict()
     return extra
@@ -657,7 +718,8 @@ def game_record(step: int, g) -> dict:
             "attacker_public": g.attacker.public if g.attacker else None,
             "defender_raw": g.defender.gen.text, "defender_public": g.defender.public,
             "judge": g.judge_text, "outcome": g.rewards.outcome,
-            "reward_attacker": g.rewards.attacker, "reward_defender": g.rewards.defender}
+            "reward_attacker": g.rewards.attacker, "reward_defender": g.rewards.defender,
+            **({"opponent": g.opponent} if g.opponent is not None else {})}
 
 
 def _list_state(s):  # random.getstate() as lists (trainer_state.pt is read with weights_only=True)

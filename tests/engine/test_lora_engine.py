@@ -155,3 +155,56 @@ def test_grouped_prefill_ops_take_per_sequence_slots(mix):
     out = torch.ones(n, d_out + 2)
     ws._sgmv_expand_slice(y, b, out, *meta, 2, d_out, add_inputs=False)
     assert torch.allclose(out[:, 2:].double(), _reference(y, b, tok), atol=1e-4) and bool((out[:, :2] == 1).all())
+
+
+def _randomize_role(model, role: str, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                for t in m.pair(role):
+                    t.copy_(torch.randn(t.shape, generator=g) * 0.3)
+
+
+def test_per_role_adapters_each_change_only_their_roles_generations(tiny_model_dir, tiny_lora_engine, tmp_path):
+    """--roles per-role: two adapters side by side in one engine (two LoRA requests). A write into one changes that
+    role's generations and leaves the other role's and the base's (the judge's) as they were; a call may give each
+    prompt its own adapter."""
+    from fast_srt.learner.lora import active_adapter
+
+    engine = tiny_lora_engine
+    model = load_policy(str(tiny_model_dir), dtype=torch.float32)
+    apply_lora(model, 4, 8.0, TARGETS, roles=("attacker", "defender"))
+    ids = {"attacker": 11, "defender": 12}
+    for role, lora_id in ids.items():
+        save_peft_adapter(model, tmp_path / role, base_model=str(tiny_model_dir), role=role)
+        engine.attach_adapter(tmp_path / role, name=role, lora_int_id=lora_id, role=role, default=False)
+    try:
+        view = {r: engine.for_role(r) for r in ids}
+
+        def gens():
+            return {r: [g.token_ids for g in view[r].generate(PROMPTS, GREEDY)] for r in ids} | {
+                "base": [g.token_ids for g in engine.base_model().generate(PROMPTS, GREEDY)]}
+
+        start = gens()
+        assert start["attacker"] == start["defender"] == start["base"]  # B = 0: both adapters are the base
+        _randomize_role(model, "attacker", seed=3)
+        push_adapter(engine.llm, ids["attacker"], adapter_for_engine(model, "attacker").items())
+        after = gens()
+        assert after["attacker"] != start["attacker"]
+        assert after["defender"] == start["defender"] and after["base"] == start["base"]
+        with active_adapter(model, "attacker"):  # the engine's attacker is the trainer's attacker
+            assert after["attacker"] == [_hf_greedy(model, p, GREEDY.max_tokens) for p in PROMPTS]
+        _randomize_role(model, "defender", seed=4)
+        push_adapter(engine.llm, ids["defender"], adapter_for_engine(model, "defender").items())
+        again = gens()
+        assert again["attacker"] == after["attacker"] and again["base"] == start["base"]
+        with active_adapter(model, "defender"):
+            assert again["defender"] == [_hf_greedy(model, p, GREEDY.max_tokens) for p in PROMPTS]
+        # one call, one adapter per prompt (the league's mixed batches)
+        mixed = engine.generate(PROMPTS, GREEDY, lora=[view["attacker"].adapter, view["defender"].adapter, None])
+        assert [g.token_ids for g in mixed] == [again["attacker"][0], again["defender"][1], again["base"][2]]
+    finally:
+        for lora_id in ids.values():
+            engine.detach_adapter(lora_id)
+    assert engine.role_adapters == {}

@@ -186,12 +186,12 @@ def test_schedule_advances_on_a_step_in_which_no_sample_survives(monkeypatch):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = build_scheduler(opt, 40, 0, 0.1)
     learner = types.SimpleNamespace(device=torch.device("cpu"), scheduler=sched, total_updates=40)
-    stats = types.SimpleNamespace()
+    stats = types.SimpleNamespace(role_adapters={})  # a shared policy: no per-role adapters
     engines = types.SimpleNamespace(snapshot=lambda: {}, since=lambda snap: {}, policy=stats, frozen_defender=None,
                                     judge=types.SimpleNamespace(parse_failures=0, truncated=0, too_long=0))
     run = types.SimpleNamespace(cfg=cfg, engines=engines, learner=learner, ranks=trainer.distributed.Ranks(),
                                 pool=types.SimpleNamespace(group_batch=lambda n, k: ([], [])), options=None,
-                                sampling=None, reward_fn=None)
+                                sampling=None, reward_fn=None, league=None)
     monkeypatch.setattr(trainer, "play_games", lambda *a, **k: [])
     status = types.SimpleNamespace(phase=lambda *a: None, line=lambda *a: None)
     before = sched.last_epoch
@@ -241,7 +241,7 @@ def test_each_rank_has_its_own_sft_stream_and_every_one_is_checkpointed():
     learner = types.SimpleNamespace(sft_stream=s0, scaler=types.SimpleNamespace(is_enabled=lambda: False),
                                     logprob_fn=len, device=torch.device("cpu"))
     pool = types.SimpleNamespace(rng=__import__("random").Random(0))
-    run = types.SimpleNamespace(pool=pool, warmup_key=None, learner=learner, ranks=distributed.Ranks())
+    run = types.SimpleNamespace(pool=pool, warmup_key=None, learner=learner, ranks=distributed.Ranks(), league=None)
     extra = trainer.checkpoint_extra(run, {}, [s0.state_dict(), s1.state_dict()])
     assert len(extra["sft_streams"]) == 2
     state = {"format": checkpoint.FORMAT_VERSION, "optimizer": opt.state_dict(), "scheduler": None,

@@ -143,6 +143,32 @@ def test_lora_in_one_engine_drops_the_judge_engine():
     assert max(p.total for p in one) < max(p.total for p in two) - 13
 
 
+def test_per_role_adapters_count_twice_the_adapter_its_gradients_and_moments():
+    """--roles per-role: two adapters in the trainer (each with fp32 gradients and AdamW moments) and two served by
+    the policy engine; nothing else changes. The plan from the config says so too."""
+    from fast_srt.config import TrainConfig
+    from fast_srt.run.plan import plan_input_from_config
+
+    s, gib = resolve_shape("7b"), 2**30
+    lora = 4 * s.lora_params(16) / gib  # one fp32 adapter
+    shared = plan(PlanInput(policy=s, lora_rank=16))
+    per_role = plan(PlanInput(policy=s, lora_rank=16, adapters=2, engine_adapters=2))
+    tr_s, tr_p = shared[-1].parts, per_role[-1].parts
+    assert tr_p["LoRA adapters (fp32, 2: one per role)"] == pytest.approx(2 * tr_s["LoRA adapters (fp32)"])
+    assert tr_p["gradients (fp32)"] == pytest.approx(2 * lora)
+    assert tr_p["AdamW moments (fp32)"] == pytest.approx(4 * lora)
+    assert tr_p["policy engine LoRA adapters (2, cache + slot each)"] == pytest.approx(2 * lora)
+    assert per_role[-1].total - shared[-1].total == pytest.approx(lora * (1 + 1 + 2 + 1))
+    cfg = TrainConfig(lora_rank=16, roles="per-role")
+    p = plan_input_from_config(cfg, device="cuda", budget_gib=80, policy="7b", judge="7b")
+    assert (p.adapters, p.engine_adapters) == (2, 2)
+    from fast_srt.config import LeagueConfig
+
+    league = TrainConfig(lora_rank=16, roles="per-role", league=LeagueConfig(every=4, size=3))
+    p = plan_input_from_config(league, device="cuda", budget_gib=80, policy="7b", judge="7b")
+    assert (p.adapters, p.engine_adapters) == (2, 8)  # + 3 snapshots per role in the engine
+
+
 def test_the_eval_during_training_is_counted():
     """--eval-every adds its frozen base defender's engine (weights and KV cache) where no engine of the run can
     generate with the base model, and the sentence embedder; nothing where the run has one."""

@@ -60,9 +60,18 @@ KILL_STEP = 2
 VOLATILE = ("time/", "perf/", "prefix_cache/", "rank", "mem/", "proc/")  # times, throughput, cache, memory
 
 
-def _kill_args(model_dir, run):
-    return _tiny_args(model_dir, run, "--steps", "3", "--save-every", "1", "--sampling.games-per-step", "8",
-                      "--log-games", "8")
+# the kill matrix's runs: one shared policy (defender_only, full fine-tuning), one LoRA adapter per role (self-play:
+# both adapters play, train and are written into the engine every step), and the same with an opponent league (a
+# snapshot of each adapter every step, most games against one: the resume must serve the checkpoint's again)
+ROLES = {"shared": (), "per-role": ("--lora-rank", "4", "--roles", "per-role"),
+         "league": ("--lora-rank", "4", "--roles", "per-role", "--league.every", "1", "--league.size", "1",
+                    "--league.p-past", "0.8")}
+
+
+def _kill_args(model_dir, run, roles="shared"):
+    args = _tiny_args(model_dir, run, "--steps", "3", "--save-every", "1", "--sampling.games-per-step", "8",
+                      "--log-games", "8", *ROLES[roles])
+    return args if roles == "shared" else ["rl_only", *args[1:]]
 
 
 def _replayed(metrics: list[dict]) -> list[dict]:
@@ -72,33 +81,60 @@ def _replayed(metrics: list[dict]) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def unkilled_run(tiny_model_dir, tmp_path_factory):
-    """The kill matrix's run, never killed: what each killed and resumed run must replay."""
-    run = tmp_path_factory.mktemp("unkilled") / "run"
-    p = _train(_kill_args(tiny_model_dir, run), timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return run
+def unkilled_runs(tiny_model_dir, tmp_path_factory):
+    """The kill matrix's runs, never killed (one per ROLES case, trained when first asked for): what each killed and
+    resumed run must replay."""
+    runs = {}
+
+    def get(roles):
+        if roles not in runs:
+            run = tmp_path_factory.mktemp(f"unkilled-{roles}") / "run"
+            p = _train(_kill_args(tiny_model_dir, run, roles), timeout=600)
+            assert p.returncode == 0, p.stderr[-3000:]
+            runs[roles] = run
+        return runs[roles]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def unkilled_run(unkilled_runs):
+    return unkilled_runs("shared")
 
 
 def _weights(run):
+    """The latest checkpoint's model, and its per-role adapters (role_adapters/ROLE.safetensors) if any."""
     from safetensors.torch import load_file
 
-    from fast_srt.run.checkpoint import find_latest
+    from fast_srt.run.checkpoint import ROLE_ADAPTER_DIR, find_latest
 
-    return load_file(str(find_latest(run) / "model.safetensors"))
+    ckpt = find_latest(run)
+    out = load_file(str(ckpt / "model.safetensors"))
+    for f in sorted((ckpt / ROLE_ADAPTER_DIR).glob("*.safetensors")):
+        out.update({f"{f.stem}/{k}": v for k, v in load_file(str(f)).items()})
+    return out
 
 
-@pytest.mark.parametrize("point", KILL_POINTS)
-def test_sigkill_at_each_point_then_resume_replays_the_run(tiny_model_dir, tmp_path, point, unkilled_run):
+# the shared run at every point; per-role at the weight write (two adapters written in place) by default, at every
+# point with -m slow
+KILL_CASES = [("shared", p) for p in KILL_POINTS] + [
+    pytest.param("per-role", p, marks=() if p == "weight_sync" else pytest.mark.slow) for p in KILL_POINTS] + [
+    ("league", "generate")]
+
+
+@pytest.mark.parametrize("roles,point", KILL_CASES)
+def test_sigkill_at_each_point_then_resume_replays_the_run(tiny_model_dir, tmp_path, roles, point, unkilled_runs):
     """FAST_SRT_KILL_AT kills the trainer at `point` of step 2 (a real SIGKILL, no timing); a resume loses at most
     that step, never picks a partial checkpoint, logs every step exactly once, and replays the run that was never
-    killed: the same games, the same metrics (times aside) and bit-identical final weights."""
+    killed: the same games, the same metrics (times aside) and bit-identical final weights (per-role: and both
+    adapters)."""
     import torch
 
     from fast_srt.run.checkpoint import find_latest
 
+    unkilled_run = unkilled_runs(roles)
     run = tmp_path / "run"
-    args = _kill_args(tiny_model_dir, run)
+    args = _kill_args(tiny_model_dir, run, roles)
     p = _train(args, timeout=600, extra_env={"FAST_SRT_KILL_AT": f"{point}:{KILL_STEP}"})
     assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr[-3000:])
     assert f"SIGKILL at {point}, step {KILL_STEP}" in p.stderr
@@ -131,9 +167,19 @@ def test_sigkill_at_each_point_then_resume_replays_the_run(tiny_model_dir, tmp_p
     assert _replayed(metrics) == _replayed(read_metrics(unkilled_run / "metrics.jsonl"))
     got, want = _weights(run), _weights(unkilled_run)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    print(f"kill point {point}: killed in step {KILL_STEP}, resumed from step {ckpt_step}, steps lost "
+    print(f"kill point {point} ({roles}): killed in step {KILL_STEP}, resumed from step {ckpt_step}, steps lost "
           f"{KILL_STEP - ckpt_step}; games, metrics and {len(want)} weight tensors equal to the unkilled run's")
     assert_loads_in_transformers_and_vllm(final)
+    if roles == "league":  # the resumed run met the checkpoint's snapshots (the replay above: the same opponents)
+        assert all("opponent" in g for g in games)
+        assert any(g["opponent"] != "current" for g in games if g["step"] == 2)
+        assert metrics[1]["league/past_games"] > 0 and metrics[1]["league/snapshots"] == 1
+    if roles == "per-role":  # both adapters were trained and saved; the checkpoint resumes per-role only
+        assert {k.split("/")[0] for k in want if "/" in k} == {"attacker", "defender"}
+        assert metrics[-1]["samples/attacker"] > 0 and metrics[-1]["samples/defender"] > 0
+        shared = [a for a in args if a not in ("--roles", "per-role")] + ["--resume"]
+        p = _train(shared, timeout=600)
+        assert p.returncode == 2 and "--roles: checkpoint 'per-role', now 'shared'" in p.stderr, p.stderr[-2000:]
 
 
 VLLM_GREEDY = """
