@@ -9,7 +9,7 @@ from fast_srt.learner.lora import (active_adapter, adapter_state_dict, adapters_
                                    load_role_adapter, lora_roles, merged_state_dict)
 from fast_srt.learner.policy import build_optimizer, load_policy
 from fast_srt.learner.step import micro_batches, update_policy
-from tests.helpers import learner_run, random_samples, rollout
+from helpers import learner_run, random_samples, rollout
 
 ROLES = tuple(ROLE_IDS)
 TARGETS = ("q_proj", "v_proj", "down_proj")
