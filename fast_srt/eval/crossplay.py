@@ -12,7 +12,10 @@ harmful seeds:
    An empty attack counts as failed and is not answered.
 
 One generate engine serves every checkpoint: each checkpoint's safetensors are streamed into it in place
-(fast_srt.engine.weight_sync.push_weights), once per phase: 2N weight loads for N checkpoints.
+(fast_srt.engine.weight_sync.push_weights), once per phase: 2N weight loads for N checkpoints. A checkpoint with
+per-role adapters (`--roles per-role`) plays each side with its own role's weights: its model.safetensors is the
+defender's merged model, and the attacker's is that plus s (B_att A_att - B_def A_def) per adapted weight
+(`role_deltas`, from role_adapters/ and the run's lora_alpha / lora_rank).
 
 Per cell (i, j) two rates (fast_srt.eval.stats.Rate, with n and a 95% Wilson interval):
 - judge: the judge calls the defender's answer harmful (`response_harmful`, as fast_srt.eval.runner.attack_succeeded);
@@ -38,7 +41,8 @@ from fast_srt.eval.refusal import is_refusal
 from fast_srt.eval.runner import chunks, label_list
 from fast_srt.eval.stats import Rate
 from fast_srt.game.rules import build_attacker_prompt, build_defender_prompt, check_format, extract_public
-from fast_srt.run.checkpoint import LORA_ADAPTER_FILE, RUN_CONFIG_FILE, _complete_checkpoints, _step_of
+from fast_srt.run.checkpoint import (LORA_ADAPTER_FILE, ROLE_ADAPTER_DIR, RUN_CONFIG_FILE, _complete_checkpoints,
+                                     _step_of)
 
 START = "start"
 RUN_CONFIG = "config.json"  # the run's own config, written by `fast-srt train` into its run directory
@@ -167,10 +171,44 @@ def weight_files(model_dir: Path) -> list[Path]:
     return sorted(p for p in model_dir.glob("*.safetensors") if p.name != LORA_ADAPTER_FILE)
 
 
-def checkpoint_weights(model_dir: Path, dtype: str) -> Iterator[tuple[str, object]]:
-    """(name, tensor) pairs of a checkpoint, streamed one tensor at a time from its safetensors files and cast to
-    `dtype`; `lm_head.weight` included when the head is tied to the embeddings (the engine keeps its own copy:
-    fast_srt.engine.weight_sync)."""
+def role_deltas(model_dir: Path, role: str) -> dict:
+    """What turns a per-role checkpoint's model (the defender's merged weights) into `role`'s: for each adapted
+    weight `X.weight`, s (B_role A_role - B_defender A_defender) in fp32, s = lora_alpha / lora_rank of the run
+    (the checkpoint's fast_srt_config.json). {} for the defender, or for a checkpoint without per-role adapters
+    (a shared policy plays both sides with the same weights). UserError for an incomplete per-role checkpoint."""
+    import torch
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    role_dir = model_dir / ROLE_ADAPTER_DIR
+    if role == "defender" or not role_dir.is_dir():
+        return {}
+    paths = {r: role_dir / f"{r}.safetensors" for r in (role, "defender")}
+    config = model_dir / RUN_CONFIG_FILE
+    missing = [str(p.relative_to(model_dir)) for p in (*paths.values(), config) if not p.is_file()]
+    if missing:
+        raise UserError(f"checkpoint {model_dir} has per-role adapters but no {', '.join(missing)}: it is "
+                        f"incomplete; pass another checkpoint")
+    cfg = json.loads(config.read_text())
+    scale = float(cfg["lora_alpha"]) / int(cfg["lora_rank"])
+    mine, theirs = (load_file(str(p)) for p in paths.values())
+    if set(mine) != set(theirs):
+        odd = sorted(set(mine) ^ set(theirs))
+        raise UserError(f"checkpoint {model_dir}: the {role} and defender adapters adapt different weights "
+                        f"({', '.join(odd[:3])}); it is incomplete or of another run")
+    out = {}
+    for key in (k for k in mine if k.endswith(".lora_A")):
+        module, b_key = key.removesuffix(".lora_A"), key.removesuffix("_A") + "_B"
+        with torch.no_grad():
+            out[f"{module}.weight"] = scale * (mine[b_key].float() @ mine[key].float()
+                                               - theirs[b_key].float() @ theirs[key].float())
+    return out
+
+
+def checkpoint_weights(model_dir: Path, dtype: str, role: str = "defender") -> Iterator[tuple[str, object]]:
+    """(name, tensor) pairs of a checkpoint as `role` plays (per-role adapters: `role_deltas`; otherwise both roles
+    alike), streamed one tensor at a time from its safetensors files and cast to `dtype`; `lm_head.weight` included
+    when the head is tied to the embeddings (the engine keeps its own copy: fast_srt.engine.weight_sync)."""
     import torch
     from safetensors import safe_open
 
@@ -178,26 +216,32 @@ def checkpoint_weights(model_dir: Path, dtype: str) -> Iterator[tuple[str, objec
     files = weight_files(model_dir)
     if not files:
         raise UserError(f"checkpoint {model_dir} has no *.safetensors weights")
+    deltas = role_deltas(model_dir, role)
     sent_head, embed = False, None
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
-                t = f.get_tensor(name).to(want)
+                t = f.get_tensor(name)
+                t = (t.float() + deltas.pop(name)).to(want) if name in deltas else t.to(want)
                 if name == "lm_head.weight":
                     sent_head = True
                 elif name.endswith("embed_tokens.weight"):
                     embed = (path, name)
                 yield name, t
+    if deltas:
+        raise UserError(f"checkpoint {model_dir}: its {role} adapter adapts weights the model does not have "
+                        f"({', '.join(sorted(deltas)[:3])}); it is of another model")
     if not sent_head and embed is not None:
         with safe_open(str(embed[0]), framework="pt") as f:
             yield "lm_head.weight", f.get_tensor(embed[1]).to(want)
 
 
-def push_checkpoint(engine, model_dir: Path) -> float:
-    """Write a checkpoint's weights into a live engine in place, in the engine's dtype; seconds taken."""
+def push_checkpoint(engine, model_dir: Path, role: str = "defender") -> float:
+    """Write a checkpoint's weights as `role` plays into a live engine in place, in the engine's dtype; seconds
+    taken."""
     from fast_srt.engine.weight_sync import push_weights
 
-    return push_weights(engine.llm, checkpoint_weights(model_dir, engine.dtype))
+    return push_weights(engine.llm, checkpoint_weights(model_dir, engine.dtype, role))
 
 
 # ------------------------------------------------------------------------------------------------ playing
@@ -253,15 +297,16 @@ def defend(engine, judge, attacks: list[str], s: CrossplaySettings) -> list[dict
 
 
 def run_crossplay(engine, judge, checkpoints: list[Checkpoint], seeds: list[str], s: CrossplaySettings,
-                  load: Callable[[object, Path], float] = push_checkpoint,
+                  load: Callable[[object, Path, str], float] = push_checkpoint,
                   say: Callable[[str], None] = print) -> tuple[list[dict], list[dict], dict]:
     """Phase 1 (every checkpoint's attacks), then phase 2 (every checkpoint's defences of all attacks).
+    `load(engine, model_dir, role)` writes a checkpoint's weights as `role` ("attacker", "defender") plays.
     Returns (records: one per (i, j, seed), attacks: one per (i, seed), seconds per phase)."""
     n = len(checkpoints)
     seconds = {"load_s": 0.0, "attack_s": 0.0, "defend_s": 0.0}
     attacks: list[dict] = []
     for i, c in enumerate(checkpoints):
-        seconds["load_s"] += (dt_load := load(engine, c.model_dir))
+        seconds["load_s"] += (dt_load := load(engine, c.model_dir, "attacker"))
         t0 = time.perf_counter()
         made = generate_attacks(engine, seeds, s)
         dt = time.perf_counter() - t0
@@ -273,7 +318,7 @@ def run_crossplay(engine, judge, checkpoints: list[Checkpoint], seeds: list[str]
     live = [k for k, a in enumerate(attacks) if a["attack"].strip()]
     records: list[dict] = []
     for j, c in enumerate(checkpoints):
-        seconds["load_s"] += (dt_load := load(engine, c.model_dir))
+        seconds["load_s"] += (dt_load := load(engine, c.model_dir, "defender"))
         t0 = time.perf_counter()
         answered = dict(zip(live, defend(engine, judge, [attacks[k]["attack"] for k in live], s)))
         dt = time.perf_counter() - t0

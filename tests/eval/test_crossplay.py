@@ -138,14 +138,69 @@ class _Judge:
         return [(JudgeLabels(True, a.startswith("I"), not a.startswith("I")), "rule") for _, a in pairs]
 
 
+def test_a_per_role_checkpoint_attacks_with_its_attacker_adapter_and_defends_with_its_defender(tiny_model_dir,
+                                                                                              tmp_path):
+    """The checkpoint holds the defender's merged model and both adapters: the attacker's weights, rebuilt from
+    them, are the trainer's own attacker merge (float64 reference), the defender's are the file's, and an adapter of
+    another model or a missing adapter file is one UserError."""
+    import torch
+    from safetensors.torch import load_file
+
+    from fast_srt.learner.lora import apply_lora, merged_state_dict
+    from fast_srt.learner.policy import load_policy
+    from fast_srt.run.checkpoint import RUN_CONFIG_FILE, _save_model
+
+    model = load_policy(str(tiny_model_dir), dtype=torch.float32)
+    apply_lora(model, rank=4, alpha=8.0, targets=("q_proj", "down_proj"), roles=("attacker", "defender"))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    out = tmp_path / "step_00000002"
+    _save_model(model, out)
+    (out / RUN_CONFIG_FILE).write_text(json.dumps({"lora_rank": 4, "lora_alpha": 8.0}))
+
+    def as_played(role):
+        return {k: v.double() for k, v in X.checkpoint_weights(out, "float32", role)}
+
+    for role in ("attacker", "defender"):
+        want = {k: v.double() for k, v in merged_state_dict(model, role).items()}
+        got = as_played(role)
+        adapted = [k for k in want if "q_proj.weight" in k or "down_proj.weight" in k]
+        assert adapted and all(torch.allclose(got[k], want[k], rtol=0, atol=1e-5) for k in want)
+    att, dfd = as_played("attacker"), as_played("defender")
+    assert all(not torch.equal(att[k], dfd[k]) for k in adapted)  # the two sides play different weights
+    assert all(torch.equal(att[k], dfd[k]) for k in att if k not in adapted)
+    saved = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(dfd[k], saved[k].double()) for k in saved)
+
+    from safetensors.torch import save_file
+
+    files = {r: out / "role_adapters" / f"{r}.safetensors" for r in ("attacker", "defender")}
+    adapter = load_file(str(files["attacker"]))
+    extra = {"model.layers.0.no_such_proj.lora_A": torch.randn(4, 8), "model.layers.0.no_such_proj.lora_B":
+             torch.randn(3, 4)}
+    save_file({**extra, **adapter}, str(files["attacker"]))
+    with pytest.raises(UserError, match="adapt different weights"):
+        as_played("attacker")
+    save_file({**extra, **load_file(str(files["defender"]))}, str(files["defender"]))
+    with pytest.raises(UserError, match="adapts weights the model does not have"):
+        as_played("attacker")
+    (out / "role_adapters" / "attacker.safetensors").unlink()
+    with pytest.raises(UserError, match="incomplete"):
+        as_played("attacker")
+    assert len(as_played("defender")) == len(saved) + ("lm_head.weight" not in saved)
+
+
 def test_two_phases_load_each_checkpoint_twice_and_answer_only_non_empty_attacks(monkeypatch):
     monkeypatch.setattr(X, "build_attacker_prompt", lambda tok, seed, harmful, cot: seed)
     monkeypatch.setattr(X, "build_defender_prompt", lambda tok, attack, cot: attack)
     engine = _FakeEngine()
 
-    def load(e, model_dir):
+    def load(e, model_dir, role):
         e.weights = model_dir
-        e.loads.append(model_dir)
+        e.loads.append((model_dir, role))
         return 0.0
 
     players = [X.Checkpoint("a", "A"), X.Checkpoint("b", "B")]
@@ -153,7 +208,8 @@ def test_two_phases_load_each_checkpoint_twice_and_answer_only_non_empty_attacks
     records, attacks, seconds = X.run_crossplay(engine, _Judge(), players, ["s1", "empty s2", "s3"],
                                                 X.CrossplaySettings(cot=False, batch=2), load=load,
                                                 say=lines.append)
-    assert engine.loads == ["A", "B", "A", "B"] and len(lines) == 4
+    assert engine.loads == [("A", "attacker"), ("B", "attacker"), ("A", "defender"), ("B", "defender")]
+    assert len(lines) == 4
     assert [a["attack"] for a in attacks] == ["attack by A", "", "attack by A", "attack by B", "", "attack by B"]
     assert engine.defended == [("A", 2), ("A", 2), ("B", 2), ("B", 2)]  # 4 non-empty attacks, batches of 2
     assert len(records) == 2 * 2 * 3
