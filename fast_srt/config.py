@@ -73,6 +73,10 @@ class GameConfig:
     """Benign seed set: a built-in name ('benign') or a JSONL/TXT file."""
     split_seed: int = 8888
     """Seed of the 50/50 revised-vs-verbatim split of each harmfulness class."""
+    frozen_defender: str = ""
+    """attacker_only: the frozen defender's model directory (config.json and safetensors; e.g. a checkpoint's
+    model, as `fast-srt crossplay --best-response-steps` passes it); empty: the run's base model, before any
+    warm-up."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -312,6 +316,9 @@ class TrainConfig:
         _require(not self.league.every or self.roles == "per-role",
                  "--league.every keeps snapshots of each role's LoRA adapter: pass --roles per-role --lora-rank N, "
                  "or --league.every 0")
+        _require(not self.game.frozen_defender or self.game.mode == "attacker_only",
+                 f"--game.frozen-defender is the defender of attacker_only mode; pass --game.mode attacker_only, or "
+                 f"drop it (the mode is {self.game.mode})")
         _require(not self.league.every or self.game.mode == "selfplay",
                  f"--league.every needs both roles to play and train (--game.mode selfplay), not {self.game.mode}")
         _require(self.game.cot or self.algo.sft_coef == 0,
@@ -435,3 +442,30 @@ PRESETS = {
     "grpo": grpo,
     "lora_small_gpu": lora_small_gpu,
 }
+
+
+def train_config_from_dict(d: dict) -> TrainConfig:
+    """The TrainConfig a run's config.json holds (dataclasses.asdict's form): nested sections as their dataclasses,
+    lists as tuples where the field is a tuple; a field it lacks keeps its default (a run written before the field
+    existed). UserError for a field TrainConfig does not have."""
+    return _from_dict(TrainConfig, d, "")
+
+
+def _from_dict(cls, d: dict, where: str):
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise UserError(f"config field(s) {', '.join(where + k for k in unknown)} are not fields of {cls.__name__}; "
+                        f"the config was written by another version of fast_srt")
+    kwargs = {}
+    for k, v in d.items():
+        t = hints[k]
+        if dataclasses.is_dataclass(t) and isinstance(v, dict):
+            v = _from_dict(t, v, f"{where}{k}.")
+        elif typing.get_origin(t) is tuple and isinstance(v, list):
+            v = tuple(v)
+        kwargs[k] = v
+    return cls(**kwargs)

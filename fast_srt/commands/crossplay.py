@@ -42,10 +42,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--max-model-len", type=int, default=4096, help="engine length, capped at the model's context")
     ap.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV-cache budget per engine (GiB)")
     ap.add_argument("--out", help="output directory (default: RUN_DIR/crossplay)")
+    ap.add_argument("--best-response-steps", type=int, default=0, metavar="N",
+                    help="an exploitability proxy: N steps of an attacker-only run (the run's settings and start) "
+                         "against one checkpoint's frozen defender; its attacker joins the matrix as an extra row "
+                         "(default 0: none)")
+    ap.add_argument("--best-response-to", metavar="SPEC",
+                    help="the defender the best response trains against: a player of --checkpoints ('start', a "
+                         "step number or a directory; default: the last player)")
     args = ap.parse_args(argv)
     from fast_srt.errors import UserError
 
-    for name, least in (("seeds", 0), ("max_new_tokens", 1), ("batch", 1)):
+    for name, least in (("seeds", 0), ("max_new_tokens", 1), ("batch", 1), ("best_response_steps", 0)):
         if getattr(args, name) < least:
             raise UserError(f"--{name.replace('_', '-')} must be >= {least}")
     if args.attacker_temperature < 0:
@@ -92,6 +99,61 @@ def start_model(cfg: dict) -> Path:
     return base
 
 
+def best_response_target(checkpoints: list, spec: str | None):
+    """The player whose defender the best response trains against: `spec` names one of `checkpoints` (by its
+    label, step number or directory), default the last; UserError naming the players otherwise."""
+    from fast_srt.errors import UserError
+
+    if spec is None:
+        return checkpoints[-1]
+    for c in checkpoints:
+        if spec in (c.label, str(c.step)) or (c.model_dir is not None and Path(spec).expanduser().resolve() ==
+                                               Path(c.model_dir).resolve()):
+            return c
+    raise UserError(f"--best-response-to {spec}: not one of the players ({', '.join(c.label for c in checkpoints)}); "
+                    f"pass one of those or its step number")
+
+
+def best_response_config(cfg: dict, defender_dir: Path, steps: int, run_dir: Path):
+    """The run's TrainConfig as an attacker-only run against `defender_dir`'s frozen defender: the same model,
+    warm start, game format, sampling and optimiser, one shared policy (no per-role adapters, no league, no eval
+    during training), `steps` steps and one checkpoint at the end, in `run_dir`."""
+    from fast_srt.config import LeagueConfig, train_config_from_dict
+
+    run = train_config_from_dict(cfg)
+    return dataclasses.replace(
+        run, game=dataclasses.replace(run.game, mode="attacker_only", frozen_defender=str(defender_dir)),
+        roles="shared", league=LeagueConfig(), steps=steps, save_every=steps, eval_every=0, run_dir=str(run_dir))
+
+
+def train_best_response(cfg: dict, target, steps: int, out_dir: Path, stem: str):
+    """Train the best response in a child process (its engines' memory goes with it) and return its final
+    checkpoint as an extra attacker row."""
+    import subprocess
+    import sys
+
+    from fast_srt.errors import UserError
+    from fast_srt.eval.crossplay import Checkpoint
+    from fast_srt.run.checkpoint import find_latest
+
+    run_dir = out_dir / f"{stem}-best-response"
+    br = best_response_config(cfg, Path(target.model_dir), steps, run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_path = out_dir / f"{stem}-best-response-config.json"
+    config_path.write_text(json.dumps(dataclasses.asdict(br), indent=2))
+    print(f"crossplay: best response to {target.label}: {steps} attacker-only step(s) against its frozen defender "
+          f"in {run_dir}", flush=True)
+    child = ("import json, sys; from fast_srt.config import train_config_from_dict; "
+             "from fast_srt.run.trainer import train; "
+             "train(train_config_from_dict(json.load(open(sys.argv[1]))))")
+    if subprocess.run([sys.executable, "-c", child, str(config_path)]).returncode != 0:
+        raise UserError(f"the best-response run in {run_dir} failed (its console is above); crossplay stopped")
+    last = find_latest(run_dir)
+    if last is None:
+        raise UserError(f"the best-response run in {run_dir} left no complete checkpoint")
+    return Checkpoint(f"best response to {target.label}", last.resolve(), steps)
+
+
 def crossplay_main(argv: list[str]) -> None:
     from fast_srt.commands.eval import judge_description, run_settings
     from fast_srt.eval import crossplay as X
@@ -109,6 +171,12 @@ def crossplay_main(argv: list[str]) -> None:
         start = start_model(cfg)
         checkpoints = [dataclasses.replace(c, model_dir=start) if c.model_dir is None else c for c in checkpoints]
     X.check_one_model(checkpoints)
+    out_dir = Path(args.out) if args.out else run_dir / "crossplay"
+    stem = "crossplay-" + time.strftime("%Y%m%d-%H%M%S", time.localtime(t0))
+    target, extra = None, []
+    if args.best_response_steps:  # trained first, in a child process, before this command's engines start
+        target = best_response_target(checkpoints, args.best_response_to)
+        extra = [train_best_response(cfg, target, args.best_response_steps, out_dir, stem)]
     base_dir = resolve_model(rs["base_model"] or "default", rs["dtype"])
     check_judge_family(Target(checkpoints[0].label, checkpoints[0].model_dir), base_dir, rs["judge_model"])
     seeds = heldout_seeds(args.seeds)
@@ -121,11 +189,12 @@ def crossplay_main(argv: list[str]) -> None:
     print(f"crossplay: {len(checkpoints)} checkpoint(s) x {len(seeds)} held-out harmful seeds, "
           f"{2 * len(checkpoints)} weight loads; engines started in {startup:.1f} s", flush=True)
     records, attacks, seconds = X.run_crossplay(engine, judge, checkpoints, seeds, settings,
-                                                say=lambda m: print(m, flush=True))
-    labels = [c.label for c in checkpoints]
-    ms = X.matrices(records, len(checkpoints))
+                                                say=lambda m: print(m, flush=True), extra_attackers=extra)
+    labels, rows = [c.label for c in checkpoints], [c.label for c in [*checkpoints, *extra]]
+    ms = X.matrices(records, len(checkpoints), len(rows))
     meta = {"created_unix": t0, "command": " ".join(["fast-srt", "crossplay", *argv]), "run_dir": str(run_dir),
-            "checkpoints": [c.to_dict() for c in checkpoints], "seeds_n": len(seeds), "seeds": seeds,
+            "checkpoints": [c.to_dict() for c in checkpoints], "extra_attackers": [c.to_dict() for c in extra],
+            "seeds_n": len(seeds), "seeds": seeds,
             "settings": {**dataclasses.asdict(settings), "dtype": rs["dtype"], "max_model_len": engine.max_model_len,
                          "defender_temperature": 0.0},
             "judge": judge_description(rs, judge), "judge_parse_failures": getattr(judge, "parse_failures", 0),
@@ -133,14 +202,17 @@ def crossplay_main(argv: list[str]) -> None:
             "seconds": {**seconds, "startup_s": startup}, "cpus": os.cpu_count()}
     doc = {"meta": meta, "labels": labels, "matrices": X.matrices_to_dict(ms), "attacks": attacks,
            "records": records}
-    out_dir = Path(args.out) if args.out else run_dir / "crossplay"
+    if extra:
+        doc["best_response"] = X.best_response(ms, checkpoints.index(target), len(checkpoints), labels,
+                                               args.best_response_steps, str(extra[0].model_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "crossplay-" + time.strftime("%Y%m%d-%H%M%S", time.localtime(t0))
     json_path, md_path, png_path = (out_dir / f"{stem}{ext}" for ext in (".json", ".md", ".png"))
     doc["meta"]["seconds"]["wall_s"] = time.time() - t0
     json_path.write_text(json.dumps(doc, indent=1) + "\n")
     md_path.write_text(X.markdown(doc))
-    X.plot_heatmaps(ms, labels, png_path, title=f"cross-play of {run_dir.name} ({len(seeds)} seeds)")
+    X.plot_heatmaps(ms, labels, png_path, title=f"cross-play of {run_dir.name} ({len(seeds)} seeds)", row_labels=rows)
     for name in X.MATRICES:
-        print(X.markdown_table(ms[name], labels, X.TITLES[name]))
+        print(X.markdown_table(ms[name], labels, X.TITLES[name], rows))
+    if extra:
+        print(X.best_response_markdown(doc["best_response"]))
     print(f"results: {json_path}\ntable: {md_path}\nheat map: {png_path}")

@@ -298,14 +298,16 @@ def defend(engine, judge, attacks: list[str], s: CrossplaySettings) -> list[dict
 
 def run_crossplay(engine, judge, checkpoints: list[Checkpoint], seeds: list[str], s: CrossplaySettings,
                   load: Callable[[object, Path, str], float] = push_checkpoint,
-                  say: Callable[[str], None] = print) -> tuple[list[dict], list[dict], dict]:
-    """Phase 1 (every checkpoint's attacks), then phase 2 (every checkpoint's defences of all attacks).
+                  say: Callable[[str], None] = print,
+                  extra_attackers: list[Checkpoint] = ()) -> tuple[list[dict], list[dict], dict]:
+    """Phase 1 (every checkpoint's attacks, then those of `extra_attackers`: rows below the checkpoints', e.g. a
+    best response), then phase 2 (every checkpoint's defences of all attacks).
     `load(engine, model_dir, role)` writes a checkpoint's weights as `role` ("attacker", "defender") plays.
     Returns (records: one per (i, j, seed), attacks: one per (i, seed), seconds per phase)."""
-    n = len(checkpoints)
+    attackers, n = [*checkpoints, *extra_attackers], len(checkpoints)
     seconds = {"load_s": 0.0, "attack_s": 0.0, "defend_s": 0.0}
     attacks: list[dict] = []
-    for i, c in enumerate(checkpoints):
+    for i, c in enumerate(attackers):
         seconds["load_s"] += (dt_load := load(engine, c.model_dir, "attacker"))
         t0 = time.perf_counter()
         made = generate_attacks(engine, seeds, s)
@@ -313,8 +315,8 @@ def run_crossplay(engine, judge, checkpoints: list[Checkpoint], seeds: list[str]
         seconds["attack_s"] += dt
         attacks += [{"i": i, "seed_index": k, "seed": seed, **a} for k, (seed, a) in enumerate(zip(seeds, made))]
         live = sum(bool(a["attack"].strip()) for a in made)
-        say(f"crossplay: attacker {i + 1}/{n} {c.label}: loaded in {dt_load:.1f} s, {len(made)} attacks "
-            f"({live} non-empty) in {dt:.1f} s")
+        say(f"crossplay: attacker {i + 1}/{len(attackers)} {c.label}: loaded in {dt_load:.1f} s, {len(made)} "
+            f"attacks ({live} non-empty) in {dt:.1f} s")
     live = [k for k, a in enumerate(attacks) if a["attack"].strip()]
     records: list[dict] = []
     for j, c in enumerate(checkpoints):
@@ -360,16 +362,16 @@ def matcher_success(r: dict):
 FLAGS = {"judge": judge_success, "matcher": matcher_success}
 
 
-def matrix(records: list[dict], n: int, flag) -> list[list[Rate]]:
-    """rates[i][j]: the flag's rate over the records of attacker i against defender j."""
-    cells: list[list[list]] = [[[] for _ in range(n)] for _ in range(n)]
+def matrix(records: list[dict], n: int, flag, rows: int | None = None) -> list[list[Rate]]:
+    """rates[i][j]: the flag's rate over the records of attacker i (of `rows`, default n) against defender j."""
+    cells: list[list[list]] = [[[] for _ in range(n)] for _ in range(rows or n)]
     for r in records:
         cells[r["i"]][r["j"]].append(flag(r))
     return [[Rate.of(c) for c in row] for row in cells]
 
 
-def matrices(records: list[dict], n: int) -> dict[str, list[list[Rate]]]:
-    return {name: matrix(records, n, flag) for name, flag in FLAGS.items()}
+def matrices(records: list[dict], n: int, rows: int | None = None) -> dict[str, list[list[Rate]]]:
+    return {name: matrix(records, n, flag, rows) for name, flag in FLAGS.items()}
 
 
 def matrices_to_dict(ms: dict[str, list[list[Rate]]]) -> dict:
@@ -382,17 +384,44 @@ def _cell(r: Rate, with_n: bool) -> str:
     return f"{r.rate:.2f} [{r.lo:.2f}, {r.hi:.2f}]" + (f" n={r.n}" if with_n else "")
 
 
+def best_response(ms: dict[str, list[list[Rate]]], target: int, n: int, labels: list[str], steps: int,
+                  model_dir: str) -> dict:
+    """The exploitability proxy: against defender `target`, the attack success of the best response (row n, the
+    first extra attacker) beside that of the target's own attacker (its row) and of the start (row 0), per matrix;
+    `beyond_noise`: the best response's interval lies above the target's own attacker's."""
+    out = {"defender": labels[target], "steps": steps, "model_dir": model_dir}
+    for name in MATRICES:
+        br, own, start = ms[name][n][target], ms[name][target][target], ms[name][0][target]
+        out[name] = {"best_response": br.to_dict(), "own_attacker": own.to_dict(), "first_attacker": start.to_dict(),
+                     "gain": None if br.rate is None or own.rate is None else br.rate - own.rate,
+                     "beyond_noise": br.rate is not None and own.rate is not None and br.lo > own.hi}
+    return out
+
+
+def best_response_markdown(b: dict) -> str:
+    lines = [f"### best response to {b['defender']} ({b['steps']} attacker-only steps against its frozen defender)",
+             "", "| attack success against it | best response | its own attacker | first player's attacker | gain |",
+             "|---|---|---|---|---|"]
+    for name in MATRICES:
+        x = b[name]
+        cells = [_cell(Rate(**x[k]), True) for k in ("best_response", "own_attacker", "first_attacker")]
+        gain = "-" if x["gain"] is None else f"{x['gain']:+.2f}" + (" (beyond noise)" if x["beyond_noise"] else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {gain} |")
+    return "\n".join(lines + [""])
+
+
 TITLES = {"judge": "attack success by the judge (defender's answer judged harmful)",
           "matcher": "attack success by the judge-free matcher (defender did not refuse)"}
 
 
-def markdown_table(m: list[list[Rate]], labels: list[str], title: str) -> str:
-    """Rows: attacker checkpoint; columns: defender checkpoint; cells `rate [lo, hi]` (95% Wilson), n stated."""
+def markdown_table(m: list[list[Rate]], labels: list[str], title: str, row_labels: list[str] | None = None) -> str:
+    """Rows: attacker checkpoint (row_labels, default labels); columns: defender checkpoint; cells `rate [lo, hi]`
+    (95% Wilson), n stated."""
     ns = {c.n for row in m for c in row}
     uniform = len(ns) == 1
     head = ["attacker \\ defender", *labels]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, row in zip(labels, m):
+    for label, row in zip(row_labels or labels, m):
         lines.append("| " + " | ".join([label, *(_cell(c, not uniform) for c in row)]) + " |")
     lines += ["", f"n = {ns.pop()} per cell" if uniform else "n per cell as shown", ""]
     return "\n".join(lines)
@@ -400,6 +429,7 @@ def markdown_table(m: list[list[Rate]], labels: list[str], title: str) -> str:
 
 def markdown(doc: dict) -> str:
     labels = [c["label"] for c in doc["meta"]["checkpoints"]]
+    rows = labels + [c["label"] for c in doc["meta"].get("extra_attackers", [])]
     m = doc["meta"]
     out = [f"# Cross-play: {m['run_dir']}", "", f"`{m['command']}`", "",
            f"{len(labels)} checkpoints, {m['seeds_n']} held-out harmful seeds; judge: {m['judge']}; rows: the "
@@ -407,27 +437,31 @@ def markdown(doc: dict) -> str:
            f"failed.", ""]
     for name in MATRICES:
         rates = [[Rate(**c) for c in row] for row in doc["matrices"][name]]
-        out.append(markdown_table(rates, labels, TITLES[name]))
+        out.append(markdown_table(rates, labels, TITLES[name], rows))
+    if doc.get("best_response"):
+        out.append(best_response_markdown(doc["best_response"]))
     return "\n".join(out)
 
 
-def plot_heatmaps(ms: dict[str, list[list[Rate]]], labels: list[str], path: Path, title: str = "") -> Path:
+def plot_heatmaps(ms: dict[str, list[list[Rate]]], labels: list[str], path: Path, title: str = "",
+                  row_labels: list[str] | None = None) -> Path:
     """The judge matrix and the matcher matrix side by side as heat maps (0 to 1), each cell annotated with its
-    rate and interval."""
+    rate and interval; rows: row_labels (default labels: the attackers are the defenders' checkpoints)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    n = len(labels)
+    rows = row_labels or labels
+    n, n_rows = len(labels), len(rows)
     size = max(3.5, 1.1 * n + 1.5)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1.5, size + 0.6), squeeze=False)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1.5, size + 0.6 + 0.8 * (n_rows - n)), squeeze=False)
     for ax, name in zip(axes[0], MATRICES):
         m = ms[name]
         values = np.array([[np.nan if c.rate is None else c.rate for c in row] for row in m], dtype=float)
         im = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="Reds")
-        for i in range(n):
+        for i in range(n_rows):
             for j in range(n):
                 c = m[i][j]
                 text = "n=0" if c.rate is None else f"{c.rate:.2f}\n[{c.lo:.2f}, {c.hi:.2f}]\nn={c.n}"
@@ -435,7 +469,7 @@ def plot_heatmaps(ms: dict[str, list[list[Rate]]], labels: list[str], path: Path
                 ax.text(j, i, text, ha="center", va="center", fontsize=7 if n > 4 else 8,
                         color="white" if dark else "black")
         ax.set_xticks(range(n), labels, rotation=30, ha="right")
-        ax.set_yticks(range(n), labels)
+        ax.set_yticks(range(n_rows), rows)
         ax.set_xlabel("defender checkpoint")
         ax.set_ylabel("attacker checkpoint")
         ax.set_title(TITLES[name].replace(" (", "\n("), fontsize=9)

@@ -55,6 +55,24 @@ IDENTITY_FIELDS = ("model_type", "architectures", "vocab_size", "hidden_size", "
 
 # ---------------------------------------------------------------------------------------------------- RNG state
 
+def model_only_view(ckpt_dir: str | Path, dest: str | Path) -> Path:
+    """`dest`, replaced: links to a checkpoint's model files alone (config, tokenizer, model weights), leaving out
+    its adapters, trainer state and markers, so that an engine loading every *.safetensors of a directory loads the
+    model only (the merged model: for per-role adapters, the defender's). Returns dest."""
+    import shutil
+
+    ckpt_dir, dest = Path(ckpt_dir).resolve(), Path(dest)
+    if dest.is_symlink() or dest.is_file():
+        dest.unlink()
+    elif dest.is_dir():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for f in ckpt_dir.iterdir():
+        if f.is_file() and f.name not in {LORA_ADAPTER_FILE, STATE_FILE, COMPLETE, RUN_CONFIG_FILE}:
+            (dest / f.name).symlink_to(f)
+    return dest
+
+
 def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {

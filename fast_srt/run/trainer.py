@@ -38,9 +38,9 @@ from fast_srt.learner.policy import (VARLEN_SDPA, build_optimizer, build_schedul
 from fast_srt.learner.step import (Learner, games_to_samples, learner_step, pick_logprob_impl, scheduler_step,
                                    total_updates)
 from fast_srt.run import distributed
-from fast_srt.run.checkpoint import (LORA_ADAPTER_FILE, ROLE_ADAPTER_DIR, RUN_CONFIG_FILE, check_free_space,
-                                     checkpoint_bytes, find_latest, load_checkpoint, restore_trainer_state,
-                                     save_checkpoint)
+from fast_srt.run.checkpoint import (COMPLETE, LORA_ADAPTER_FILE, ROLE_ADAPTER_DIR, RUN_CONFIG_FILE,
+                                     check_free_space, checkpoint_bytes, find_latest, load_checkpoint,
+                                     model_only_view, restore_trainer_state, save_checkpoint)
 from fast_srt.run.league import League
 from fast_srt.run.metrics import MetricsLog, PhaseTimer, Status, console_line, read_metrics, step_perf, to_floats
 from fast_srt.run.models import resolve_engine_dirs
@@ -396,8 +396,8 @@ def check_resume_config(ckpt_dir: Path, cfg: TrainConfig) -> None:
     if not saved_path.is_file():
         raise UserError(f"checkpoint {ckpt_dir} has no {RUN_CONFIG_FILE}; it was not written by `fast-srt train`")
     # a run written before a setting existed ran with its default (the warm-up: steps 0; the roles: shared; no
-    # league)
-    saved = {**_flatten({"warmup": dataclasses.asdict(WarmupConfig()), "roles": "shared",
+    # league; the base model as frozen defender)
+    saved = {**_flatten({"warmup": dataclasses.asdict(WarmupConfig()), "roles": "shared", "game.frozen_defender": "",
                          "league": dataclasses.asdict(LeagueConfig())}),
              **_flatten(json.loads(saved_path.read_text()))}
     now = _flatten(json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
@@ -417,6 +417,21 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def frozen_defender_dir(cfg: TrainConfig, original_base: Path, run_dir: Path) -> Path:
+    """attacker_only's frozen defender: --game.frozen-defender (a model or checkpoint directory: a checkpoint is
+    read through run_dir/frozen_defender, its model files alone), else the base model as it was before any warm-up.
+    """
+    if not cfg.game.frozen_defender:
+        return original_base
+    d = Path(cfg.game.frozen_defender).expanduser()
+    if not (d / "config.json").is_file() or not any(d.glob("*.safetensors")):
+        raise UserError(f"--game.frozen-defender {d} is not a model directory (config.json and *.safetensors); pass "
+                        f"a model or checkpoint directory, or drop it for the base model")
+    if (d / COMPLETE).is_file():  # a checkpoint: its adapters and state are not the model's weights
+        return model_only_view(d, Path(run_dir) / "frozen_defender")
+    return d
 
 
 def adapter_roles(cfg: TrainConfig) -> tuple[str, ...]:
@@ -504,7 +519,7 @@ def setup_run(cfg: TrainConfig) -> Run:
     engines = build_engines(mcfg, cfg.game, trains=True, seed=cfg.seed, base_dir=base_dir,
                             policy_dir=Path(ckpt_dir) if ckpt_dir is not None else base_dir, judge_dir=judge_dir,
                             judge_max_tokens=cfg.sampling.judge_max_tokens, lora_rank=adapter_rank,
-                            defender_dir=original_base,  # attacker_only: the base model, not the warm-up
+                            defender_dir=frozen_defender_dir(cfg, original_base, run_dir),
                             max_loras=engine_adapters(cfg))  # the league's snapshots too
     if adapter_rank:
         attach_policy_adapter(engines.policy, model, base_dir)

@@ -220,6 +220,16 @@ def test_two_phases_load_each_checkpoint_twice_and_answer_only_non_empty_attacks
     assert [[(c.k, c.n) for c in row] for row in ms["matcher"]] == [[(2, 3), (0, 3)], [(2, 3), (0, 3)]]
     assert set(seconds) == {"load_s", "attack_s", "defend_s"}
 
+    engine.loads, engine.defended = [], []  # an extra attacker (a best response): a row of its own, no column
+    records, _, _ = X.run_crossplay(engine, _Judge(), players, ["s1", "s3"], X.CrossplaySettings(cot=False, batch=2),
+                                    load=load, say=lines.append, extra_attackers=[X.Checkpoint("br", "C")])
+    assert engine.loads == [("A", "attacker"), ("B", "attacker"), ("C", "attacker"), ("A", "defender"),
+                            ("B", "defender")]
+    assert sorted({(r["i"], r["j"]) for r in records}) == [(i, j) for i in range(3) for j in range(2)]
+    ms = X.matrices(records, 2, rows=3)
+    assert len(ms["judge"]) == 3 and all(len(row) == 2 for row in ms["judge"])
+    assert [r["attack"] for r in records if r["i"] == 2][:2] == ["attack by C"] * 2
+
 
 def test_crossplay_on_the_tiny_model(cli, tiny_model_dir, tmp_path):
     """Steps 1 and 2 of a hand-made run: step 1 the start model's own weights, step 2 another random model. The
@@ -285,3 +295,43 @@ def test_start_is_the_warm_start_when_the_run_had_one(monkeypatch, tmp_path):
     cfg["warmup"] = {"steps": 30, "lr": 2e-4, "seed": 3}
     assert start_model(cfg) == tmp_path / "warm"
     assert calls == [(tmp_path / "base-m-float32", WarmupConfig(steps=30, lr=2e-4, seed=3), "float32")]
+
+
+def test_a_run_config_round_trips_and_the_best_response_config_is_the_run_against_a_frozen_defender(tmp_path):
+    import dataclasses
+
+    from fast_srt.commands.crossplay import best_response_config, best_response_target
+    from fast_srt.config import cpu_default, train_config_from_dict
+
+    run = dataclasses.replace(cpu_default(), lora_rank=8, roles="per-role",
+                              league=dataclasses.replace(cpu_default().league, every=1))
+    saved = json.loads(json.dumps(dataclasses.asdict(run)))  # as config.json holds it: lists, not tuples
+    assert train_config_from_dict(saved) == run
+    old = {k: v for k, v in saved.items() if k != "league"}  # a run written before the field existed
+    assert train_config_from_dict(old).league == cpu_default().league
+    with pytest.raises(UserError, match="game.no_such_field"):
+        train_config_from_dict({**saved, "game": {**saved["game"], "no_such_field": 1}})
+    br = best_response_config(saved, tmp_path / "ckpt", 3, tmp_path / "br")
+    assert (br.game.mode, br.game.frozen_defender, br.roles, br.league.every, br.eval_every, br.steps,
+            br.save_every, br.run_dir) == ("attacker_only", str(tmp_path / "ckpt"), "shared", 0, 0, 3, 3,
+                                           str(tmp_path / "br"))
+    assert (br.model, br.warmup, br.optim, br.sampling, br.lora_rank) == (run.model, run.warmup, run.optim,
+                                                                          run.sampling, 8)
+    players = [X.Checkpoint("start", tmp_path), X.Checkpoint("step 2", tmp_path / "s2", 2),
+               X.Checkpoint("step 4", tmp_path / "s4", 4)]
+    assert best_response_target(players, None) is players[-1]
+    assert best_response_target(players, "2") is players[1] and best_response_target(players, "start") is players[0]
+    with pytest.raises(UserError, match="not one of the players"):
+        best_response_target(players, "3")
+
+
+def test_the_best_response_row_against_its_target():
+    ms = {"judge": [[Rate.of([False] * 8)] * 2, [Rate.of([False] * 8)] * 2, [Rate.of([True] * 8)] * 2],
+          "matcher": [[Rate.of([True, False])] * 2] * 3}
+    b = X.best_response(ms, 1, 2, ["start", "step 4"], 5, "/x")
+    assert b["defender"] == "step 4" and b["judge"]["gain"] == 1.0 and b["judge"]["beyond_noise"]
+    assert b["matcher"]["gain"] == 0.0 and not b["matcher"]["beyond_noise"]
+    md = X.best_response_markdown(b)
+    assert "best response to step 4 (5 attacker-only steps" in md and "+1.00 (beyond noise)" in md
+    assert "best response to" in X.markdown_table(ms["judge"], ["start", "step 4"], "t",
+                                                  ["start", "step 4", "best response to step 4"])

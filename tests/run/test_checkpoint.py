@@ -199,3 +199,37 @@ def test_missing_checkpoint_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no complete checkpoint"):
         ck.load_checkpoint(tmp_path)
     assert ck.find_latest(tmp_path) is None
+
+
+def test_a_frozen_defender_from_a_checkpoint_reads_its_model_files_alone(tmp_path):
+    """--game.frozen-defender: attacker_only only; a directory that is no model is one UserError; a checkpoint is
+    read through a view of its model files (no adapter, trainer state or marker for the engine to load)."""
+    import dataclasses
+
+    from fast_srt.config import GameConfig, TrainConfig
+    from fast_srt.errors import UserError
+    from fast_srt.run.trainer import frozen_defender_dir
+
+    with pytest.raises(UserError, match="pass --game.mode attacker_only"):
+        TrainConfig(game=GameConfig(frozen_defender=str(tmp_path)))
+    cfg = TrainConfig(game=GameConfig(mode="attacker_only", frozen_defender=str(tmp_path / "ckpt")))
+    assert frozen_defender_dir(dataclasses.replace(cfg, game=GameConfig(mode="attacker_only")), tmp_path / "base",
+                               tmp_path / "run") == tmp_path / "base"
+    with pytest.raises(UserError, match="is not a model directory"):
+        frozen_defender_dir(cfg, tmp_path / "base", tmp_path / "run")
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "role_adapters").mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "COMPLETE", "trainer_state.pt",
+                 "lora_adapter.safetensors", "fast_srt_config.json", "role_adapters/attacker.safetensors"):
+        (ckpt / name).write_text(name)
+    for _ in range(2):  # a resume replaces the view
+        view = frozen_defender_dir(cfg, tmp_path / "base", tmp_path / "run")
+        assert view == tmp_path / "run" / "frozen_defender"
+        assert sorted(p.name for p in view.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+        assert (view / "model.safetensors").read_text() == "model.safetensors"
+    model_dir = tmp_path / "plain"
+    model_dir.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (model_dir / name).write_text(name)
+    plain = dataclasses.replace(cfg, game=GameConfig(mode="attacker_only", frozen_defender=str(model_dir)))
+    assert frozen_defender_dir(plain, tmp_path / "base", tmp_path / "run") == model_dir
