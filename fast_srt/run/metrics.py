@@ -133,7 +133,8 @@ class Status:
 
 def console_line(m: dict) -> str:
     """One step: rewards and format per role; KL, clip fraction, importance ratio, log-prob mismatch and entropy,
-    each pooled and then per role (`a/d` attacker/defender; `-` where a role had no token); times; throughput."""
+    each pooled and then per role (`a/d` attacker/defender; `-` where a role had no token); with an opponent league,
+    the games against snapshots and each role's reward in them; times; throughput."""
     from fast_srt.learner.step import role_key
 
     def g(k, fmt="{:+.2f}"):
@@ -143,11 +144,13 @@ def console_line(m: dict) -> str:
     def split(k, fmt):
         return f"{g(k, fmt)} a/d {g(role_key(k, 'attacker'), fmt)}/{g(role_key(k, 'defender'), fmt)}"
 
+    league = (f"league: {m['league/past_games']} games vs past, R a/d {g('league/attacker_reward_vs_past')}/"
+              f"{g('league/defender_reward_vs_past')} | " if "league/past_games" in m else "")
     return (f"step {m['step']:>4} | R_att {g('reward/attacker_mean')} R_def {g('reward/defender_mean')} | "
             f"fmt-viol a {g('format/attacker_violation_rate', '{:.2f}')} d {g('format/defender_violation_rate', '{:.2f}')} | "
             f"kl {split('kl/mean', '{:.4f}')} clip {split('loss/clip_frac', '{:.3f}')} "
             f"IS {split('is/ratio_mean', '{:.3f}')} mism {split('is/logp_mismatch_mean_abs', '{:.1e}')} "
-            f"ent {split('policy/entropy', '{:.2f}')} | "
+            f"ent {split('policy/entropy', '{:.2f}')} | {league}"
             f"gen {g('time/generate_s', '{:.1f}')}s judge {g('time/judge_s', '{:.1f}')}s lp {g('time/logprob_s', '{:.1f}')}s "
             f"train {g('time/train_s', '{:.1f}')}s sync {g('time/sync_s', '{:.2f}')}s | "
             f"{g('perf/tokens_per_s', '{:.0f}')} tok/s")

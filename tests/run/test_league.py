@@ -120,6 +120,10 @@ def test_a_league_game_trains_only_the_current_roles_side():
     assert m["league/past_games"] == 2 and m["league/snapshots"] == 1
     assert m["league/defender_reward_vs_past"] == -1.0 and m["league/attacker_reward_vs_past"] == 1.0
     assert m["league/attacker_reward_vs_current"] == 1.0
+    from fast_srt.run.metrics import console_line
+
+    assert "league: 2 games vs past, R a/d +1.00/-1.00 | " in console_line({"step": 3, **m})
+    assert "league" not in console_line({"step": 3})
 
 
 def test_league_config_errors():
